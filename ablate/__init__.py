@@ -1,0 +1,2 @@
+"""ablate: ablation studies of the S²-MLP vision model (Yu et al., WACV 2022)."""
+__version__ = "0.1.0"

@@ -1,0 +1,160 @@
+"""The resolved configuration of one cell (one training run): data, model and training.
+
+Every setting has a type, a default and a one-line description (``ablate spec-help`` prints
+them). The spec file format (grids, searches, ``extends``) lives in :mod:`ablate.spec`; this
+module is only the schema of one fully resolved configuration and its stable key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+from ablate.models.shift_patterns import resolve_offsets
+
+NUM_CLASSES = {"imagenet100": 100, "digits": 10}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: Literal["imagenet100", "imagefolder", "digits", "synthetic"] = Field(
+        "digits", description="dataset: imagenet100, imagefolder (any root/{train,val}/<class>/ tree), "
+        "digits (embedded 8x8 handwritten digits), synthetic (random tensors)")
+    root: Optional[str] = Field(None, description="dataset root with train/ and val/ folders "
+                                "(imagenet100, imagefolder); ${VAR} is expanded")
+    num_classes: PositiveInt = Field(10, description="number of classes (synthetic only)")
+    train_size: PositiveInt = Field(1024, description="number of training images (synthetic only)")
+    val_size: PositiveInt = Field(256, description="number of validation images (synthetic only)")
+    loader: Literal["auto", "cache", "folder"] = Field(
+        "auto", description="auto: the uint8 memory-mapped cache when one exists for this size, else "
+        "the image-folder loader; cache: require the cache; folder: always decode image files")
+    cache_dir: Optional[str] = Field(None, description="where `ablate data cache` wrote the decoded "
+                                     "arrays (default: <root>/.ablate-cache)")
+    cache_size: Optional[PositiveInt] = Field(None, description="stored short side of cached images "
+                                              "(default: 8/7 of the image size, as in a 224/256 crop)")
+    workers: int = Field(4, ge=0, description="data-loading worker processes (image-folder loader)")
+
+    @property
+    def needs_root(self) -> bool:
+        return self.name in ("imagenet100", "imagefolder")
+
+
+class ModelConfig(_Section):
+    image_size: PositiveInt = Field(224, description="input height and width in pixels")
+    patch_size: PositiveInt = Field(16, description="side p of the non-overlapping p x p patches")
+    width: PositiveInt = Field(768, description="channels c of every block")
+    depth: PositiveInt = Field(12, description="number of blocks N")
+    mlp_ratio: float = Field(4.0, gt=0, description="expansion ratio r of the channel MLP (hidden = r*c)")
+    shift: Union[str, list[list[int]]] = Field(
+        "four", description="shift pattern: four, eight, up_right, left_down, up_down, left_right, up, "
+        "down, left, right, none, or a list of [dy, dx] offsets (one channel group each)")
+    border: Literal["keep", "zero"] = Field(
+        "keep", description="what the row/column the content leaves holds: keep (its original value, "
+        "the paper's pseudo-code) or zero (a fixed depthwise conv)")
+    norm: Literal["layernorm", "affine"] = Field(
+        "layernorm", description="layernorm, or affine (ResMLP's per-channel scale and shift, the deep model)")
+    norm_position: Literal["post", "pre"] = Field(
+        "post", description="post: x + Norm(f(x)) as in the paper's figures; pre: x + f(Norm(x))")
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate (linearly increasing over blocks)")
+    in_chans: PositiveInt = Field(3, description="input image channels")
+
+    @field_validator("shift")
+    @classmethod
+    def _known_shift(cls, v):
+        resolve_offsets(v)  # raises ValueError naming the allowed values
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size "
+                             f"{self.patch_size} (allowed: a patch size that divides the image size)")
+        groups = len(resolve_offsets(self.shift))
+        if groups and self.width % groups:
+            raise ValueError(f"width {self.width} is not divisible by the {groups} channel groups of "
+                             f"shift {self.shift!r} (allowed: a multiple of {groups})")
+        return self
+
+    @property
+    def hidden(self) -> int:
+        return int(round(self.mlp_ratio * self.width))
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class TrainConfig(_Section):
+    epochs: PositiveInt = Field(100, description="training epochs")
+    batch_size: PositiveInt = Field(128, description="images per optimizer step")
+    lr: float = Field(1.0e-3, gt=0, description="peak learning rate (AdamW), reached after warm-up")
+    min_lr: float = Field(1.0e-5, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_epochs: float = Field(5, ge=0, description="epochs of linear warm-up from warmup_lr")
+    warmup_lr: float = Field(1.0e-6, ge=0, description="learning rate at the start of warm-up")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decoupled weight decay (not on norms and biases)")
+    optimizer: Literal["adamw", "sgd", "lamb"] = Field("adamw", description="optimizer (timm create_optimizer_v2)")
+    grad_clip: Optional[float] = Field(None, gt=0, description="clip the gradient norm to this value")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the cross-entropy loss")
+    mixup: float = Field(0.0, ge=0, description="Mixup alpha (0 = off); DeiT uses 0.8")
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off); DeiT uses 1.0")
+    randaugment: Optional[str] = Field(None, description="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (None = off)")
+    random_erasing: float = Field(0.0, ge=0, le=1, description="random erasing probability; DeiT uses 0.25")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (0 for digits)")
+    crop_scale: float = Field(0.08, gt=0, le=1, description="smallest area fraction of the random resized crop")
+    amp: Literal["bf16", "fp16", "off"] = Field("bf16", description="mixed precision on CUDA (CPU always runs fp32)")
+    compile: bool = Field(False, description="torch.compile the model (CUDA; slow to start on CPU)")
+    seed: int = Field(0, ge=0, description="random seed of initialisation, data order and augmentation")
+
+
+class CellConfig(_Section):
+    """One fully resolved training configuration."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @property
+    def num_classes(self) -> int:
+        return num_classes(self.data)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+#: settings that say where things are on one machine, not what is trained: left out of the key
+#: so that workers on machines with different paths share one grid.
+MACHINE_LOCAL = {"data.root", "data.cache_dir", "data.workers", "data.loader"}
+
+
+def num_classes(data: DataConfig) -> int:
+    """Number of classes without reading any image (imagefolder: its train/ sub-folders)."""
+    if data.name in NUM_CLASSES:
+        return NUM_CLASSES[data.name]
+    if data.name == "synthetic":
+        return data.num_classes
+    from pathlib import Path
+    train = Path(data.root or ".") / "train"
+    return sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else 0
+
+
+def flat_params(cfg: CellConfig) -> dict[str, Any]:
+    """``{"model.shift": "four", "train.lr": 0.001, ...}``: the dotted form used in specs and MLflow."""
+    out = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        for name, value in values.items():
+            out[f"{section}.{name}"] = value
+    return out
+
+
+def cell_key(cfg: CellConfig) -> str:
+    """Stable identity of a configuration: a hash of its canonical resolved form.
+
+    Independent of YAML key order, comments, file names and where a value came from, and of
+    the machine-local settings (paths, loader choice, worker counts).
+    """
+    identity = {k: v for k, v in flat_params(cfg).items() if k not in MACHINE_LOCAL}
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
