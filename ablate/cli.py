@@ -36,3 +36,21 @@ def main():
 
 
 # ---- commands (one section each; keep each command's logic in its own module) ----
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("target", metavar="SPEC_OR_EXPERIMENT")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="output folder (default: results/<name>)")
+def report(target, out):
+    """Tables and plots of an experiment's finished runs, read from MLflow, into results/<name>/."""
+    from ablate.report import write_report
+    command = "ablate report " + target + (f" --out {out}" if out else "")
+    rep = write_report(target, out, command=command)
+    runs = rep.counts["COMPLETE"]
+    click.echo(f"{rep.experiment}: {runs} runs in {len(rep.rows)} configurations -> "
+               + ", ".join(str(p) for p in rep.files))
+    if rep.parent_run_id:
+        click.echo(f"logged under report/ of MLflow run {rep.parent_run_id} ({rep.tracking_uri})")

@@ -1,0 +1,264 @@
+"""Reports from a real MLflow sqlite store: tables, CSV, plots, Pareto sets, artifacts."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from ablate.cli import cli
+from ablate.errors import AblateError
+from ablate.pareto import dominates, pareto_front
+from ablate.report import _same_value, report_experiment, write_report
+
+# ---------------------------------------------------------------- pareto_front
+
+
+def test_pareto_two_objectives_known_points():
+    # (top-1 max, GMACs min)
+    points = [(81, 2.0), (60, 1.5), (71, 2.0), (75, 0.5), (81, 3.0), (50, 0.5)]
+    assert pareto_front(points, ["maximize", "minimize"]) == [0, 3]
+
+
+def test_pareto_ties_are_all_kept():
+    points = [(1, 1), (1, 1), (0, 0), (0, 2)]
+    assert pareto_front(points, ["maximize", "maximize"]) == [0, 1, 3]
+    # equal on one objective, better on the other: dominated
+    assert pareto_front([(1, 1), (1, 2)], ["maximize", "maximize"]) == [1]
+
+
+def test_pareto_three_objectives():
+    points = [
+        (0.9, 10, 5),   # best accuracy
+        (0.8, 5, 5),    # cheaper
+        (0.8, 5, 6),    # dominated by 1 (slower)
+        (0.7, 4, 9),    # cheapest MACs
+        (0.7, 11, 1),   # fastest
+        (0.6, 12, 7),   # dominated by everything relevant
+    ]
+    assert pareto_front(points, ["maximize", "minimize", "minimize"]) == [0, 1, 3, 4]
+
+
+def test_pareto_one_objective_is_the_best_and_nan_never_wins():
+    assert pareto_front([(3,), (5,), (4,), (5,)], ["maximize"]) == [1, 3]
+    assert pareto_front([(3,), (1,), (2,)], ["minimize"]) == [1]
+    assert pareto_front([(math.nan, 0), (1, 1)], ["maximize", "minimize"]) == [1]
+
+
+def test_pareto_rejects_unknown_direction():
+    with pytest.raises(ValueError, match="allowed: maximize, minimize"):
+        pareto_front([(1,)], ["up"])
+    assert dominates((2, 1), (1, 1), ["max", "min"])
+    assert not dominates((1, 1), (1, 1), ["max", "min"])
+
+
+def test_reference_values_compare_across_types():
+    assert _same_value("four", "four")
+    assert _same_value("16", 16) and _same_value("4.0", 4) and not _same_value("16", 32)
+    assert _same_value("[[0, 1], [1, 0]]", [[0, 1], [1, 0]])
+    assert _same_value("True", True) and not _same_value(None, "four")
+
+
+# ---------------------------------------------------------------- a real MLflow store
+
+VARIED = ["model.patch_size", "model.shift"]
+
+
+def _child(c: MlflowClient, exp: str, parent: str, *, params: dict, metrics: dict, state: str = "COMPLETE",
+           trial: int | None = None, key: str | None = None, varied=VARIED) -> str:
+    tags = {"ablate.role": "cell", "ablate.state": state, "mlflow.parentRunId": parent,
+            "ablate.varied": json.dumps(sorted(varied)), "ablate.cell_key": key or json.dumps(params)}
+    if trial is not None:
+        tags["ablate.trial_number"] = str(trial)
+    run = c.create_run(exp, tags=tags)
+    c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    c.set_terminated(run.info.run_id, {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
+    return run.info.run_id
+
+
+def _metrics(top1, top5, gmacs, seconds=10.0, params_m=1.0):
+    return {"val_top1": top1, "val_top5": top5, "macs": gmacs * 1e9, "flops": 2 * gmacs * 1e9,
+            "params_paper": params_m * 1e6, "params": params_m * 1e6 + 5000, "train_seconds": seconds}
+
+
+def _grid(c: MlflowClient) -> str:
+    exp = c.create_experiment("shift-grid")
+    old = c.create_run(exp, tags={"ablate.role": "parent", "ablate.kind": "grid"})
+    c.set_terminated(old.info.run_id)
+    parent = c.create_run(exp, tags={"ablate.role": "parent", "ablate.kind": "grid"}).info.run_id
+    cells = [  # shift, patch, seed, top1, top5, GMACs, seconds
+        ("four", 16, 0, 80.0, 95.0, 2.0, 10.0),
+        ("four", 16, 1, 82.0, 96.0, 2.0, 12.0),
+        ("none", 16, 0, 60.0, 85.0, 1.5, 8.0),
+        ("up", 16, 0, 70.0, 90.0, 2.0, 9.0),
+        ("up", 16, 1, 72.0, 91.0, 2.0, 11.0),
+        ("four", 32, 0, 75.0, 93.0, 0.5, 4.0),
+    ]
+    for n, (shift, patch, seed, t1, t5, g, s) in enumerate(cells):
+        _child(c, exp, parent, params={"model.shift": shift, "model.patch_size": patch, "train.seed": seed,
+                                       "model.width": 64}, metrics=_metrics(t1, t5, g, s), trial=n)
+    # a failed cell with a (bogus) accuracy: must not appear anywhere
+    _child(c, exp, parent, params={"model.shift": "eight", "model.patch_size": 16, "train.seed": 0,
+                                   "model.width": 64}, metrics={"val_top1": 99.0, "macs": 1e8},
+           state="FAIL", trial=len(cells))
+    c.set_terminated(parent)
+    return parent
+
+
+def _search(c: MlflowClient) -> tuple[str, dict]:
+    exp = c.create_experiment("width-search")
+    parent = c.create_run(exp, tags={"ablate.role": "parent", "ablate.kind": "search"}).info.run_id
+    trials = {  # trial: (width, shift, top1, GMACs)
+        0: (64, "four", 70.0, 1.0),
+        1: (128, "four", 80.0, 4.0),
+        2: (96, "none", 65.0, 2.0),   # dominated by 0
+        3: (32, "four", 60.0, 0.3),
+        4: (128, "eight", 80.0, 4.0),  # ties trial 1: both on the front
+        7: (192, "four", 84.0, 9.0),
+    }
+    for n, (width, shift, t1, g) in trials.items():
+        _child(c, exp, parent, params={"model.width": width, "model.shift": shift, "train.seed": 0},
+               metrics=_metrics(t1, t1 + 10, g), trial=n, varied=["model.width", "model.shift"])
+    _child(c, exp, parent, params={"model.width": 160, "model.shift": "four", "train.seed": 0},
+           metrics={"val_top1": 99.0}, state="PRUNED", trial=5, varied=["model.width", "model.shift"])
+    _child(c, exp, parent, params={"model.width": 256, "model.shift": "four", "train.seed": 0},
+           metrics={}, state="FAIL", trial=6, varied=["model.width", "model.shift"])
+    return parent, trials
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlstore")
+    uri = f"sqlite:///{root}/mlflow.db"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    c = MlflowClient(uri)
+    grid_parent = _grid(c)
+    search_parent, _ = _search(c)
+    c.create_experiment("nothing-finished")
+    yield SimpleNamespace(uri=uri, root=root, client=c, grid_parent=grid_parent, search_parent=search_parent)
+    mp.undo()
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_report_table_csv_png_and_artifacts(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["report", "shift-grid"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "results" / "shift-grid"
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.md", "top1_vs_gmacs.png"]
+
+    rows = _read_csv(out / "report.csv")
+    by = {(r["model.patch_size"], r["model.shift"]): r for r in rows}
+    assert list(by) == [("16", "four"), ("16", "none"), ("16", "up"), ("32", "four")]  # grid order
+    four = by[("16", "four")]
+    assert four["seeds"] == "2"
+    assert float(four["top1_mean"]) == pytest.approx(81.0)
+    assert float(four["top1_std"]) == pytest.approx(math.sqrt(2), abs=1e-4)  # sample std of 80, 82
+    assert float(four["top5_mean"]) == pytest.approx(95.5)
+    assert float(four["gmacs"]) == pytest.approx(2.0)
+    assert float(four["params_m"]) == pytest.approx(1.0)
+    assert float(four["train_seconds"]) == pytest.approx(11.0)
+    assert by[("16", "none")]["seeds"] == "1" and by[("16", "none")]["top1_std"] == ""
+    assert "eight" not in (out / "report.csv").read_text()  # the failed run is ignored
+
+    md = (out / "report.md").read_text()
+    assert "| 16 | four | 2 | 81.00 ± 1.41 | 95.50 ± 0.71 |" in md
+    assert "| 16 | none | 1 | 60.00 | 85.00 |" in md
+    assert "6 complete in 4 configurations; 1 failed" in md
+    assert store.uri in md and "generated by `ablate report shift-grid`" in md
+    assert "eight" not in md and "Pareto front" not in md  # a grid has no search section
+
+    with Image.open(out / "top1_vs_gmacs.png") as im:
+        im.verify()
+        assert im.format == "PNG"
+    # logged on the most recent parent run, not the older one
+    logged = {Path(a.path).name for a in store.client.list_artifacts(store.grid_parent, "report")}
+    assert {"report.md", "report.csv", "top1_vs_gmacs.png"} <= logged
+
+
+def test_reference_column_from_the_spec(store, tmp_path):
+    spec = SimpleNamespace(
+        name="shift-grid", varied=["model.shift", "model.patch_size", "train.seed"], search=None,
+        reference={"source": "S2-MLP paper, Table 7", "rows": [
+            {"when": {"model.shift": "four", "model.patch_size": 16}, "top1": 87.1, "top5": 97.1},
+            {"when": {"model.shift": "none"}, "top1": 56.7, "top5": 81.0}]})
+    report = report_experiment("shift-grid", spec=spec, out=tmp_path, log_artifacts=False)
+    assert report.varied == ["model.shift", "model.patch_size"]  # spec order, seed pooled
+    rows = {r["model.shift"] + "/" + r["model.patch_size"]: r for r in _read_csv(tmp_path / "report.csv")}
+    assert rows["four/16"]["paper_top1"] == "87.1" and rows["four/16"]["paper_top5"] == "97.1"
+    assert rows["none/16"]["paper_top1"] == "56.7"
+    assert rows["up/16"]["paper_top1"] == "" and rows["four/32"]["paper_top1"] == ""
+    md = (tmp_path / "report.md").read_text()
+    assert "paper top-1" in md and "| four | 16 | 2 | 81.00 ± 1.41 | 95.50 ± 0.71 | 87.1 | 97.1 |" in md
+    assert "Paper numbers: S2-MLP paper, Table 7." in md
+
+
+def test_search_report_pareto_table_and_history(store, tmp_path):
+    spec = SimpleNamespace(name="width-search", varied=["model.width", "model.shift"], reference=None,
+                           search=SimpleNamespace(objectives=[("val_top1", "maximize"), ("macs", "minimize")]))
+    report = report_experiment("width-search", spec=spec, out=tmp_path)
+    s = report.search
+    assert [t.trial_number for t in s.trials] == [0, 1, 2, 3, 4, 7]  # COMPLETE trials only
+    assert sorted(s.trials[i].trial_number for i in s.front) == [0, 1, 3, 4, 7]
+    assert report.counts == {"COMPLETE": 6, "PRUNED": 1, "FAIL": 1, "RUNNING": 0}
+    assert {p.name for p in tmp_path.iterdir()} == {"report.md", "report.csv", "top1_vs_gmacs.png",
+                                                    "pareto.png", "history.png"}
+    for name in ("pareto.png", "history.png", "top1_vs_gmacs.png"):
+        with Image.open(tmp_path / name) as im:
+            im.verify()
+    md = (tmp_path / "report.md").read_text()
+    assert "1 pruned, 1 failed" in md
+    assert "## Pareto front" in md and "5 non-dominated trials of 6 complete trials" in md
+    table = md.split("## Pareto front")[1]
+    assert "| trial | model.width | model.shift | val_top1 ↑ | GMACs ↓ |" in table
+    assert "| 7 | 192 | four | 84.00 | 9 |" in table and "| 3 | 32 | four | 60.00 | 0.3 |" in table
+    assert "| 2 | 96 |" not in table  # dominated
+    logged = {Path(a.path).name for a in store.client.list_artifacts(store.search_parent, "report")}
+    assert {"history.png", "pareto.png"} <= logged
+
+
+def test_single_objective_search_from_the_experiment_name(store, tmp_path):
+    # No spec: the varied keys come from the runs' tags; the objective defaults to top-1.
+    report = write_report("width-search", out=tmp_path, log_artifacts=False)
+    assert report.varied == ["model.shift", "model.width"]
+    assert sorted(report.search.trials[i].trial_number for i in report.search.front) == [7]
+    assert not (tmp_path / "pareto.png").exists() and (tmp_path / "history.png").exists()
+    assert "## Best trial" in (tmp_path / "report.md").read_text()
+
+
+def test_no_finished_runs_is_a_user_error_naming_the_store(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["report", "nothing-finished"])
+    assert result.exit_code == 2
+    assert "no finished runs" in result.output and store.uri in result.output
+    assert not (tmp_path / "results").exists()
+    result = CliRunner().invoke(cli, ["report", "no-such-experiment"])
+    assert result.exit_code == 2 and "no MLflow experiment named 'no-such-experiment'" in result.output
+    assert "shift-grid" in result.output
+    result = CliRunner().invoke(cli, ["report", "missing.yaml"])
+    assert result.exit_code == 2 and "missing.yaml: spec file not found" in result.output
+
+
+def test_a_failure_while_rendering_leaves_no_partial_files(store, tmp_path, monkeypatch):
+    import ablate.plots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ablate.plots, "plot_history", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_report("width-search", out=tmp_path / "out", log_artifacts=False)
+    assert list((tmp_path / "out").iterdir()) == []
