@@ -63,6 +63,17 @@ class ModelConfig(_Section):
     drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate (linearly increasing over blocks)")
     in_chans: PositiveInt = Field(3, description="input image channels")
 
+    @field_validator("shift", mode="before")
+    @classmethod
+    def _shift_shape(cls, v):
+        # checked before pydantic's union coercion, which would report one error per union member
+        if not isinstance(v, (str, list, tuple)):
+            raise ValueError(f"expected a pattern name or a list of [dy, dx] offsets, got {v!r} (allowed: "
+                             "four, eight, up_right, left_down, up_down, left_right, up, down, left, right, "
+                             "none, or [[dy, dx], ...])")
+        resolve_offsets(v)
+        return v
+
     @field_validator("shift")
     @classmethod
     def _known_shift(cls, v):
