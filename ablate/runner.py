@@ -1,0 +1,385 @@
+"""``ablate run`` and ``ablate search``: validate, queue in the ledger, train with workers, summarise.
+
+One worker trains one cell at a time: it claims a trial from the ledger, opens (or continues)
+the cell's MLflow child run, trains with :func:`ablate.train.train_cell` while keeping the
+trial's heartbeat, then records the outcome in MLflow first and the ledger second. If a worker
+dies between the two, the next worker that claims the cell finds the finished MLflow run and
+only tells the ledger, so each cell ends with exactly one finished run.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ablate.errors import AblateError
+
+POLL_SECONDS = 2.0
+
+
+@dataclass
+class Context:
+    """What every worker of one invocation shares (picklable: workers are spawned processes)."""
+    spec_path: str
+    storage: str
+    experiment_id: str
+    parent_run_id: str
+    checkpoints: str
+    device: str = "auto"
+    threads: int = 0
+    prefix: str = ""
+    progress: Optional[bool] = None
+    trials: int = 0  # search only: the study's target number of trials
+    extra: dict = field(default_factory=dict)
+
+    def log(self, msg: str) -> None:
+        print(f"{self.prefix}{msg}", flush=True)
+
+
+def checkpoint_root(option: Optional[str] = None) -> str:
+    return option or os.environ.get("ABLATE_CHECKPOINTS") or "checkpoints"
+
+
+def _objective_values(spec, metrics: dict) -> list[float]:
+    if spec.search is None:
+        return [metrics["val_top1"]]
+    return [float(metrics[o.metric]) for o in spec.search.objectives]
+
+
+def _open_ledger(spec, storage: str):
+    from ablate.ledger import Ledger
+    from ablate.search import make_pruner, make_sampler
+    if spec.search is None:
+        return Ledger(storage, spec.name)
+    return Ledger(storage, spec.name, [o.direction for o in spec.search.objectives],
+                  sampler=make_sampler(spec.search), pruner=make_pruner(spec.search, spec.base.train.epochs))
+
+
+def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = False) -> str:
+    """Train one cell (or trial) and record it. Returns the final state name."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from ablate import tracking
+    from ablate.train import CellFailed, describe_failure, is_out_of_memory, resolve_device, train_cell
+
+    done = tracking.finished_metrics(ctx.experiment_id, key)
+    if done is not None:  # finished earlier, but the ledger never heard of it (worker died in between)
+        ledger.tell(trial, TrialState.COMPLETE, _objective_values(spec, done))
+        ctx.log(f"cell {key}: already finished in MLflow (top-1 {done.get('val_top1', float('nan')):.2f})")
+        return "COMPLETE"
+
+    device = resolve_device(ctx.device)
+    run = tracking.CellRun.open(ctx.experiment_id, ctx.parent_run_id, cfg, key, varied=spec.varied,
+                                spec_file=ctx.spec_path, device=str(device),
+                                trial_number=trial.number,
+                                run_name=_run_name(spec, cfg, trial.number))
+    ctx.log(f"cell {key} ({_run_name(spec, cfg, trial.number)}): "
+            f"{'resuming' if run.resumed else 'training'} on {device}")
+
+    def on_epoch(stats):
+        metrics = asdict(stats)
+        step = metrics.pop("epoch")
+        run.log_metrics(metrics, step=step)
+        if prune:
+            trial.report(stats.val_top1, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {step} (top-1 {stats.val_top1:.2f})")
+
+    ckpt_dir = Path(ctx.checkpoints) / spec.name / key
+    try:
+        with ledger.heartbeat(trial):
+            metrics = train_cell(cfg, device=device, checkpoint_dir=ckpt_dir, on_epoch=on_epoch,
+                                 log=lambda m: ctx.log(f"  {m}"), progress=ctx.progress)
+    except optuna.TrialPruned as e:
+        run.close("PRUNED", str(e))
+        ledger.tell(trial, TrialState.PRUNED)
+        ctx.log(f"cell {key}: {e}")
+        return "PRUNED"
+    except (KeyboardInterrupt, SystemExit):
+        raise  # leave the cell RUNNING: the next run notices the dead worker and resumes it
+    except Exception as e:
+        reason = describe_failure(e)
+        if is_out_of_memory(e) and device.type == "cuda":
+            import torch
+            torch.cuda.empty_cache()
+        if not isinstance(e, CellFailed) and not is_out_of_memory(e):
+            import traceback
+            traceback.print_exc()
+        run.close("FAIL", reason)
+        ledger.tell(trial, TrialState.FAIL, reason=reason)
+        ctx.log(f"cell {key}: FAILED: {reason}")
+        return "FAIL"
+    run.log_metrics({k: v for k, v in metrics.items() if k not in ("epochs", "train_loss", "val_loss")},
+                    step=metrics["epochs"])
+    run.close("COMPLETE")
+    ledger.tell(trial, TrialState.COMPLETE, _objective_values(spec, metrics))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the MLflow run is the record now
+    ctx.log(f"cell {key}: done, top-1 {metrics['val_top1']:.2f}  top-5 {metrics['val_top5']:.2f}  "
+            f"{metrics['train_seconds']:.0f}s")
+    return "COMPLETE"
+
+
+def _run_name(spec, cfg, number: int) -> str:
+    from ablate.config import flat_params
+    flat = flat_params(cfg)
+    parts = [f"{k.split('.')[-1]}={_short(flat[k])}" for k in spec.varied if k in flat]
+    return " ".join(parts) or f"trial {number}"
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        from ablate.models.shift_patterns import shift_label
+        return shift_label(v)
+    return str(v)
+
+
+# ---- workers -------------------------------------------------------------------------------------
+
+def _setup_worker(ctx: Context) -> None:
+    import torch
+    if ctx.threads:
+        torch.set_num_threads(ctx.threads)
+
+
+def grid_worker(ctx: Context) -> None:
+    """Claim and train cells until none is waiting or running anywhere."""
+    from ablate.spec import load_spec
+    _setup_worker(ctx)
+    spec = load_spec(ctx.spec_path)
+    ledger = _open_ledger(spec, ctx.storage)
+    cells = {c.key: c for c in spec.cells()}
+    started, trained, waited = time.time(), 0, False
+    while True:
+        trial = ledger.claim()
+        if trial is None:
+            ledger.recover_dead()
+            counts = ledger.counts(set(cells))
+            if counts["WAITING"]:
+                continue
+            if not counts["RUNNING"]:
+                return
+            if not waited:
+                ctx.log(f"waiting: {counts['RUNNING']} cell(s) running in other workers")
+                waited = True
+            time.sleep(POLL_SECONDS)
+            continue
+        waited = False
+        key = trial.user_attrs.get("ablate.cell_key")
+        cell = cells.get(key)
+        if cell is None:
+            from optuna.trial import TrialState
+            ledger.tell(trial, TrialState.FAIL, reason=f"cell {key} is not in {ctx.spec_path} here "
+                        "(workers must run the same spec)")
+            continue
+        execute(spec, cell.config, key, trial, ledger, ctx)
+        trained += 1
+        counts = ledger.counts(set(cells))
+        finished = counts["COMPLETE"] + counts["FAIL"]
+        remaining = len(cells) - finished
+        per_cell = (time.time() - started) / trained
+        workers = max(1, ctx.extra.get("workers", 1))
+        ctx.log(f"grid: {finished}/{len(cells)} cells finished ({counts['FAIL']} failed), "
+                f"ETA {_duration(per_cell * remaining / workers)}")
+
+
+def search_worker(ctx: Context) -> None:
+    """Ask the sampler (or take a waiting retry), train, tell, until the study has its trials."""
+    from optuna.trial import TrialState
+
+    from ablate.config import cell_key
+    from ablate.ledger import WORKER, _retry, worker_id
+    from ablate.search import counted_trials, suggest
+    from ablate.spec import load_spec
+    _setup_worker(ctx)
+    spec = load_spec(ctx.spec_path)
+    ledger = _open_ledger(spec, ctx.storage)
+    prune = len(spec.search.objectives) == 1 and spec.search.pruner not in (None, "none")
+    waited = False
+    while True:
+        ledger.recover_dead()
+        finished, running, waiting = counted_trials(ledger)
+        if not waiting and finished + running >= ctx.trials:
+            if not running:
+                return
+            if not waited:
+                ctx.log(f"waiting: {running} trial(s) running in other workers")
+                waited = True
+            time.sleep(POLL_SECONDS)
+            continue
+        waited = False
+        trial = _retry(ledger.study.ask)
+        _retry(ledger.storage.set_trial_user_attr, trial._trial_id, WORKER, worker_id())
+        _retry(ledger.storage.record_heartbeat, trial._trial_id)
+        values = suggest(trial, spec.search.space)
+        try:
+            cfg = spec.resolve(values)
+        except AblateError as e:
+            ledger.tell(trial, TrialState.FAIL, reason=f"invalid configuration: {e}")
+            ctx.log(f"trial {trial.number}: invalid configuration: {e}")
+            continue
+        key = cell_key(cfg)
+        _retry(ledger.storage.set_trial_user_attr, trial._trial_id, "ablate.cell_key", key)
+        execute(spec, cfg, key, trial, ledger, ctx, prune=prune)
+        finished, running, _ = counted_trials(ledger)
+        ctx.log(f"search: {finished}/{ctx.trials} trials finished")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _run_workers(target: Callable[[Context], None], ctx: Context, workers: int, devices: list[str]) -> None:
+    """Run ``workers`` copies of ``target``: in this process for one, else spawned processes."""
+    if workers == 1:
+        if devices:
+            ctx.device = devices[0]
+        target(ctx)
+        return
+    procs = []
+    mp_ctx = mp.get_context("spawn")
+    threads = ctx.threads or max(1, (os.cpu_count() or 1) // workers)
+    for i in range(workers):
+        wctx = Context(**{**ctx.__dict__, "prefix": f"[w{i}] ", "threads": threads, "progress": False,
+                          "device": devices[i] if devices else ctx.device})
+        p = mp_ctx.Process(target=target, args=(wctx,), name=f"ablate-worker-{i}")
+        p.start()
+        procs.append(p)
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    bad = [p.name for p in procs if p.exitcode not in (0, None)]
+    if bad:
+        ctx.log(f"warning: worker(s) {', '.join(bad)} exited abnormally")
+
+
+# ---- the two commands ----------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    total: int
+    complete: int
+    failed: list[tuple[str, str]]  # (cell description, reason)
+    pending: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.pending
+
+
+def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None, device: str = "auto",
+             devices: Optional[list[str]] = None, checkpoints: Optional[str] = None,
+             progress: Optional[bool] = None) -> Summary:
+    """``ablate run``: every cell of the spec's grid trained once, recorded in MLflow."""
+    from ablate import tracking
+    from ablate.ledger import storage_url
+    from ablate.spec import load_spec
+
+    spec = load_spec(spec_path)  # raises SpecError before anything is written
+    if spec.search is not None:
+        raise AblateError(f"{spec_path}: search: this spec describes a search (allowed: `ablate search {spec_path}`)")
+    devices = devices or []
+    workers = len(devices) or workers
+    url = storage_url(storage)
+    cells = spec.cells()
+    ledger = _open_ledger(spec, url)
+    enqueued, done = ledger.enqueue_cells(cells)
+    experiment_id = tracking.ensure_experiment(spec.name)
+    parent = tracking.start_parent(experiment_id, "grid", str(spec_path))
+    print(f"{spec.name}: {len(cells)} cells, {done} already finished, {enqueued} queued; "
+          f"ledger {url}; MLflow {tracking.tracking_uri()}", flush=True)
+    ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
+                  checkpoints=checkpoint_root(checkpoints), device=device, progress=progress,
+                  extra={"workers": workers})
+    status = "FAILED"
+    try:
+        _run_workers(grid_worker, ctx, workers, devices)
+        summary = summarize_grid(spec, ledger)
+        status = "FINISHED" if summary.ok else "FAILED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.finish_run(parent, status)
+
+
+def summarize_grid(spec, ledger) -> Summary:
+    from optuna.trial import TrialState
+    by_key: dict[str, list] = {}
+    for t in ledger.trials():
+        key = t.user_attrs.get("ablate.cell_key")
+        if key and "ablate.duplicate_of" not in t.user_attrs:
+            by_key.setdefault(key, []).append(t)
+    complete, failed, pending = 0, [], 0
+    for cell in spec.cells():
+        trials = by_key.get(cell.key, [])
+        states = {t.state for t in trials}
+        if TrialState.COMPLETE in states:
+            complete += 1
+        elif states & {TrialState.WAITING, TrialState.RUNNING} or not trials:
+            pending += 1
+        else:
+            last = max(trials, key=lambda t: t.number)
+            desc = ", ".join(f"{k}={_short(v)}" for k, v in cell.values.items()) or cell.key
+            failed.append((desc, last.user_attrs.get("ablate.failure", "unknown")))
+    return Summary(total=len(spec.cells()), complete=complete, failed=failed, pending=pending)
+
+
+def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1, storage: Optional[str] = None,
+               device: str = "auto", devices: Optional[list[str]] = None, checkpoints: Optional[str] = None,
+               progress: Optional[bool] = None) -> dict[str, int]:
+    """``ablate search``: continue the spec's study until it holds ``trials`` finished trials."""
+    from ablate import tracking
+    from ablate.ledger import storage_url
+    from ablate.search import counted_trials
+    from ablate.spec import load_spec
+
+    spec = load_spec(spec_path)
+    if spec.search is None:
+        raise AblateError(f"{spec_path}: search: this spec has no search section (allowed: `ablate run {spec_path}` for a grid)")
+    if trials is not None and trials < 1:
+        raise AblateError(f"--trials: {trials} (allowed: a positive integer)")
+    devices = devices or []
+    workers = len(devices) or workers
+    url = storage_url(storage)
+    target = trials or spec.search.trials
+    ledger = _open_ledger(spec, url)
+    ledger.recover_dead()
+    finished, running, waiting = counted_trials(ledger)
+    experiment_id = tracking.ensure_experiment(spec.name)
+    parent = tracking.start_parent(experiment_id, "search", str(spec_path))
+    print(f"{spec.name}: {finished} trials finished of {target}; sampler {spec.search.sampler}; "
+          f"ledger {url}; MLflow {tracking.tracking_uri()}", flush=True)
+    ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
+                  checkpoints=checkpoint_root(checkpoints), device=device, progress=progress, trials=target,
+                  extra={"workers": workers})
+    status = "FAILED"
+    try:
+        _run_workers(search_worker, ctx, workers, devices)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.finish_run(parent, status)
+    return ledger.counts()
+
+
+def print_summary(summary: Summary, out=sys.stdout) -> None:
+    print(f"\n{summary.complete}/{summary.total} cells finished, {len(summary.failed)} failed"
+          + (f", {summary.pending} not finished" if summary.pending else ""), file=out)
+    for desc, reason in summary.failed:
+        print(f"  FAILED {desc}: {reason}", file=out)

@@ -1,0 +1,88 @@
+"""The Optuna side of ``ablate search``: samplers, pruners, and the spec's space as ``suggest_*`` calls.
+
+A trial trains exactly like a grid cell (:func:`ablate.runner.execute`); only where its
+configuration comes from differs.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ablate.ledger import DUPLICATE, Ledger
+
+
+def make_sampler(search) -> optuna.samplers.BaseSampler:
+    seed = getattr(search, "seed", 0)
+    name = search.sampler
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "cmaes":
+        # CMA-ES handles the numeric parameters; categorical ones fall back to random sampling
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid_space(search.space), seed=seed)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+def make_pruner(search, epochs: int) -> optuna.pruners.BasePruner:
+    if search.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if search.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
+def grid_space(space: dict) -> dict[str, list[Any]]:
+    """Every value of every parameter, for GridSampler (floats: the two bounds)."""
+    out = {}
+    for key, p in space.items():
+        if p.kind == "choice":
+            out[key] = [json.dumps(c) if isinstance(c, list) else c for c in p.choices]
+        elif p.kind == "int":
+            out[key] = list(range(p.low, p.high + 1, p.step or 1))
+        else:
+            out[key] = [p.low, p.high]
+    return out
+
+
+def suggest(trial: optuna.Trial, space: dict) -> dict[str, Any]:
+    """Sample every parameter of the spec's space; parameter names are the dotted setting keys."""
+    values = {}
+    for key, p in space.items():
+        if p.kind == "choice":
+            # Optuna's categorical values are scalars: explicit offset lists travel as JSON text
+            labels = [json.dumps(c) if isinstance(c, list) else c for c in p.choices]
+            values[key] = p.choices[labels.index(trial.suggest_categorical(key, labels))]
+        elif p.kind == "int":
+            values[key] = trial.suggest_int(key, p.low, p.high, step=p.step or 1, log=bool(p.log))
+        else:
+            values[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=bool(p.log))
+    return values
+
+
+def counted_trials(ledger: Ledger) -> tuple[int, int, int]:
+    """(finished, running, waiting) trials of a search.
+
+    Failed trials that were retried (a dead worker's trial, re-enqueued) and duplicates are not
+    counted: their retry stands for them.
+    """
+    trials = ledger.trials()
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    finished = running = waiting = 0
+    for t in trials:
+        if DUPLICATE in t.user_attrs or t.number in retried:
+            continue
+        if t.state == TrialState.RUNNING:
+            running += 1
+        elif t.state == TrialState.WAITING:
+            waiting += 1
+        else:
+            finished += 1
+    return finished, running, waiting

@@ -1,0 +1,162 @@
+"""The MLflow mapping, in one place.
+
+One experiment per spec ``name``; one parent run per ``ablate run`` / ``ablate search``
+invocation; one child run per cell or trial, tagged with the cell key so finished work can be
+found again (MLflow has no get-or-create of runs). Cost is logged as metrics (``macs``,
+``flops``, ``params``) so that MLflow's own charts can plot accuracy against FLOPs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from ablate.config import CellConfig, flat_params
+
+ROLE, KIND, KEY, STATE = "ablate.role", "ablate.kind", "ablate.cell_key", "ablate.state"
+PARENT_ID, RUN_NAME = "mlflow.parentRunId", "mlflow.runName"
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+    return MlflowClient()
+
+
+def tracking_uri() -> str:
+    import mlflow
+    return mlflow.get_tracking_uri()
+
+
+def git_commit() -> str:
+    """The commit of the checkout the package runs from ('unknown' outside git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _retry(fn, *args, attempts: int = 8, **kwargs):
+    """Call an MLflow client method, retrying the transient 'database is locked' of SQLite."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # mlflow wraps sqlalchemy errors in MlflowException
+            if "locked" not in str(e).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.2 * (i + 1))
+
+
+def ensure_experiment(name: str) -> str:
+    """Experiment id for ``name``, creating it (and the store) once; tolerant of a racing creator."""
+    c = client()
+    exp = _retry(c.get_experiment_by_name, name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return _retry(c.create_experiment, name)
+    except Exception:
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def start_parent(experiment_id: str, kind: str, spec_file: str) -> str:
+    tags = {ROLE: "parent", KIND: kind, "ablate.spec_file": spec_file, "ablate.git_commit": git_commit(),
+            "ablate.host": socket.gethostname()}
+    run = _retry(client().create_run, experiment_id, tags=tags,
+                 run_name=f"{kind} {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    return run.info.run_id
+
+
+def finish_run(run_id: str, status: str = "FINISHED") -> None:
+    _retry(client().set_terminated, run_id, status)
+
+
+def _param_value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def find_cell_runs(experiment_id: str, key: str) -> list:
+    """All child runs recorded for a cell key, newest first."""
+    return _retry(client().search_runs, [experiment_id],
+                  filter_string=f"tags.`{KEY}` = '{key}' and tags.`{ROLE}` = 'cell'",
+                  order_by=["attributes.start_time DESC"])
+
+
+class CellRun:
+    """The MLflow child run of one cell: opened (or continued after a crash), logged, closed."""
+
+    def __init__(self, run_id: str, resumed: bool):
+        self.run_id, self.resumed = run_id, resumed
+
+    @classmethod
+    def open(cls, experiment_id: str, parent_id: str, cfg: CellConfig, key: str, *,
+             varied: Iterable[str], spec_file: str, device: str, trial_number: Optional[int] = None,
+             run_name: Optional[str] = None) -> "CellRun":
+        """Continue this cell's interrupted (RUNNING) run if there is one, else start a new one.
+
+        The ledger hands a cell to one worker at a time, so a RUNNING run found here belongs to
+        a worker that died: continuing it keeps exactly one run per cell.
+        """
+        c = client()
+        for run in find_cell_runs(experiment_id, key):
+            if run.info.status == "RUNNING":
+                _retry(c.update_run, run.info.run_id, status="RUNNING")
+                cr = cls(run.info.run_id, resumed=True)
+                cr.set_tags({"ablate.device": device, STATE: "RUNNING"})
+                return cr
+        tags = {ROLE: "cell", KEY: key, STATE: "RUNNING", PARENT_ID: parent_id,
+                "ablate.varied": json.dumps(sorted(varied)), "ablate.spec_file": spec_file,
+                "ablate.git_commit": git_commit(), "ablate.device": device,
+                "ablate.host": socket.gethostname()}
+        if trial_number is not None:
+            tags["ablate.trial_number"] = str(trial_number)
+        run = _retry(c.create_run, experiment_id, tags=tags, run_name=run_name or key)
+        cr = cls(run.info.run_id, resumed=False)
+        from mlflow.entities import Param
+        params = [Param(k, _param_value(v)) for k, v in flat_params(cfg).items()]
+        for i in range(0, len(params), 100):
+            _retry(c.log_batch, cr.run_id, params=params[i:i + 100])
+        _retry(c.log_text, cr.run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+               "config.yaml")
+        return cr
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+        _retry(client().log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        _retry(client().log_batch, self.run_id, metrics=batch)
+
+    def close(self, state: str, reason: Optional[str] = None) -> None:
+        """state: COMPLETE | PRUNED | FAIL (the ledger's words) -> FINISHED | KILLED | FAILED."""
+        tags = {STATE: state}
+        if reason:
+            tags["ablate.failure"] = reason[:5000]
+        self.set_tags(tags)
+        finish_run(self.run_id, {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
+
+
+def finished_metrics(experiment_id: str, key: str) -> Optional[dict[str, float]]:
+    """Final metrics of this cell's FINISHED run, if one exists (work already done)."""
+    for run in find_cell_runs(experiment_id, key):
+        if run.info.status == "FINISHED" and run.data.tags.get(STATE) == "COMPLETE":
+            return dict(run.data.metrics)
+    return None
+
+
+def local_store_hint() -> str:
+    uri = tracking_uri()
+    return uri if not uri.startswith("sqlite:///") else f"{uri} ({os.getcwd()})"
