@@ -54,3 +54,65 @@ def report(target, out):
                + ", ".join(str(p) for p in rep.files))
     if rep.parent_run_id:
         click.echo(f"logged under report/ of MLflow run {rep.parent_run_id} ({rep.tracking_uri})")
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+@cli.group()
+def data():
+    """Prepare datasets: ImageNet100 from ImageNet-1K, and the decode-once uint8 cache."""
+
+
+@data.command("imagenet100")
+@click.option("--imagenet", required=True, type=click.Path(file_okay=False),
+              help="ImageNet-1K root: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, with the validation "
+              "images already sorted into class folders (as ImageNet's valprep.sh leaves them)")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="new ImageNet100 root; gets train/<wnid>/ and val/<wnid>/ of symbolic links")
+@click.option("--force", is_flag=True, help="replace train/ and val/ of a non-empty --out")
+def data_imagenet100(imagenet, out, force):
+    """Build ImageNet100 (the 100 classes of CMC, Tian et al. 2019; the S²-MLP paper's
+    ablation dataset) from an ImageNet-1K tree, as symbolic links: no image is copied.
+
+    \b
+    Example:
+      ablate data imagenet100 --imagenet /data/imagenet --out /data/imagenet100
+    """
+    from ablate.data.imagenet100 import build_imagenet100
+    counts = build_imagenet100(imagenet, out, force=force)
+    for split, c in counts.items():
+        click.echo(f"{split}: {c['images']} images, {c['classes']} classes")
+    click.echo(f"wrote {out}")
+
+
+@data.command("cache")
+@click.argument("source", metavar="SPEC|DIR")
+@click.option("--size", default=None, type=click.IntRange(min=8),
+              help="stored side S in pixels (default: for a spec, data.cache_size or image_size/0.875 "
+              "rounded down, i.e. 256 for 224 px; for a DIR, 256)")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="cache root (default: the spec's data.cache_dir, else <root>/.ablate-cache)")
+@click.option("--workers", default=0, type=click.IntRange(min=0),
+              help="decoding processes (default: one per CPU core)")
+@click.option("--force", is_flag=True, help="rebuild caches that exist")
+def data_cache(source, size, out, workers, force):
+    """Decode every image of an image-folder tree (DIR, or SPEC's dataset) once into a uint8
+    memory-mapped array per split, <root>/.ablate-cache/<split>-<S>/.
+
+    Each image's short side is resized to S and the centre S x S square kept. Training then
+    reads batches from the array and crops, flips and normalises them as tensor ops (on the
+    GPU when there is one); data.loader: auto uses the cache once it exists. Unreadable
+    images are skipped and counted. A killed build leaves no partial cache.
+
+    \b
+    Examples:
+      ablate data cache /data/imagenet100 --size 256
+      ablate data cache experiments/paper/table7-shift.yaml
+    """
+    from ablate.data.cache import build_cache, cache_targets
+    for target in cache_targets(source, size=size, cache_dir=out):
+        summary = build_cache(target.root, target.size, cache_dir=target.cache_dir, workers=workers, force=force,
+                              log=click.echo)
+        for split, s in summary.items():
+            state = f"{s['seconds']:.1f} s" if s["built"] else "exists, --force rebuilds it"
+            click.echo(f"{split}-{target.size}: {s['images']} images, {s['skipped']} skipped ({state}) -> {s['path']}")

@@ -1,0 +1,181 @@
+"""``build_loaders(cfg, device)``: the train and validation batches of one cell.
+
+Which path runs (``Loaders.kind``, recorded in MLflow by the runner):
+
+* ``memory``: digits, held in memory as uint8, augmented as batched tensor ops;
+* ``cache``: an image-folder dataset decoded once into a uint8 memory map
+  (:mod:`ablate.data.cache`), augmented as batched tensor ops on ``device``;
+* ``folder``: the plain PIL + DataLoader path (:mod:`ablate.data.folder`);
+* ``synthetic``: random tensors.
+
+``data.loader`` chooses between ``cache`` and ``folder``: ``auto`` takes the cache when one
+exists for this size, ``cache`` requires it, ``folder`` never uses it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+from ablate.config import CellConfig
+from ablate.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ablate.errors import AblateError
+
+
+class Batches(Protocol):
+    skipped_paths: set
+
+    def set_epoch(self, epoch: int) -> None: ...
+    def __iter__(self): ...
+    def __len__(self) -> int: ...
+
+
+@dataclass
+class Loaders:
+    """The data of one cell.
+
+    ``train`` yields ``(images float32 (B, C, H, W) normalised, targets int64 (B,))`` and
+    drops the last incomplete batch (batch Mixup needs full, even batches); ``val`` keeps
+    every image. Batches may already be on the device (memory, cache and synthetic paths).
+    """
+    train: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    val: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    num_classes: int
+    kind: str
+    n_train: int
+    n_val: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle order and augmentation of ``epoch`` depend only on (train.seed, epoch): a
+        resumed run sees exactly the batches an uninterrupted one would."""
+        for batches in (self.train, self.val):
+            batches.set_epoch(epoch)
+
+    def skipped(self) -> int:
+        """Distinct unreadable or non-image files skipped so far (each one is logged once)."""
+        return len(self.train.skipped_paths) + len(self.val.skipped_paths)
+
+
+def build_loaders(cfg: CellConfig, device: torch.device, *, log: Callable[[str], None] = print) -> Loaders:
+    """The train/val batches for ``cfg`` (see the module docstring for the paths)."""
+    device = torch.device(device)
+    name = cfg.data.name
+    if name == "digits":
+        return _digits(cfg, device)
+    if name == "synthetic":
+        return _synthetic(cfg, device)
+    return _image_folder(cfg, device, log)
+
+
+def _train_transform(cfg: CellConfig, mean, std, device: torch.device):
+    from ablate.data.batch_transforms import TrainBatchTransform, default_backend
+
+    t = cfg.train
+    return TrainBatchTransform(size=cfg.model.image_size, scale=(t.crop_scale, 1.0), hflip=t.hflip, mean=mean,
+                               std=std, out_chans=cfg.model.in_chans, randaugment=t.randaugment,
+                               random_erasing=t.random_erasing, backend=default_backend(device))
+
+
+def _eval_transform(cfg: CellConfig, mean, std, device: torch.device, crop_fraction: float):
+    from ablate.data.batch_transforms import EvalBatchTransform, default_backend
+
+    return EvalBatchTransform(size=cfg.model.image_size, mean=mean, std=std, out_chans=cfg.model.in_chans,
+                              crop_fraction=crop_fraction, backend=default_backend(device))
+
+
+def _digits(cfg: CellConfig, device: torch.device) -> Loaders:
+    from ablate.data.array_loader import ArrayBatches
+    from ablate.data.digits import load_digits_split
+
+    d = load_digits_split()
+    mean, std = (d.mean,), (d.std,)
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device)
+    train = ArrayBatches(d.train_images, d.train_labels, _train_transform(cfg, mean, std, device), train=True, **common)
+    val = ArrayBatches(d.val_images, d.val_labels, _eval_transform(cfg, mean, std, device, 1.0), train=False, **common)
+    return Loaders(train, val, 10, "memory", len(d.train_labels), len(d.val_labels))
+
+
+def _synthetic(cfg: CellConfig, device: torch.device) -> Loaders:
+    from ablate.data.synthetic import SyntheticBatches
+
+    d, m = cfg.data, cfg.model
+    shape = (m.in_chans, m.image_size, m.image_size)
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device)
+    train = SyntheticBatches(d.train_size, d.num_classes, shape, train=True, **common)
+    val = SyntheticBatches(d.val_size, d.num_classes, shape, train=False, **common)
+    return Loaders(train, val, d.num_classes, "synthetic", d.train_size, d.val_size)
+
+
+def _image_folder(cfg: CellConfig, device: torch.device, log: Callable[[str], None]) -> Loaders:
+    from ablate.data.cache import cache_exists, cache_root, default_cache_size, split_cache_path
+    from ablate.data.folder import expand_root
+
+    d = cfg.data
+    root = expand_root(d.root)
+    if cfg.model.in_chans != 3:
+        raise AblateError(f"model.in_chans: {cfg.model.in_chans} does not fit the RGB images of {root} (allowed: 3)")
+    size = d.cache_size or default_cache_size(cfg.model.image_size)
+    where = cache_root(root, d.cache_dir)
+    paths = {split: split_cache_path(where, split, size) for split in ("train", "val")}
+    missing = [str(p) for p in paths.values() if not cache_exists(p)]
+    if d.loader == "cache" and missing:
+        source = d.root if d.root else str(root)
+        option = f" --out {d.cache_dir}" if d.cache_dir else ""
+        raise AblateError(f"data.loader: cache: no cache at {', '.join(missing)}; build it with: "
+                          f"ablate data cache {source} --size {size}{option}")
+    if d.loader == "folder" or missing:
+        if d.loader == "auto":
+            log(f"data: no uint8 cache at {where} for size {size}; decoding image files "
+                f"(`ablate data cache {d.root} --size {size}` makes this faster)")
+        return _folder(cfg, root, device, log)
+    return _cache(cfg, paths, device, log)
+
+
+def _folder(cfg: CellConfig, root: Path, device: torch.device, log: Callable[[str], None]) -> Loaders:
+    from ablate.data.folder import FolderBatches, scan_tree
+    from ablate.data.transforms import folder_transforms
+
+    splits = scan_tree(root)
+    train_tf, val_tf = folder_transforms(cfg)
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, workers=cfg.data.workers,
+                  device=device, log=log)
+    train = FolderBatches(splits["train"], train_tf, train=True, **common)
+    val = FolderBatches(splits["val"], val_tf, train=False, **common)
+    _check_classes(cfg, splits["train"].classes, root)
+    log(f"data: folder loader on {root}: {len(splits['train'].samples)} train / {len(splits['val'].samples)} val "
+        f"images, {len(splits['train'].classes)} classes, {cfg.data.workers} workers")
+    return Loaders(train, val, len(splits["train"].classes), "folder",
+                   len(splits["train"].samples), len(splits["val"].samples))
+
+
+def _cache(cfg: CellConfig, paths: dict[str, Path], device: torch.device, log: Callable[[str], None]) -> Loaders:
+    from ablate.data.array_loader import ArrayBatches
+    from ablate.data.cache import default_cache_size, open_cache
+
+    train_c, val_c = open_cache(paths["train"]), open_cache(paths["val"])
+    if train_c.classes != val_c.classes:
+        raise AblateError(f"{paths['val']}: classes differ from {paths['train']}; rebuild both with --force")
+    if train_c.size < cfg.model.image_size:
+        log(f"data: warning: cache size {train_c.size} is smaller than model.image_size {cfg.model.image_size}")
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device)
+    # evaluation keeps the fraction of the square the folder loader's centre crop keeps
+    # (224 of 256): the same pixels when the cache has the default size
+    crop = min(1.0, cfg.model.image_size / default_cache_size(cfg.model.image_size))
+    train = ArrayBatches(train_c.images, train_c.labels, _train_transform(cfg, IMAGENET_MEAN, IMAGENET_STD, device),
+                         train=True, rows=train_c.rows, skipped_paths=train_c.skipped, **common)
+    val = ArrayBatches(val_c.images, val_c.labels, _eval_transform(cfg, IMAGENET_MEAN, IMAGENET_STD, device, crop),
+                       train=False, rows=val_c.rows, skipped_paths=val_c.skipped, **common)
+    _check_classes(cfg, train_c.classes, paths["train"])
+    for path in train_c.skipped + val_c.skipped:
+        log(f"data: skipped {path} (could not be decoded when the cache was built)")
+    log(f"data: uint8 cache {paths['train'].parent} (size {train_c.size}): {len(train_c.rows)} train / "
+        f"{len(val_c.rows)} val images, {len(train_c.classes)} classes, augmented on {device}")
+    return Loaders(train, val, len(train_c.classes), "cache", len(train_c.rows), len(val_c.rows))
+
+
+def _check_classes(cfg: CellConfig, classes: list[str], where) -> None:
+    if cfg.data.name == "imagenet100" and len(classes) != 100:
+        raise AblateError(f"data.root: {where} has {len(classes)} classes, imagenet100 has 100 "
+                          "(allowed: a tree made by `ablate data imagenet100`, or data.name: imagefolder)")
