@@ -116,3 +116,4 @@ def data_cache(source, size, out, workers, force):
         for split, s in summary.items():
             state = f"{s['seconds']:.1f} s" if s["built"] else "exists, --force rebuilds it"
             click.echo(f"{split}-{target.size}: {s['images']} images, {s['skipped']} skipped ({state}) -> {s['path']}")
+

@@ -1,0 +1,222 @@
+"""``ablate ui``: the MLflow UI (and optionally optuna-dashboard) on the stores the runs use.
+
+The servers run as child processes, each in its own process group so that Ctrl-C or SIGTERM
+reaching ``ablate ui`` stops them and every worker they started, and nothing else.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ablate.errors import AblateError
+
+INSTALL_DASHBOARD = "pip install 'ablate[dashboard]'"
+REMOTE_SCHEMES = ("http://", "https://", "databricks")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def absolute_store_uri(uri: str, cwd: Optional[Path] = None) -> str:
+    """The same store with relative paths made absolute (against ``cwd``, default the
+    working directory), so a server started elsewhere still opens the file the runs use.
+
+    ``sqlite:///mlflow.db`` (three slashes: relative) becomes ``sqlite:////abs/mlflow.db``;
+    a plain path is resolved too; every other URL is kept as it is.
+    """
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path and path != ":memory:" and not path.startswith("/"):
+            return "sqlite:///" + str((base / path).resolve())
+        return uri
+    if "://" not in uri and not uri.startswith("databricks"):
+        return str((base / uri).resolve())
+    return uri
+
+
+def tracking_store_uri() -> str:
+    """The store MLflow logs to here: ``MLFLOW_TRACKING_URI`` or MLflow's default."""
+    import mlflow
+    return absolute_store_uri(mlflow.get_tracking_uri())
+
+
+def ledger_store_url(storage: Optional[str] = None) -> str:
+    """``--storage``, else ``ABLATE_STORAGE``, else the ledger's default file, made absolute."""
+    from ablate.ledger import storage_url
+    return absolute_store_uri(storage_url(storage))
+
+
+def mlflow_env() -> dict[str, str]:
+    """The server's environment: MLflow's background job runner (GenAI scoring, trace
+    archival) is off unless asked for; browsing runs does not need its worker processes."""
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
+def mlflow_command(backend_store_uri: str, host: str, port: int) -> list[str]:
+    # One worker: a UI for one person needs no more, and each worker is a full Python process.
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
+            "--host", host, "--port", str(port), "--workers", "1"]
+
+
+def dashboard_command(storage: str, host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "optuna_dashboard._cli", storage, "--host", host, "--port", str(port)]
+
+
+def dashboard_installed() -> bool:
+    return importlib.util.find_spec("optuna_dashboard") is not None
+
+
+def _local_address(host: str) -> str:
+    """Where to reach a server bound to ``host`` from this machine."""
+    return "127.0.0.1" if host in WILDCARD_HOSTS else host
+
+
+def url(host: str, port: int) -> str:
+    h = _local_address(host)
+    return f"http://[{h}]:{port}/" if ":" in h else f"http://{h}:{port}/"
+
+
+def check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise AblateError(f"cannot listen on {host}:{port}: {e.strerror or e} "
+                              "(allowed: a free port, e.g. --port 5001)") from None
+
+
+def answers(address: str, timeout: float = 2.0) -> bool:
+    """True when an HTTP GET of ``address`` returns 200."""
+    try:
+        with urllib.request.urlopen(address, timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+@dataclass
+class Server:
+    """A server child process (and its process group)."""
+    name: str
+    command: list[str]
+    address: str
+    store: str
+    env: Optional[dict[str, str]] = None
+    process: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        # Own session = own process group: a terminal's Ctrl-C reaches only us, and stop()
+        # can end the server together with the workers it forks.
+        self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+
+    def exited(self) -> Optional[int]:
+        return self.process.poll() if self.process else None
+
+    def stop(self, grace: float = 10.0) -> None:
+        p = self.process
+        if p is None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # The leader may exit before its workers: make sure the group is gone too.
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by SIGTERM, like KeyboardInterrupt for Ctrl-C."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
+def serve(host: str = "127.0.0.1", port: int = 5000, *, optuna: bool = False,
+          storage: Optional[str] = None, optuna_port: Optional[int] = None,
+          echo: Callable[[str], None] = print, ready_timeout: float = 180.0) -> None:
+    """Run the MLflow UI on the tracking store (and optuna-dashboard on the ledger with
+    ``optuna``) until Ctrl-C or SIGTERM, then stop them. Returns after a clean stop; raises
+    :class:`AblateError` for a missing extra, a busy port or a server that dies."""
+    if optuna and not dashboard_installed():
+        raise AblateError(f"--optuna needs optuna-dashboard, which is not installed: {INSTALL_DASHBOARD}")
+    servers: list[Server] = []
+    store = tracking_store_uri()
+    if store.startswith(REMOTE_SCHEMES):
+        echo(f"runs are tracked on {store}: open it there (no local MLflow UI to start)")
+    else:
+        check_port_free(host, port)
+        servers.append(Server("MLflow UI", mlflow_command(store, host, port), url(host, port), store,
+                              mlflow_env()))
+    if optuna:
+        ledger = ledger_store_url(storage)
+        if ledger.startswith("sqlite:///") and not Path(ledger[len("sqlite:///"):]).is_file():
+            raise AblateError(f"no ledger at {ledger} (allowed: the --storage URL of an `ablate run` "
+                              "or `ablate search`, or $ABLATE_STORAGE)")
+        dport = optuna_port or port + 1
+        check_port_free(host, dport)
+        servers.append(Server("optuna-dashboard", dashboard_command(ledger, host, dport), url(host, dport),
+                              ledger))
+    if not servers:
+        return
+
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        for s in servers:
+            s.start()
+            echo(f"starting {s.name} on {s.store}")
+        _wait_ready(servers, echo, ready_timeout)
+        echo("Ctrl-C stops " + ("it" if len(servers) == 1 else "them"))
+        while True:
+            for s in servers:
+                if s.exited() is not None:
+                    raise AblateError(f"{s.name} stopped (exit status {s.exited()}); see its output above")
+            time.sleep(0.5)
+    except (KeyboardInterrupt, _Stop):
+        echo("stopping")
+    finally:
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short and leave servers behind.
+        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for s in servers:
+            s.stop()
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def _wait_ready(servers: list[Server], echo: Callable[[str], None], timeout: float) -> None:
+    pending = list(servers)
+    deadline = time.monotonic() + timeout
+    while pending:
+        for s in list(pending):
+            if s.exited() is not None:
+                raise AblateError(f"{s.name} did not start (exit status {s.exited()}); see its output above")
+            if answers(s.address):
+                echo(f"{s.name}: {s.address}")
+                pending.remove(s)
+        if pending and time.monotonic() > deadline:
+            for s in pending:
+                echo(f"{s.name}: {s.address} (not answering yet after {timeout:.0f} s)")
+            return
+        time.sleep(0.3)
