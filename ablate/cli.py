@@ -133,3 +133,28 @@ def ui(host, port, optuna, optuna_port, storage):
     """Browse the runs: the MLflow UI on the store the runs use, until Ctrl-C."""
     from ablate.ui import serve
     serve(host, port, optuna=optuna, storage=storage, optuna_port=optuna_port, echo=click.echo)
+
+
+# ---- plan / spec-help ------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+@click.option("--no-data-check", is_flag=True,
+              help="do not check that dataset roots exist (plan before the data is in place)")
+def plan(spec, as_json, no_data_check):
+    """Validate SPEC and show its cells, params, GMACs and an estimated GPU-hours cost.
+
+    Reads no dataset, trains nothing and writes nothing.
+    """
+    from ablate.plan import plan as make_plan
+    from ablate.spec import load_spec
+    result = make_plan(load_spec(spec, check_paths=not no_data_check))
+    click.echo(result.to_json() if as_json else result.to_text())
+
+
+@cli.command("spec-help")
+def spec_help():
+    """Every data, model and train setting of a spec: type, default and description."""
+    from ablate.spec import format_settings_help
+    click.echo(format_settings_help())

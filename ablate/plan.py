@@ -1,0 +1,374 @@
+"""``ablate plan``: what a spec will train and roughly what it costs, before anything runs.
+
+One row per cell (its varied values, parameters, GMACs and an estimated GPU-hours figure) and
+the totals. Nothing is trained, no dataset is read (``imagefolder`` sizes are counted by listing
+files, without decoding) and nothing is written.
+
+The compute estimate is arithmetic, not a measurement. A training image costs a forward and a
+backward pass, about 3x the forward multiply-adds (the usual 2x for the backward), a validation
+image one forward pass; a multiply-add is 2 FLOPs. The sum over epochs is divided by an assumed
+achieved throughput on a reference GPU (:data:`REFERENCE_GPU`, :data:`ASSUMED_MFU`). Data
+loading, evaluation overheads and ``torch.compile`` warm-up are not modelled.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ablate.config import CellConfig, DataConfig
+from ablate.errors import AblateError
+
+REFERENCE_GPU = "NVIDIA H100 SXM"
+PEAK_BF16_FLOPS = 989e12        # dense bf16 tensor-core peak of an H100 SXM (no sparsity)
+ASSUMED_MFU = 0.40              # achieved / peak: typical of large-matmul training with bf16 AMP
+ACHIEVED_FLOPS = PEAK_BF16_FLOPS * ASSUMED_MFU
+TRAIN_PASS_FACTOR = 3           # forward + backward (about twice the forward) per training image
+
+#: (train, val) images. imagenet100: the CMC class list (PAPER.md); digits: a fixed stratified
+#: 80/20 split of scikit-learn's 1,797 digits.
+DATASET_SIZES = {"imagenet100": (126_689, 5_000), "digits": (1_437, 360)}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+#: at most this many corner combinations of a search space are costed
+MAX_SEARCH_CORNERS = 4096
+
+
+def dataset_sizes(data: DataConfig) -> Optional[tuple[int, int]]:
+    """(train, val) image counts without decoding anything; ``None`` when a folder is missing."""
+    if data.name in DATASET_SIZES:
+        return DATASET_SIZES[data.name]
+    if data.name == "synthetic":
+        return data.train_size, data.val_size
+    root = Path(data.root or "")
+    if not data.root or not (root / "train").is_dir():
+        return None
+    return _count_images(root / "train"), _count_images(root / "val")
+
+
+def _count_images(folder: Path) -> int:
+    """Image files in ``folder/<class>/`` (any depth), by name only."""
+    count = 0
+    for dirpath, _, files in os.walk(folder):
+        count += sum(1 for f in files if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)
+    return count
+
+
+def estimate_gpu_hours(macs: int, epochs: int, train_images: int, val_images: int) -> float:
+    """Hours on the reference GPU at the assumed throughput (see the module docstring)."""
+    flops_per_epoch = 2 * macs * (TRAIN_PASS_FACTOR * train_images + val_images)
+    return flops_per_epoch * epochs / ACHIEVED_FLOPS / 3600
+
+
+def assumptions() -> dict[str, Any]:
+    return {
+        "reference_gpu": REFERENCE_GPU,
+        "peak_bf16_tflops": PEAK_BF16_FLOPS / 1e12,
+        "assumed_mfu": ASSUMED_MFU,
+        "achieved_tflops": ACHIEVED_FLOPS / 1e12,
+        "flops_per_train_image": f"{2 * TRAIN_PASS_FACTOR} x MACs (forward + backward)",
+        "flops_per_val_image": "2 x MACs (forward), every epoch",
+        "note": "an estimate from arithmetic, not a measurement; data loading is not modelled",
+    }
+
+
+@dataclass
+class PlanRow:
+    """One cell: what varies, its analytic cost and the estimated compute."""
+    key: str
+    seed: int
+    values: dict[str, Any]
+    params: int              # every parameter of the model
+    params_paper: int        # paper convention: classifier and norms excluded
+    macs: int                # multiply-adds per image (the paper's "FLOPs")
+    flops: int               # 2 x macs
+    epochs: int
+    train_images: Optional[int]
+    val_images: Optional[int]
+    gpu_hours: Optional[float]
+    reference: Optional[dict] = None   # the spec's matching reference row (the paper's numbers)
+
+    @property
+    def params_m(self) -> float:
+        return self.params_paper / 1e6
+
+    @property
+    def params_mi(self) -> float:
+        return self.params_paper / 2 ** 20
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs / 1e9
+
+    def params_in_paper_units(self) -> float:
+        """Paper-convention parameters in the unit the reference row uses (M = 10^6, Mi = 2^20)."""
+        from ablate.spec import PARAMS_UNITS
+        return self.params_paper / PARAMS_UNITS[(self.reference or {}).get("params_unit", "M")]
+
+    def gmacs_in_paper_units(self) -> float:
+        """MACs per image in the unit the reference row uses (G = 10^9, Gi = 2^30)."""
+        from ablate.spec import MACS_UNITS
+        return self.macs / MACS_UNITS[(self.reference or {}).get("macs_unit", "G")]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(params_m=self.params_m, params_mi=self.params_mi, gmacs=self.gmacs)
+        if self.reference is not None:
+            out["ours_in_paper_units"] = {"params": self.params_in_paper_units(),
+                                          "gmacs": self.gmacs_in_paper_units()}
+        return out
+
+
+@dataclass
+class SearchPlan:
+    """Per-trial cost bounds of a search, from the corners of its space."""
+    sampler: str
+    objectives: list[dict[str, str]]
+    trials: int
+    pruner: str
+    space: dict[str, dict[str, Any]]
+    corners: int                    # combinations costed (the valid ones)
+    gmacs: tuple[float, float]      # per trial, min and max
+    params_m: tuple[float, float]
+    gpu_hours_per_trial: Optional[tuple[float, float]]
+
+    @property
+    def gpu_hours(self) -> Optional[tuple[float, float]]:
+        if self.gpu_hours_per_trial is None:
+            return None
+        return self.gpu_hours_per_trial[0] * self.trials, self.gpu_hours_per_trial[1] * self.trials
+
+
+@dataclass
+class Plan:
+    """Everything ``ablate plan`` prints; :meth:`to_json` for machines, :meth:`to_text` for people."""
+    name: str
+    path: str
+    kind: str                       # grid | search
+    varied: list[str]
+    seeds: list[int]
+    data: str                       # dataset name of the base configuration
+    images: Optional[tuple[int, int]]   # its (train, val) image counts; None when unknown
+    rows: list[PlanRow] = field(default_factory=list)
+    search: Optional[SearchPlan] = None
+    reference_source: Optional[str] = None
+
+    @property
+    def configurations(self) -> int:
+        return len({json.dumps({k: v for k, v in r.values.items() if k != "train.seed"}, sort_keys=True)
+                    for r in self.rows})
+
+    @property
+    def gpu_hours(self) -> Optional[float]:
+        hours = [r.gpu_hours for r in self.rows]
+        return None if any(h is None for h in hours) else sum(hours)
+
+    def totals(self) -> dict[str, Any]:
+        out = {"cells": len(self.rows), "configurations": self.configurations, "seeds": len(self.seeds),
+               "gpu_hours": self.gpu_hours}
+        if self.search is not None:
+            out.update(trials=self.search.trials, gpu_hours=self.search.gpu_hours)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "spec": self.path, "kind": self.kind, "varied": self.varied,
+                "seeds": self.seeds, "reference_source": self.reference_source,
+                "data": {"name": self.data, "train_images": self.images[0] if self.images else None,
+                         "val_images": self.images[1] if self.images else None},
+                "rows": [r.to_dict() for r in self.rows],
+                "search": None if self.search is None else {**asdict(self.search), "gpu_hours": self.search.gpu_hours},
+                "totals": self.totals(), "assumptions": assumptions()}
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_text(self) -> str:
+        return format_plan(self)
+
+
+def _row(cell_config: CellConfig, key: str, seed: int, values: dict, reference: Optional[dict]) -> PlanRow:
+    from ablate.models.cost import model_cost
+
+    cost = model_cost(cell_config.model, cell_config.num_classes)
+    sizes = dataset_sizes(cell_config.data)
+    epochs = cell_config.train.epochs
+    hours = estimate_gpu_hours(cost.macs, epochs, *sizes) if sizes else None
+    return PlanRow(key=key, seed=seed, values=values, params=cost.params, params_paper=cost.params_paper,
+                   macs=cost.macs, flops=cost.flops, epochs=epochs,
+                   train_images=sizes[0] if sizes else None, val_images=sizes[1] if sizes else None,
+                   gpu_hours=hours, reference=reference)
+
+
+def _reference_row(reference: Optional[dict], config: CellConfig) -> Optional[dict]:
+    from ablate.config import flat_params
+    from ablate.spec import _same
+
+    if not reference:
+        return None
+    flat = flat_params(config)
+    for row in reference.get("rows") or []:
+        if all(_same(flat.get(k), v) for k, v in (row.get("when") or {}).items()):
+            return row
+    return None
+
+
+def plan(spec) -> Plan:
+    """The plan of a loaded :class:`~ablate.spec.Spec`: rows, totals and a compute estimate."""
+    result = Plan(name=spec.name, path=str(spec.path), kind=spec.kind, varied=list(spec.varied),
+                  seeds=list(spec.seeds), data=spec.base.data.name, images=dataset_sizes(spec.base.data),
+                  reference_source=(spec.reference or {}).get("source"))
+    for cell in spec.cells():
+        result.rows.append(_row(cell.config, cell.key, cell.seed, cell.values,
+                                _reference_row(spec.reference, cell.config)))
+    if spec.search is not None:
+        result.search = _search_plan(spec)
+    return result
+
+
+def _corner_values(param) -> list[Any]:
+    if param.kind == "choice":
+        return list(param.choices)
+    high = param.high
+    if param.kind == "int" and param.step:
+        high = param.low + (param.high - param.low) // param.step * param.step  # the largest reachable value
+    return [param.low, high] if high != param.low else [param.low]
+
+
+def _search_plan(spec) -> SearchPlan:
+    """Cost bounds per trial over the corners of the space (cost grows monotonically in each
+    numeric setting, so the corners bound it); invalid combinations are skipped."""
+    search = spec.search
+    keys = list(search.space)
+    rows = []
+    for combo in itertools.islice(itertools.product(*(_corner_values(search.space[k]) for k in keys)),
+                                  MAX_SEARCH_CORNERS):
+        try:
+            config = spec.resolve(dict(zip(keys, combo)))
+        except AblateError:
+            continue
+        rows.append(_row(config, "", config.train.seed, {}, None))
+    if not rows:
+        raise AblateError(f"{spec.path}: search.space: no corner of the space is a valid configuration "
+                          "(allowed: bounds and choices that combine into valid models)")
+    hours = [r.gpu_hours for r in rows]
+    return SearchPlan(
+        sampler=search.sampler, objectives=[asdict(o) for o in search.objectives], trials=search.trials,
+        pruner=search.pruner, space={k: {f: v for f, v in asdict(p).items() if v not in (None, False)}
+                                     for k, p in search.space.items()},
+        corners=len(rows), gmacs=(min(r.gmacs for r in rows), max(r.gmacs for r in rows)),
+        params_m=(min(r.params_m for r in rows), max(r.params_m for r in rows)),
+        gpu_hours_per_trial=None if None in hours else (min(hours), max(hours)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _hours(h: Optional[float]) -> str:
+    if h is None:
+        return "?"
+    if h < 0.01:
+        return "<0.01"
+    return f"{h:.3g}" if h < 10 else f"{h:,.1f}"
+
+
+def _num(x: float) -> str:
+    """Two decimals from 1 up (the paper's columns), three significant digits below."""
+    return f"{x:.2f}" if x >= 1 else f"{x:.3g}"
+
+
+def _range(bounds: tuple[float, float], fmt) -> str:
+    lo, hi = (fmt(b) if callable(fmt) else fmt.format(b) for b in bounds)
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def _space_label(param: dict[str, Any]) -> str:
+    """A parameter as written in the spec: ``int [64, 768], step 64``, ``choice [none, four]``."""
+    if param["kind"] == "choice":
+        return "choice " + json.dumps(param["choices"], separators=(", ", ":"))
+    text = f"{param['kind']} [{_fmt(param['low'])}, {_fmt(param['high'])}]"
+    return text + (f", step {_fmt(param['step'])}" if param.get("step") else "") + (", log" if param.get("log") else "")
+
+
+def _paper(top: Optional[float]) -> str:
+    return "-" if top is None else f"{top:.1f}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _table(header: list[str], body: list[list[str]], left: int) -> list[str]:
+    """Aligned columns: the first ``left`` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return [line(header)] + [line(r) for r in body]
+
+
+def format_plan(p: Plan) -> str:
+    data = f"{p.data} (" + (f"{p.images[0]:,} train / {p.images[1]:,} val images" if p.images
+                            else "image counts unknown") + ")"
+    lines = [f"plan: {p.name} ({p.path})"]
+    if p.search is not None:
+        s = p.search
+        objectives = ", ".join(f"{o['direction']} {o['metric']}" for o in s.objectives)
+        lines += [f"search: {s.trials} trials, sampler {s.sampler}, pruner {s.pruner}; {objectives}",
+                  f"data: {data}", ""]
+        body = [[k, _space_label(spec)] for k, spec in s.space.items()]
+        lines += _table(["setting", "space"], body, left=2)
+        hours = s.gpu_hours_per_trial
+        lines += ["", f"per trial (over {s.corners} corners of the space): params {_range(s.params_m, '{:.3g}')} M, "
+                  f"{_range(s.gmacs, '{:.3g}')} GMACs, "
+                  + (f"{_range(hours, _hours)} GPU-h" if hours else "GPU-h unknown"),
+                  f"total for {s.trials} trials: "
+                  + (f"{_range(s.gpu_hours, _hours)} GPU-h (estimate)" if hours else "GPU-h unknown")]
+    else:
+        lines += [f"{_plural(len(p.rows), 'cell')} = {_plural(p.configurations, 'configuration')} x "
+                  f"{_plural(len(p.seeds), 'seed')}; data: {data}", ""]
+        varied = [k for k in p.varied if k != "train.seed"] + (["train.seed"] if "train.seed" in p.varied else [])
+        labels = varied or ["cell"]
+        header = labels + ["params (M)", "GMACs", "epochs", "GPU-h"]
+        ref = p.reference_source is not None
+        if ref:
+            header += ["| paper top-1", "top-5", "params", "GMACs"]
+        header += ["key"]
+        body = []
+        for r in p.rows:
+            row = r.reference or {}
+            mi = " Mi" if row.get("params_unit") == "Mi" else ""
+            gi = " Gi" if row.get("macs_unit") == "Gi" else ""
+            line = [_fmt(r.values[k]) for k in varied] or ["base"]
+            line += [_num(r.params_in_paper_units()) + mi, _num(r.gmacs_in_paper_units()) + gi,
+                     str(r.epochs), _hours(r.gpu_hours)]
+            if ref:
+                line += [_paper(row.get("top1")), _paper(row.get("top5")),
+                         _fmt(row.get("params_m", "-")) + mi, _fmt(row.get("gmacs", "-")) + gi]
+            body.append(line + [r.key])
+        total = ["total"] + [""] * (len(labels) + 2) + [_hours(p.gpu_hours)]
+        body.append(total + [""] * (len(header) - len(total)))
+        lines += _table(header, body, left=len(labels))
+        if p.reference_source:
+            lines += ["", f"paper: {p.reference_source}"]
+    lines += ["",
+              "params: the paper's convention (patch FC + blocks; classifier and norms excluded), in 10^6 "
+              "(Mi: 2^20, where the paper's row uses it);",
+              "GMACs: multiply-adds per image / 10^9 (Gi: / 2^30), the paper's \"FLOPs\" (FLOPs = 2 x MACs).",
+              f"GPU-h is an estimate, not a measurement: {2 * TRAIN_PASS_FACTOR} x MACs per training image "
+              f"(forward + backward) and 2 x MACs per validation image, every epoch, at "
+              f"{ACHIEVED_FLOPS / 1e12:.0f} TFLOP/s",
+              f"({ASSUMED_MFU:.0%} of an {REFERENCE_GPU}'s {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s dense bf16); "
+              "data loading is not modelled."]
+    return "\n".join(lines)
