@@ -158,3 +158,36 @@ def spec_help():
     """Every data, model and train setting of a spec: type, default and description."""
     from ablate.spec import format_settings_help
     click.echo(format_settings_help())
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="show the cost of this configuration instead of the registered variants: any "
+              "model setting, e.g. --set model.width=384 --set model.depth=6 (repeatable; "
+              "unset keys come from --base)")
+@click.option("--base", default="s2mlp_wide_16_224", show_default=True,
+              help="registered variant whose settings --set starts from")
+@click.option("--classes", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="classifier outputs (counted in params and MACs, not in the paper columns)")
+def models(assignments, base, classes):
+    """Registered S²-MLP variants (timm names) with paper-convention params and GMACs.
+
+    params_M is in 10^6 and params_Mi in 2^20 (the paper uses both, see ablate.models.cost);
+    both exclude the classifier and norms. GMACs are 10^9 multiply-adds per image.
+
+    \b
+    Examples:
+      ablate models
+      ablate models --set model.width=384 --set model.depth=6
+      ablate models --set image_size=112 --set "shift=[[0,1],[0,-1]]"
+    """
+    from ablate.models.cost import cost_row, format_table, model_cost, model_config_from_overrides, variant_rows
+    if not assignments and base == "s2mlp_wide_16_224":
+        click.echo(format_table(variant_rows(classes)))
+        return
+    cfg = model_config_from_overrides(assignments, base=base)
+    cost = model_cost(cfg, classes)
+    click.echo(format_table([cost_row("config", cfg, classes)]))
+    click.echo(" ".join(f"{k}={v}" for k, v in cost.as_dict().items()))

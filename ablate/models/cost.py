@@ -1,0 +1,166 @@
+"""Analytic parameter and multiply-add counts of S²-MLP (Yu et al., arXiv 2106.07477, §3.4).
+
+With c the width, h = round(r c) the hidden width, p the patch side, M the number of patches,
+N the depth, k the number of classes and C the input channels:
+
+* patch FC:  params (C p² + 1) c                        MACs M c C p²
+* one block: params 2c² + 2ch + 3c + h  (= c²(2r+2) + c(3+r), norms excluded)
+                                                        MACs M (2c² + 2ch)  (= M c²(2r+2))
+* norms:     2c each (LayerNorm weight and bias, or Affine alpha and beta): one after the
+             patch FC, two per block, and a final one for pre-norm models. No MACs counted.
+* head:      params (c + 1) k                           MACs c k
+
+``macs`` counts one per multiply-add, as the paper (and DeiT, MLP-Mixer) does under the name
+"FLOPs"; ``flops = 2 * macs`` is what ``torch.utils.flop_counter`` reports. GELU, norms,
+pooling, residual additions and the shift (a copy) are not counted, as in the paper.
+
+Paper units. The paper's parameter columns exclude the classifier (and we exclude the norms,
+like its formula). Its "M" is not used consistently:
+
+* every row at width 768 (S²-MLP-wide, the depth, ratio, patch and input-size ablations)
+  matches ``params_paper / 1e6`` (wide: 71.43 -> "71M"; 2^20 would give 68.1);
+* S²-MLP-deep (53.48 -> "51M") and the width ablations at c = 192, 384, 576, 960
+  (4.59 / 18.03 / 40.30 / 111.41 -> "4.3M" / "17M" / "38M" / "106M") match
+  ``params_paper / 2**20`` only (4.37 / 17.19 / 38.44 / 106.25).
+
+No single unit reproduces all rows within 2%, so :class:`Cost` offers both: ``params_m``
+(10^6, the SI reading and the headline model's) and ``params_mi`` (2^20). The MAC columns are
+decimal billions (``gmacs``) throughout; two rows disagree with the formula beyond the
+paper's rounding: width 960 ("20B" against 21.82) and patch 32 ("3.5B" against 3.58, which is
+the block MACs alone). ``tests/test_cost.py`` lists every row with the unit it matches.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from ablate.errors import AblateError
+
+if TYPE_CHECKING:
+    from ablate.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Parameter and multiply-add counts of one S²-MLP configuration (all plain ints)."""
+
+    params_patch: int   # patch FC (conv) weight and bias
+    params_blocks: int  # the N blocks' four FCs, norms excluded
+    params_norm: int    # every LayerNorm / Affine parameter
+    params_head: int    # classifier weight and bias
+    params: int         # total: equals the module's parameter count
+    params_paper: int   # paper convention: patch FC + blocks (classifier and norms excluded)
+    macs: int           # multiply-adds per image: patch FC + blocks + head
+    flops: int          # 2 * macs (what torch.utils.flop_counter counts)
+
+    @property
+    def params_m(self) -> float:
+        """Paper-convention parameters in millions (10^6): the unit of the paper's c = 768 rows."""
+        return self.params_paper / 1e6
+
+    @property
+    def params_mi(self) -> float:
+        """Paper-convention parameters in 2^20 units: the unit of the paper's deep and other-width rows."""
+        return self.params_paper / 2**20
+
+    @property
+    def gmacs(self) -> float:
+        """Multiply-adds per image in billions (10^9): the paper's "FLOPs" column."""
+        return self.macs / 1e9
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / 1e9
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def model_cost(model_cfg: "ModelConfig", num_classes: int) -> Cost:
+    """Analytic cost of the :class:`~ablate.models.S2MLP` that ``build_model(model_cfg, num_classes)`` builds."""
+    c, h, n = model_cfg.width, model_cfg.hidden, model_cfg.depth
+    p, m, k = model_cfg.patch_size, model_cfg.num_patches, num_classes
+    patch_in = model_cfg.in_chans * p * p
+
+    params_patch = (patch_in + 1) * c
+    params_blocks = n * (2 * c * c + 2 * c * h + 3 * c + h)
+    norms = 1 + 2 * n + (1 if model_cfg.norm_position == "pre" else 0)
+    params_norm = norms * 2 * c
+    params_head = (c + 1) * k if k > 0 else 0
+    macs = m * c * patch_in + n * m * (2 * c * c + 2 * c * h) + c * k
+    return Cost(
+        params_patch=params_patch, params_blocks=params_blocks, params_norm=params_norm,
+        params_head=params_head, params=params_patch + params_blocks + params_norm + params_head,
+        params_paper=params_patch + params_blocks, macs=macs, flops=2 * macs)
+
+
+# ---- `ablate models`: the registered variants and the cost of any configuration ----
+
+COLUMNS = ("name", "width", "depth", "patch", "image", "ratio", "norm", "params_M", "params_Mi", "GMACs")
+
+
+def cost_row(name: str, model_cfg: "ModelConfig", num_classes: int) -> dict[str, object]:
+    cost = model_cost(model_cfg, num_classes)
+    return {"name": name, "width": model_cfg.width, "depth": model_cfg.depth,
+            "patch": model_cfg.patch_size, "image": model_cfg.image_size,
+            "ratio": f"{model_cfg.mlp_ratio:g}", "norm": model_cfg.norm,
+            "params_M": f"{cost.params_m:.2f}", "params_Mi": f"{cost.params_mi:.2f}",
+            "GMACs": f"{cost.gmacs:.2f}"}
+
+
+def variant_rows(num_classes: int = 1000) -> list[dict[str, object]]:
+    """One row per timm-registered S²-MLP variant."""
+    from ablate.config import ModelConfig
+    from ablate.models.s2mlp import VARIANTS
+
+    return [cost_row(name, ModelConfig(**kwargs), num_classes) for name, kwargs in VARIANTS.items()]
+
+
+def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str] = COLUMNS) -> str:
+    """A plain aligned text table (right-aligned numbers)."""
+    cells = [[str(row[col]) for col in columns] for row in rows]
+    widths = [max(len(col), *(len(r[i]) for r in cells)) for i, col in enumerate(columns)]
+    lines = ["  ".join(col.ljust(w) if i == 0 else col.rjust(w)
+                       for i, (col, w) in enumerate(zip(columns, widths)))]
+    for r in cells:
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                               for i, (v, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+def model_config_from_overrides(assignments: Iterable[str], base: str = "s2mlp_wide_16_224") -> "ModelConfig":
+    """A :class:`ModelConfig` from a registered variant's settings and ``key=value`` overrides.
+
+    Keys are model settings, with or without the ``model.`` prefix; values are YAML
+    (``shift=[[0,1],[0,-1]]``). Raises :class:`AblateError` with one line naming the problem.
+    """
+    import yaml
+    from pydantic import ValidationError
+
+    from ablate.config import ModelConfig
+    from ablate.models.s2mlp import VARIANTS
+
+    if base not in VARIANTS:
+        raise AblateError(f"--base {base}: unknown variant (allowed: {', '.join(VARIANTS)})")
+    allowed = list(ModelConfig.model_fields)
+    values = dict(VARIANTS[base])
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        name = key.strip().removeprefix("model.")
+        if not sep or not raw.strip():
+            raise AblateError(f"--set {item}: expected KEY=VALUE, e.g. model.width=384")
+        if name not in allowed:
+            raise AblateError(f"--set {item}: unknown model setting {key.strip()!r} "
+                              f"(allowed: {', '.join('model.' + a for a in allowed)})")
+        try:
+            values[name] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise AblateError(f"--set {item}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return ModelConfig(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(part) for part in err["loc"]) or "model"
+        where = f"model.{field}" if err["loc"] else "model"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise AblateError(f"--set: {where}: {msg}") from None
