@@ -361,3 +361,22 @@ def test_spec_help_lists_every_setting():
     result = CliRunner().invoke(cli, ["spec-help"])
     assert result.exit_code == 0 and result.output.strip() == format_settings_help().strip()
     assert "model.border" in result.output and "keep | zero" in result.output
+
+
+# ---- docs/specs.md ----------------------------------------------------------------------------
+
+DOCS = ROOT / "docs" / "specs.md"
+
+
+def test_docs_list_every_setting():
+    text = DOCS.read_text()
+    missing = [h.name for h in settings_help() if f"| `{h.name}` |" not in text]
+    assert not missing, f"docs/specs.md lacks {missing}: regenerate its settings table"
+
+
+def test_docs_grid_example_expands_as_documented(tmp_path):
+    text = DOCS.read_text().split("## Grid, zip, exclude, seeds")[1]
+    example = text.split("```yaml\n")[1].split("```")[0]
+    spec = load_spec(write(tmp_path / "doc.yaml", "name: doc\ndata: {name: digits}\n" + example))
+    assert len(spec.cells()) == 30 and len({c.key for c in spec.cells()}) == 30
+    assert spec.varied == ["model.shift", "model.depth", "model.image_size", "train.batch_size", "train.seed"]
