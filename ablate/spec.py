@@ -395,6 +395,7 @@ class _SpecBuilder:
         self.origins: dict[tuple, Where] = {}
         self.zip_paths: dict[str, tuple] = {}   # zip key -> its path in the spec, for line numbers
         self.bad_keys: set[str] = set()         # settings whose grid/zip/search entry is invalid
+        self.unreadable = False                 # a file failed to parse, or an extends failed
 
     # -- where a value was written --
 
@@ -415,14 +416,17 @@ class _SpecBuilder:
     def _read(self, path: Path, shown: str, chain: tuple[Path, ...]) -> dict:
         data, lines = _read_yaml(path, shown, self.problems)
         if data is None:
+            self.unreadable = True
             return {}
         origins = {p: (shown, line) for p, line in lines.items()}
         if not isinstance(data, dict):
             self.problems.add((shown, 1), "spec", f"expected a mapping of keys, got {type(data).__name__} "
                               f"(allowed: {', '.join(SPEC_KEYS)})")
+            self.unreadable = True
             return {}
         extends = data.pop("extends", None)
         if "extends" in (p[0] for p in origins if p):
+            self.unreadable = True  # until the extended file is read
             if not isinstance(extends, str) or not extends:
                 self.problems.add(origins[("extends",)], "extends", f"expected a relative file path, got "
                                   f"{_format_value(extends)} (allowed: a path relative to this file)")
@@ -436,6 +440,7 @@ class _SpecBuilder:
                     self.problems.add(origins[("extends",)], "extends", f"no such file {extends} (looked for "
                                       f"{parent}) (allowed: an existing spec, relative to this file)")
                 else:
+                    self.unreadable = False
                     inherited = self._read(parent, parent_shown, chain + (parent,))
                     data = self._merge(inherited, data)
         origins.pop(("extends",), None)
@@ -498,7 +503,8 @@ class _SpecBuilder:
         if not self.path.is_file():
             raise SpecError([f"{self.shown}: no such spec file (allowed: a path to a YAML spec)"])
         raw = self._read(self.path, self.shown, (self.path.resolve(),))
-        self.problems.raise_if_any()  # unreadable files: nothing below would make sense
+        if self.unreadable:  # a file that could not be parsed or extended: the rest would mislead
+            self.problems.raise_if_any()
         raw = self._expand(raw, ())
 
         for key in raw:
@@ -514,6 +520,9 @@ class _SpecBuilder:
             self.add(("description",), "expected a string (allowed: one line of text)")
             description = ""
 
+        for key in DESIGN_KEYS:
+            if key in raw and raw[key] is None:
+                self.add((key,), "is empty (allowed: leave the key out, or give it a value; see docs/specs.md)")
         base = self._sections(raw)
         seeds = self._seeds(raw.get("seeds", [0]))
         grid = self._grid(raw.get("grid"))
