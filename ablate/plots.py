@@ -16,6 +16,7 @@ from matplotlib.ticker import FuncFormatter
 from ablate.pareto import pareto_front
 
 FRONT_COLOR = "tab:red"
+UNITS = (("G", 1e9), ("M", 1e6), ("k", 1e3))
 
 
 def _figure(width: float = 7.0, height: float = 4.8) -> Figure:
@@ -33,35 +34,38 @@ def _plain_log_x(ax) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
-    def minor(v: float, _) -> str:  # label minor ticks only where few decades leave room
+    def minor(v: float, _) -> str:  # where few decades leave room: label 2, 3 and 5 (x 10^n)
         lo, hi = ax.get_xlim()
-        return f"{v:g}" if lo > 0 and math.log10(hi / lo) < 1.2 else ""
+        mantissa = round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
+        return f"{v:g}" if lo > 0 and math.log10(hi / lo) < 1.2 and mantissa in (2, 3, 5) else ""
 
     ax.xaxis.set_minor_formatter(FuncFormatter(minor))
 
 
-def _step_front(ax, xs: Sequence[float], ys: Sequence[float], *, label: str) -> None:
+def _step_front(ax, xs: Sequence[float], ys: Sequence[float]) -> None:
     """Draw a front as a staircase from the cheapest point on: between two front points the
     best accuracy reachable at a given cost is the cheaper point's."""
     order = sorted(range(len(xs)), key=lambda i: (xs[i], ys[i]))
     ax.step([xs[i] for i in order], [ys[i] for i in order], where="post", color=FRONT_COLOR,
-            lw=1.5, alpha=0.8, label=label, zorder=1)
+            lw=1.5, alpha=0.8, zorder=1)
 
 
-def plot_top1_vs_gmacs(gmacs: Sequence[float | None], top1: Sequence[float | None],
-                       top1_std: Sequence[float | None], labels: Sequence[str], path: Path, *,
-                       title: str) -> None:
-    """Top-1 (%) against GMACs on a log axis, one point per configuration with its seed
-    spread as an error bar, the labels beside the points and the Pareto front (max top-1,
-    min GMACs) as a step line. Configurations without both numbers are left out."""
-    keep = [i for i in range(len(labels)) if _finite(gmacs[i], top1[i]) and gmacs[i] > 0]
+def plot_top1_vs_macs(macs: Sequence[float | None], top1: Sequence[float | None],
+                      top1_std: Sequence[float | None], labels: Sequence[str], path: Path, *,
+                      title: str) -> None:
+    """Top-1 (%) against MACs per image on a log axis, one point per configuration with its
+    seed spread as an error bar, the labels beside the points and the Pareto front (max
+    top-1, min MACs) ringed and joined by a step line. Configurations without both numbers
+    are left out."""
+    keep = [i for i in range(len(labels)) if _finite(macs[i], top1[i]) and macs[i] > 0]
+    prefix, divisor = count_unit([macs[i] for i in keep])
     fig = _figure()
     ax = fig.add_subplot()
     if not keep:
         ax.text(0.5, 0.5, "no configuration has both top-1 and MACs", ha="center", va="center",
                 transform=ax.transAxes)
     else:
-        xs = [gmacs[i] for i in keep]
+        xs = [macs[i] / divisor for i in keep]
         ys = [top1[i] for i in keep]
         err = [top1_std[i] if _finite(top1_std[i]) else 0.0 for i in keep]
         ax.errorbar(xs, ys, yerr=err, fmt="o", ms=5, capsize=3, color="tab:blue",
@@ -69,23 +73,39 @@ def plot_top1_vs_gmacs(gmacs: Sequence[float | None], top1: Sequence[float | Non
         for x, y, i in zip(xs, ys, keep):
             ax.annotate(labels[i], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
         front = pareto_front([(y, x) for x, y in zip(xs, ys)], ["maximize", "minimize"])
-        _step_front(ax, [xs[i] for i in front], [ys[i] for i in front], label="Pareto front")
+        fx, fy = [xs[i] for i in front], [ys[i] for i in front]
+        ax.scatter(fx, fy, s=110, facecolors="none", edgecolors=FRONT_COLOR, lw=1.5,
+                   label="Pareto front", zorder=3)
+        _step_front(ax, fx, fy)
         _plain_log_x(ax)
-        ax.margins(x=0.15, y=0.08)  # room for the labels of the outermost points
+        ax.margins(x=0.2, y=0.08)  # room for the labels of the outermost points
         ax.legend(loc="best", fontsize=8)
-    ax.set_xlabel("GMACs per image (log scale)")
+    ax.set_xlabel(f"{prefix}MACs per image (log scale)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.savefig(path)
 
 
-def metric_axis(metric: str) -> tuple[str, float]:
-    """(axis label, divisor) for an objective: cost counts read best in G (the paper's unit)."""
+def count_unit(values: Sequence[float | None]) -> tuple[str, float]:
+    """(prefix, divisor) for counts such as MACs or parameters: the largest of G, M, k in
+    which the largest value reads at least 0.1. ImageNet models read in G like the paper
+    (0.9 to 31 GMACs); a 16x16 digits model reads 6.3 MMACs rather than 0.0063 GMACs."""
+    top = max((abs(v) for v in values if _finite(v)), default=0.0)
+    for prefix, divisor in UNITS:
+        if top / divisor >= 0.1:
+            return prefix, divisor
+    return "", 1.0
+
+
+def metric_axis(metric: str, values: Sequence[float | None] = ()) -> tuple[str, float]:
+    """(label, divisor) for an objective: cost counts in a readable unit, other metrics as is."""
     if metric in ("macs", "flops"):
-        return {"macs": "GMACs", "flops": "GFLOPs"}[metric], 1e9
+        prefix, divisor = count_unit(values or [1e9])
+        return f"{prefix}{'MACs' if metric == 'macs' else 'FLOPs'}", divisor
     if metric.startswith("params"):
-        return f"{metric} (M)", 1e6
+        prefix, divisor = count_unit(values or [1e6])
+        return f"{metric} ({prefix})" if prefix else metric, divisor
     return metric, 1.0
 
 
@@ -94,7 +114,8 @@ def plot_pareto(values: Sequence[Sequence[float]], trial_numbers: Sequence[int],
     """Objective 1 against objective 2 for every complete trial, the front highlighted and
     labelled with its trial numbers."""
     (m1, d1), (m2, d2) = objectives[:2]
-    (l1, s1), (l2, s2) = metric_axis(m1), metric_axis(m2)
+    (l1, s1) = metric_axis(m1, [v[0] for v in values])
+    (l2, s2) = metric_axis(m2, [v[1] for v in values])
     fig = _figure()
     ax = fig.add_subplot()
     ok = [i for i, v in enumerate(values) if _finite(v[0], v[1])]
@@ -129,7 +150,7 @@ def plot_history(values: Sequence[Sequence[float]], trial_numbers: Sequence[int]
     axes = fig.subplots(len(objectives), 1, sharex=True, squeeze=False)[:, 0]
     order = sorted(range(len(trial_numbers)), key=lambda i: trial_numbers[i])
     for k, ((metric, direction), ax) in enumerate(zip(objectives, axes)):
-        label, scale = metric_axis(metric)
+        label, scale = metric_axis(metric, [v[k] for v in values])
         xs = [trial_numbers[i] for i in order if _finite(values[i][k])]
         ys = [values[i][k] / scale for i in order if _finite(values[i][k])]
         ax.scatter(xs, ys, s=16, color="tab:blue", alpha=0.7, label="trial")

@@ -5,9 +5,10 @@ or an MLflow experiment name), groups them by configuration (the varied settings
 pooled) and writes ``results/<name>/``:
 
 - ``report.md`` and ``report.csv``: one row per configuration with top-1 and top-5 as
-  mean ± std over seeds, params, GMACs (the paper's "FLOPs", §3.4: one multiply-add = 1) and
+  mean ± std over seeds, params, MACs (the paper's "FLOPs", §3.4: one multiply-add = 1) and
   training time; the paper's numbers beside ours where the spec has a ``reference`` table;
-- ``top1_vs_gmacs.png``: top-1 against GMACs with the Pareto front;
+- ``top1_vs_gmacs.png``: top-1 against MACs (in G, M or k, whichever reads best) with the
+  Pareto front;
 - for a search, also the Pareto front of the trials under the spec's objectives
   (``pareto.png`` for two objectives) and the optimization history (``history.png``).
 
@@ -317,7 +318,10 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
     header = list(report.varied) + ["seeds", "top-1 (%)", "top-5 (%)"]
     if _has_reference(report):
         header += ["paper top-1", "paper top-5"]
-    header += ["params (M)", "GMACs", "train (s)"]
+    from ablate.plots import count_unit
+    p_prefix, p_div = count_unit([r.params_m * 1e6 for r in report.rows])
+    m_prefix, m_div = count_unit([r.gmacs * 1e9 for r in report.rows])
+    header += [f"params ({p_prefix})" if p_prefix else "params", f"{m_prefix}MACs", "train (s)"]
     body = []
     for r in report.rows:
         line = [r.values[k] for k in report.varied] + [
@@ -325,14 +329,13 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
             _pm(r.mean("val_top5"), r.std("val_top5"))]
         if _has_reference(report):
             line += [_num(r.paper_top1, ".1f"), _num(r.paper_top5, ".1f")]
-        line += [_num(r.params_m, ".4g"), _num(r.gmacs, ".4g"), _num(r.mean("train_seconds"), ".1f")]
+        line += [_num(r.params_m * 1e6 / p_div, ".4g"), _num(r.gmacs * 1e9 / m_div, ".4g"),
+                 _num(r.mean("train_seconds"), ".1f")]
         body.append(line)
     return header, body
 
 
-def _objective_text(value: float, metric: str) -> str:
-    from ablate.plots import metric_axis
-    scale = metric_axis(metric)[1]
+def _objective_text(value: float, scale: float) -> str:
     return _num(value / scale, ".2f" if scale == 1.0 else ".4g")
 
 
@@ -340,14 +343,15 @@ def pareto_table(report: Report) -> tuple[list[str], list[list[str]]]:
     from ablate.plots import metric_axis
     s = report.search
     arrows = {"maximize": "↑", "minimize": "↓"}
+    axes = [metric_axis(m, [v[k] for v in s.values]) for k, (m, _) in enumerate(s.objectives)]
     header = ["trial"] + list(report.varied) + [
-        f"{metric_axis(m)[0]} {arrows.get(d, d)}" for m, d in s.objectives]
+        f"{label} {arrows.get(d, d)}" for (label, _), (_, d) in zip(axes, s.objectives)]
     body = []
     for i in sorted(s.front, key=lambda i: [(-v if d == "maximize" else v) for v, (_, d)
                                             in zip(s.values[i], s.objectives)]):
         t = s.trials[i]
         body.append([str(t.trial_number)] + [t.params.get(k, "") for k in report.varied] +
-                    [_objective_text(v, m) for v, (m, _) in zip(s.values[i], s.objectives)])
+                    [_objective_text(v, scale) for v, (_, scale) in zip(s.values[i], axes)])
     return header, body
 
 
@@ -369,7 +373,8 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
         "",
         "top-1 / top-5: validation accuracy (%) after the last epoch, mean ± sample std over "
         "seeds. params: millions, paper convention (classifier and norm parameters excluded) "
-        "when logged. GMACs: multiply-accumulates per image / 1e9, the paper's \"FLOPs\". "
+        "when logged. MACs: multiply-accumulates per image, the paper's \"FLOPs\" (G = 1e9, "
+        "M = 1e6, k = 1e3). "
         "train: mean training seconds.",
         "",
         _md_table(*config_table(report)),
@@ -377,7 +382,7 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
     ]
     if _has_reference(report):
         lines += [f"Paper numbers: {report.reference_source}.", ""]
-    lines += ["![top-1 against GMACs](top1_vs_gmacs.png)", ""]
+    lines += ["![top-1 against MACs](top1_vs_gmacs.png)", ""]
     s = report.search
     if s is not None:
         names = ", ".join(f"{m} ({d})" for m, d in s.objectives)
@@ -423,9 +428,9 @@ def _render_files(report: Report, folder: Path, command: str, spec_path: Optiona
         render_markdown(report, command, spec_path, datetime.now(timezone.utc)), encoding="utf-8")
     (folder / "report.csv").write_text(render_csv(report), encoding="utf-8")
     rows = report.rows
-    plots.plot_top1_vs_gmacs([r.gmacs for r in rows], [r.mean("val_top1") for r in rows],
-                             [r.std("val_top1") for r in rows], [short_label(r.values) for r in rows],
-                             folder / "top1_vs_gmacs.png", title=f"{report.experiment}: top-1 vs GMACs")
+    plots.plot_top1_vs_macs([r.mean("macs") for r in rows], [r.mean("val_top1") for r in rows],
+                            [r.std("val_top1") for r in rows], [short_label(r.values) for r in rows],
+                            folder / "top1_vs_gmacs.png", title=f"{report.experiment}: top-1 vs MACs")
     names = ["report.md", "report.csv", "top1_vs_gmacs.png"]
     s = report.search
     if s is not None and s.trials:
