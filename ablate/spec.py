@@ -329,7 +329,8 @@ def _describe_error(err: dict, section: str, name: Optional[str]) -> str:
     info = model.model_fields.get(name) if name else None
     allowed = _type_label(info) if info else "see `ablate spec-help`"
     if kind == "literal_error":
-        return f"{_format_value(got)!s} is not a choice (allowed: {allowed})"
+        choices = [str(c) for c in get_args(info.annotation)] if info else []
+        return f"{_format_value(got)} is not a choice{_did_you_mean(got, choices)} (allowed: {allowed})"
     for word, phrase in _TYPE_WORDS.items():
         if kind.startswith(word + "_"):
             return f"expected {phrase}, got {_format_value(got)} (allowed: {allowed})"
