@@ -141,7 +141,7 @@ def ui(host, port, optuna, optuna_port, storage):
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 @click.option("--no-data-check", is_flag=True,
-              help="do not check that dataset roots exist (plan before the data is in place)")
+              help="do not check that dataset roots exist (plan before the data is in place; ${VAR}s must still be set)")
 def plan(spec, as_json, no_data_check):
     """Validate SPEC and show its cells, params, GMACs and an estimated GPU-hours cost.
 
