@@ -136,6 +136,7 @@ def plot_pareto(values: Sequence[Sequence[float]], trial_numbers: Sequence[int],
     ax.set_ylabel(f"{l1} ({'↑' if d1 == 'maximize' else '↓'} better)")
     if m2 in ("macs", "flops") and ok and all(values[i][1] > 0 for i in ok):
         _plain_log_x(ax)
+    ax.margins(x=0.1, y=0.08)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
