@@ -38,6 +38,59 @@ def main():
 # ---- commands (one section each; keep each command's logic in its own module) ----
 
 
+# ---- run / search ----------------------------------------------------------------------------
+
+def _devices(value: str | None) -> list[str]:
+    if not value:
+        return []
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not all(v.isdigit() for v in items):
+        raise AblateError(f"--devices: {value!r} (allowed: comma-separated CUDA device numbers, e.g. 0,1,2,3)")
+    return [f"cuda:{v}" for v in items]
+
+
+_worker_options = [
+    click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+                 help="worker processes on this machine (each trains one cell at a time)"),
+    click.option("--storage", default=None, help="ledger storage URL (default: $ABLATE_STORAGE or "
+                 "sqlite:///ablate-ledger.db); postgresql://... to share work between machines"),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N"),
+    click.option("--devices", default=None, help="one worker per listed GPU, e.g. 0,1,2,3 (overrides --workers)"),
+    click.option("--checkpoints", default=None, help="checkpoint folder, shared by all workers of a grid "
+                 "(default: $ABLATE_CHECKPOINTS or ./checkpoints)"),
+]
+
+
+def _with_worker_options(f):
+    for option in reversed(_worker_options):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@_with_worker_options
+def run(spec, workers, storage, device, devices, checkpoints):
+    """Train every cell of SPEC's grid once; re-running resumes and skips finished cells."""
+    from ablate.runner import print_summary, run_grid
+    summary = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
+                       checkpoints=checkpoints)
+    print_summary(summary)
+    sys.exit(0 if summary.ok else 1)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--trials", default=None, type=int, help="total trials the study should hold (default: the spec's)")
+@_with_worker_options
+def search(spec, trials, workers, storage, device, devices, checkpoints):
+    """Run SPEC's Optuna search up to its number of trials; re-running continues the same study."""
+    from ablate.runner import run_search
+    counts = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
+                        devices=_devices(devices), checkpoints=checkpoints)
+    click.echo("trials: " + ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())))
+
+
 # ---- report ----------------------------------------------------------------------------------
 
 @cli.command()
@@ -54,6 +107,56 @@ def report(target, out):
                + ", ".join(str(p) for p in rep.files))
     if rep.parent_run_id:
         click.echo(f"logged under report/ of MLflow run {rep.parent_run_id} ({rep.tracking_uri})")
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="show the cost of this configuration instead of the registered variants: any "
+              "model setting, e.g. --set model.width=384 --set model.depth=6 (repeatable; "
+              "unset keys come from --base)")
+@click.option("--base", default="s2mlp_wide_16_224", show_default=True,
+              help="registered variant whose settings --set starts from")
+@click.option("--classes", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="classifier outputs (counted in params and MACs, not in the paper columns)")
+def models(assignments, base, classes):
+    """Registered S²-MLP variants (timm names) with paper-convention params and GMACs.
+
+    params_M is in 10^6 and params_Mi in 2^20 (the paper uses both, see ablate.models.cost);
+    both exclude the classifier and norms. GMACs are 10^9 multiply-adds per image.
+
+    \b
+    Examples:
+      ablate models
+      ablate models --set model.width=384 --set model.depth=6
+      ablate models --set image_size=112 --set "shift=[[0,1],[0,-1]]"
+    """
+    from ablate.models.cost import cost_row, format_table, model_cost, model_config_from_overrides, variant_rows
+    if not assignments and base == "s2mlp_wide_16_224":
+        click.echo(format_table(variant_rows(classes)))
+        return
+    cfg = model_config_from_overrides(assignments, base=base)
+    cost = model_cost(cfg, classes)
+    click.echo(format_table([cost_row("config", cfg, classes)]))
+    click.echo(" ".join(f"{k}={v}" for k, v in cost.as_dict().items()))
+
+
+# ---- ui --------------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="interface to listen on (0.0.0.0 exposes the UI to the network)")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535), help="MLflow UI port")
+@click.option("--optuna", is_flag=True, help="also start optuna-dashboard on the ledger (needs ablate[dashboard])")
+@click.option("--optuna-port", default=None, type=click.IntRange(1, 65535),
+              help="optuna-dashboard port (default: --port + 1)")
+@click.option("--storage", default=None, help="ledger storage URL for --optuna (default: $ABLATE_STORAGE "
+              "or sqlite:///ablate-ledger.db)")
+def ui(host, port, optuna, optuna_port, storage):
+    """Browse the runs: the MLflow UI on the store the runs use, until Ctrl-C."""
+    from ablate.ui import serve
+    serve(host, port, optuna=optuna, storage=storage, optuna_port=optuna_port, echo=click.echo)
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -118,23 +221,6 @@ def data_cache(source, size, out, workers, force):
             click.echo(f"{split}-{target.size}: {s['images']} images, {s['skipped']} skipped ({state}) -> {s['path']}")
 
 
-# ---- ui --------------------------------------------------------------------------------------
-
-@cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="interface to listen on (0.0.0.0 exposes the UI to the network)")
-@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535), help="MLflow UI port")
-@click.option("--optuna", is_flag=True, help="also start optuna-dashboard on the ledger (needs ablate[dashboard])")
-@click.option("--optuna-port", default=None, type=click.IntRange(1, 65535),
-              help="optuna-dashboard port (default: --port + 1)")
-@click.option("--storage", default=None, help="ledger storage URL for --optuna (default: $ABLATE_STORAGE "
-              "or sqlite:///ablate-ledger.db)")
-def ui(host, port, optuna, optuna_port, storage):
-    """Browse the runs: the MLflow UI on the store the runs use, until Ctrl-C."""
-    from ablate.ui import serve
-    serve(host, port, optuna=optuna, storage=storage, optuna_port=optuna_port, echo=click.echo)
-
-
 # ---- plan / spec-help ------------------------------------------------------------------------
 
 @cli.command()
@@ -158,36 +244,3 @@ def spec_help():
     """Every data, model and train setting of a spec: type, default and description."""
     from ablate.spec import format_settings_help
     click.echo(format_settings_help())
-
-
-# ---- models ----------------------------------------------------------------------------------
-
-@cli.command()
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="show the cost of this configuration instead of the registered variants: any "
-              "model setting, e.g. --set model.width=384 --set model.depth=6 (repeatable; "
-              "unset keys come from --base)")
-@click.option("--base", default="s2mlp_wide_16_224", show_default=True,
-              help="registered variant whose settings --set starts from")
-@click.option("--classes", default=1000, show_default=True, type=click.IntRange(min=0),
-              help="classifier outputs (counted in params and MACs, not in the paper columns)")
-def models(assignments, base, classes):
-    """Registered S²-MLP variants (timm names) with paper-convention params and GMACs.
-
-    params_M is in 10^6 and params_Mi in 2^20 (the paper uses both, see ablate.models.cost);
-    both exclude the classifier and norms. GMACs are 10^9 multiply-adds per image.
-
-    \b
-    Examples:
-      ablate models
-      ablate models --set model.width=384 --set model.depth=6
-      ablate models --set image_size=112 --set "shift=[[0,1],[0,-1]]"
-    """
-    from ablate.models.cost import cost_row, format_table, model_cost, model_config_from_overrides, variant_rows
-    if not assignments and base == "s2mlp_wide_16_224":
-        click.echo(format_table(variant_rows(classes)))
-        return
-    cfg = model_config_from_overrides(assignments, base=base)
-    cost = model_cost(cfg, classes)
-    click.echo(format_table([cost_row("config", cfg, classes)]))
-    click.echo(" ".join(f"{k}={v}" for k, v in cost.as_dict().items()))

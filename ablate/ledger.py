@@ -12,11 +12,11 @@ default ``mlflow.db``; ``--storage postgresql://...`` or ``ABLATE_STORAGE`` for 
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
 import threading
+import warnings
 import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Optional
@@ -26,11 +26,14 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ablate.errors import AblateError
+from ablate.locks import sqlite_lock
 
 DEFAULT_STORAGE = "sqlite:///ablate-ledger.db"
 WORKER, KEY, DUPLICATE = "ablate.worker", "ablate.cell_key", "ablate.duplicate_of"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# heartbeats and the retry callback are marked experimental; they are the documented way to do this
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def storage_url(option: Optional[str] = None) -> str:
@@ -49,8 +52,10 @@ def open_storage(url: str) -> RDBStorage:
     interval, grace = heartbeat_settings()
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+        with sqlite_lock(url):  # two processes creating the schema at once collide
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+                              grace_period=grace,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
     except Exception as e:  # bad URL, server down, missing driver
         raise AblateError(f"ledger storage {url}: cannot open ({str(e).splitlines()[0]})") from None
 
@@ -119,7 +124,7 @@ class Ledger:
     def enqueue_cells(self, cells: Iterable[Any]) -> tuple[int, int]:
         """Enqueue every cell that is neither finished nor waiting/running. Returns (enqueued, done)."""
         self.recover_dead()
-        with self._exclusive():
+        with sqlite_lock(self.url):
             return self._enqueue_cells(cells)
 
     def _enqueue_cells(self, cells) -> tuple[int, int]:
@@ -135,27 +140,13 @@ class Ledger:
                 enqueued += 1
         return enqueued, done
 
-    @contextmanager
-    def _exclusive(self):
-        """Serialise claims and enqueues of the processes sharing a SQLite ledger.
+    def claim(self) -> Optional[optuna.Trial]:
+        """Atomically take one WAITING trial (RUNNING for exactly one worker), or None.
 
         PostgreSQL makes Optuna's WAITING -> RUNNING update atomic (SELECT ... FOR UPDATE); SQLite
-        ignores FOR UPDATE and two processes can both read WAITING, so on SQLite (one machine by
-        definition) an OS file lock beside the database does the serialising.
+        ignores FOR UPDATE, so there the file lock serialises the claims of one machine.
         """
-        if not self.url.startswith("sqlite:///"):
-            yield
-            return
-        with open(self.url[len("sqlite:///"):] + ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    def claim(self) -> Optional[optuna.Trial]:
-        """Atomically take one WAITING trial (RUNNING for exactly one worker), or None."""
-        with self._exclusive():
+        with sqlite_lock(self.url):
             return self._claim()
 
     def _claim(self) -> Optional[optuna.Trial]:

@@ -51,6 +51,20 @@ def _objective_values(spec, metrics: dict) -> list[float]:
     return [float(metrics[o.metric]) for o in spec.search.objectives]
 
 
+def check_device(name: str) -> None:
+    """Refuse an unusable --device before anything is written."""
+    import torch
+    try:
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                              "cpu" if name == "auto" else name)
+    except RuntimeError:
+        raise AblateError(f"--device: {name!r} is not a device (allowed: auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AblateError(f"--device: {name}: CUDA is not available on this machine (allowed: auto, cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise AblateError(f"--device: {name!r} (allowed: auto, cpu, cuda, cuda:N)")
+
+
 def _open_ledger(spec, storage: str):
     from ablate.ledger import Ledger
     from ablate.search import make_pruner, make_sampler
@@ -115,8 +129,9 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
         ledger.tell(trial, TrialState.FAIL, reason=reason)
         ctx.log(f"cell {key}: FAILED: {reason}")
         return "FAIL"
-    run.log_metrics({k: v for k, v in metrics.items() if k not in ("epochs", "train_loss", "val_loss")},
-                    step=metrics["epochs"])
+    # val_top1/val_top5/losses are already the last per-epoch values; log the run-level ones
+    per_epoch = ("epochs", "train_loss", "val_loss", "val_top1", "val_top5")
+    run.log_metrics({k: v for k, v in metrics.items() if k not in per_epoch}, step=metrics["epochs"])
     run.close("COMPLETE")
     ledger.tell(trial, TrialState.COMPLETE, _objective_values(spec, metrics))
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the MLflow run is the record now
@@ -291,6 +306,8 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     if spec.search is not None:
         raise AblateError(f"{spec_path}: search: this spec describes a search (allowed: `ablate search {spec_path}`)")
     devices = devices or []
+    for d in devices or [device]:
+        check_device(d)
     workers = len(devices) or workers
     url = storage_url(storage)
     cells = spec.cells()
@@ -353,6 +370,8 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
     if trials is not None and trials < 1:
         raise AblateError(f"--trials: {trials} (allowed: a positive integer)")
     devices = devices or []
+    for d in devices or [device]:
+        check_device(d)
     workers = len(devices) or workers
     url = storage_url(storage)
     target = trials or spec.search.trials

@@ -8,7 +8,6 @@ found again (MLflow has no get-or-create of runs). Cost is logged as metrics (``
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
@@ -56,17 +55,11 @@ def _retry(fn, *args, attempts: int = 8, **kwargs):
 
 def ensure_experiment(name: str) -> str:
     """Experiment id for ``name``, creating it (and the store) once; tolerant of a racing creator."""
-    c = client()
-    exp = _retry(c.get_experiment_by_name, name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return _retry(c.create_experiment, name)
-    except Exception:
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    from ablate.locks import sqlite_lock
+    with sqlite_lock(tracking_uri()):  # creating the schema or the experiment twice at once fails
+        c = client()
+        exp = _retry(c.get_experiment_by_name, name)
+        return exp.experiment_id if exp is not None else _retry(c.create_experiment, name)
 
 
 def start_parent(experiment_id: str, kind: str, spec_file: str) -> str:
@@ -155,8 +148,3 @@ def finished_metrics(experiment_id: str, key: str) -> Optional[dict[str, float]]
         if run.info.status == "FINISHED" and run.data.tags.get(STATE) == "COMPLETE":
             return dict(run.data.metrics)
     return None
-
-
-def local_store_hint() -> str:
-    uri = tracking_uri()
-    return uri if not uri.startswith("sqlite:///") else f"{uri} ({os.getcwd()})"
