@@ -13,6 +13,7 @@ import queue
 import threading
 from typing import Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from ablate.data.seeding import derive_seed, epoch_permutation
@@ -51,8 +52,12 @@ class ArrayBatches:
     def _gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pin = self.device.type == "cuda"
         out = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
-        torch.index_select(self.images, 0, rows, out=out)  # releases the GIL; parallel memcpy
-        return out, self.labels[rows]
+        if pin:  # a GPU machine has cores to spare: torch's parallel copy
+            torch.index_select(self.images, 0, rows, out=out)
+        else:  # NumPy's single-threaded copy leaves the other cores to the batch transform
+            np.take(self.images.numpy(), rows.numpy(), axis=0, out=out.numpy())
+        labels = self.labels[rows]
+        return out, labels.pin_memory() if pin else labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         host = background((self._gather(r) for r in self._batch_rows()), depth=2)

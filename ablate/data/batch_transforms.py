@@ -27,9 +27,11 @@ All randomness comes from generators seeded by the ``seed`` argument (see
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -95,6 +97,26 @@ def default_backend(device: torch.device) -> str:
     return "roi_align" if device.type == "cuda" else "loop"
 
 
+@contextlib.contextmanager
+def one_thread(device: torch.device):
+    """On CPU, run the batch transform without intra-op threads (a no-op on other devices).
+
+    Most of its ops work on one image or on a few KB of parameters: too small to gain from
+    splitting, while each parallel region waits for the slowest thread, which on a busy
+    machine made the pipeline 10x slower than one thread. The data loader's gather thread
+    keeps a second core busy meanwhile.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def resize_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, backend: str = "loop") -> torch.Tensor:
     """Crop ``boxes`` out of ``images`` (uint8, B x C x H x W) and resize each to ``size x size``.
 
@@ -111,10 +133,27 @@ def resize_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, backend: 
         from torchvision.ops import roi_align
 
         rois = torch.cat([torch.arange(len(images), dtype=torch.float32).unsqueeze(1),
-                          boxes.to(torch.float32)], dim=1).to(images.device)
+                          boxes.to(torch.float32)], dim=1)
+        rois = host_to(rois, images.device)
         return roi_align(images.float(), rois, output_size=(size, size), spatial_scale=1.0,
                          sampling_ratio=0, aligned=True)
     raise ValueError(f"unknown resize backend {backend!r} (allowed: loop, roi_align)")
+
+
+def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor (boxes, masks) to ``device``. On CUDA through pinned memory and
+    non-blocking, so the CPU never waits for the GPU to finish the previous training step."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@lru_cache(maxsize=16)
+def _normalization(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+    c = len(mean)
+    mean255 = torch.tensor(mean, dtype=torch.float32).mul_(255).view(1, c, 1, 1)
+    inv_std255 = torch.tensor(std, dtype=torch.float32).mul_(255).reciprocal_().view(1, c, 1, 1)
+    return host_to(mean255, device), host_to(inv_std255, device)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -123,9 +162,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (or float in 0..255) -> float32 ``(x/255 - mean) / std``, contiguous NCHW."""
-    c = x.shape[1]
-    mean255 = torch.tensor(mean, dtype=torch.float32, device=x.device).mul_(255).view(1, c, 1, 1)
-    inv_std255 = torch.tensor(std, dtype=torch.float32, device=x.device).mul_(255).reciprocal_().view(1, c, 1, 1)
+    mean255, inv_std255 = _normalization(tuple(mean), tuple(std), x.device)
     out = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     return out.sub_(mean255).mul_(inv_std255)
 
@@ -217,7 +254,8 @@ def random_erase(x: torch.Tensor, prob: float, *, g: torch.Generator, noise_seed
     dev = x.device
     rows = torch.arange(height, device=dev).view(1, height, 1)
     cols = torch.arange(width, device=dev).view(1, 1, width)
-    top, left, h, w, apply = (t.to(dev).view(n, 1, 1) for t in (top, left, h, w, apply))
+    params = host_to(torch.stack([top, left, h, w, apply.long()]), dev).view(5, n, 1, 1)
+    top, left, h, w, apply = params[0], params[1], params[2], params[3], params[4].bool()
     mask = apply & (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
     noise = torch.randn(x.shape, generator=generator(noise_seed, device=dev), device=dev, dtype=x.dtype)
     return torch.where(mask.unsqueeze(1), noise, x)
@@ -255,14 +293,17 @@ class TrainBatchTransform:
             self._rand_augment = TensorRandAugment(self.randaugment, fill)
 
     def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        with one_thread(images.device):
+            return self._augment(images, seed)
+
+    def _augment(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         n, _, height, width = images.shape
         g = generator(seed)
         boxes = sample_crop_boxes(n, height, width, self.scale, CROP_RATIO, g=g)
         flip = torch.rand(n, generator=g) < self.hflip
         x = resize_crops(images, boxes, self.size, self.backend)
         if bool(flip.any()):
-            idx = flip.nonzero().squeeze(1).to(x.device)
-            x[idx] = x[idx].flip(-1)
+            x = torch.where(host_to(flip, x.device).view(n, 1, 1, 1), x.flip(-1), x)
         if self._rand_augment is not None:
             x = self._rand_augment(to_uint8(x), derive_seed(seed, 1))
         x = normalize(x, self.mean, self.std)
@@ -284,9 +325,10 @@ class EvalBatchTransform:
     def __call__(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
         n, _, height, width = images.shape
         boxes = center_boxes(n, height, width, self.crop_fraction)
-        if self.backend == "loop" and (boxes[0, 2] - boxes[0, 0], boxes[0, 3] - boxes[0, 1]) == (self.size, self.size):
-            x0, y0, x1, y1 = boxes[0].tolist()
-            x = images[:, :, y0:y1, x0:x1]  # already the right size: a plain crop
-        else:
-            x = resize_crops(images, boxes, self.size, self.backend)
-        return _expand_channels(normalize(x, self.mean, self.std), self.out_chans)
+        with one_thread(images.device):
+            if self.backend == "loop" and (boxes[0, 2] - boxes[0, 0], boxes[0, 3] - boxes[0, 1]) == (self.size, self.size):
+                x0, y0, x1, y1 = boxes[0].tolist()
+                x = images[:, :, y0:y1, x0:x1]  # already the right size: a plain crop
+            else:
+                x = resize_crops(images, boxes, self.size, self.backend)
+            return _expand_channels(normalize(x, self.mean, self.std), self.out_chans)
