@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ablate.errors import AblateError
-from ablate.locks import sqlite_lock
+from ablate.locks import store_lock
 
 DEFAULT_STORAGE = "sqlite:///ablate-ledger.db"
 WORKER, KEY, DUPLICATE = "ablate.worker", "ablate.cell_key", "ablate.duplicate_of"
@@ -52,7 +52,7 @@ def open_storage(url: str) -> RDBStorage:
     interval, grace = heartbeat_settings()
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        with sqlite_lock(url):  # two processes creating the schema at once collide
+        with store_lock(url):  # two processes creating the schema at once collide
             return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
                               grace_period=grace,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
@@ -124,7 +124,7 @@ class Ledger:
     def enqueue_cells(self, cells: Iterable[Any]) -> tuple[int, int]:
         """Enqueue every cell that is neither finished nor waiting/running. Returns (enqueued, done)."""
         self.recover_dead()
-        with sqlite_lock(self.url):
+        with store_lock(self.url):
             return self._enqueue_cells(cells)
 
     def _enqueue_cells(self, cells) -> tuple[int, int]:
@@ -143,10 +143,10 @@ class Ledger:
     def claim(self) -> Optional[optuna.Trial]:
         """Atomically take one WAITING trial (RUNNING for exactly one worker), or None.
 
-        PostgreSQL makes Optuna's WAITING -> RUNNING update atomic (SELECT ... FOR UPDATE); SQLite
-        ignores FOR UPDATE, so there the file lock serialises the claims of one machine.
+        The store lock makes the claim atomic on SQLite, which ignores Optuna's SELECT ... FOR
+        UPDATE, and keeps two runners from enqueueing the same cell at once on any database.
         """
-        with sqlite_lock(self.url):
+        with store_lock(self.url):
             return self._claim()
 
     def _claim(self) -> Optional[optuna.Trial]:

@@ -1,7 +1,15 @@
-"""An OS file lock for the processes of one machine that share a SQLite file (ledger, MLflow store)."""
+"""A lock around the few store operations that must not run twice at once.
+
+Creating a store's schema (MLflow's and Optuna's migrations) or an experiment is not safe to
+race, and SQLite ignores ``SELECT ... FOR UPDATE``, so a grid's claims on SQLite are not
+atomic without help. Processes of one machine sharing a SQLite file take turns through an OS
+file lock beside it; processes on many machines sharing a PostgreSQL server take turns through
+a PostgreSQL advisory lock.
+"""
 from __future__ import annotations
 
 import fcntl
+import zlib
 from contextlib import contextmanager
 from typing import Optional
 
@@ -12,19 +20,28 @@ def sqlite_path(url: str) -> Optional[str]:
 
 
 @contextmanager
-def sqlite_lock(url: str):
-    """Hold an exclusive lock on ``<db>.lock`` while the body runs; no-op for server databases.
-
-    SQLite ignores ``SELECT ... FOR UPDATE`` and MLflow's schema migration is not safe to run
-    twice at once, so processes sharing one SQLite file take turns through this lock.
-    """
+def store_lock(url: str, name: str = "ablate"):
+    """Hold an exclusive lock named ``name`` on the store at ``url`` while the body runs."""
     path = sqlite_path(url)
-    if path is None:
-        yield
-        return
-    with open(path + ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    if path is not None:
+        with open(f"{path}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    elif url.startswith(("postgresql", "postgres")):
+        import sqlalchemy
+        key = zlib.crc32(name.encode())  # advisory locks are keyed by a number
+        engine = sqlalchemy.create_engine(url.replace("postgres://", "postgresql://", 1), poolclass=sqlalchemy.pool.NullPool)
         try:
-            yield
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            engine.dispose()
+    else:
+        yield

@@ -109,7 +109,7 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
     try:
         with ledger.heartbeat(trial):
             metrics = train_cell(cfg, device=device, checkpoint_dir=ckpt_dir, on_epoch=on_epoch,
-                                 log=lambda m: ctx.log(f"  {m}"), progress=ctx.progress)
+                                 on_start=run.set_tags, log=lambda m: ctx.log(f"  {m}"), progress=ctx.progress)
     except optuna.TrialPruned as e:
         run.close("PRUNED", str(e))
         ledger.tell(trial, TrialState.PRUNED)

@@ -55,8 +55,8 @@ def _retry(fn, *args, attempts: int = 8, **kwargs):
 
 def ensure_experiment(name: str) -> str:
     """Experiment id for ``name``, creating it (and the store) once; tolerant of a racing creator."""
-    from ablate.locks import sqlite_lock
-    with sqlite_lock(tracking_uri()):  # creating the schema or the experiment twice at once fails
+    from ablate.locks import store_lock
+    with store_lock(tracking_uri()):  # creating the schema or the experiment twice at once fails
         c = client()
         exp = _retry(c.get_experiment_by_name, name)
         return exp.experiment_id if exp is not None else _retry(c.create_experiment, name)

@@ -11,7 +11,6 @@ have had uninterrupted. Failures (non-finite loss, out of memory, anything else)
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import sys
@@ -93,12 +92,14 @@ def evaluate(model, loader, device, amp: str) -> tuple[float, float, float]:
 
 def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
                on_epoch: Optional[Callable[[EpochStats], None]] = None,
+               on_start: Optional[Callable[[dict], None]] = None,
                log: Callable[[str], None] = print, progress: Optional[bool] = None) -> dict[str, float]:
     """Train ``cfg`` to the end (resuming from ``checkpoint_dir/last.pt`` if present).
 
-    ``on_epoch`` is called after each epoch's evaluation (MLflow logging, Optuna pruning: an
-    exception it raises, such as ``optuna.TrialPruned``, stops training and propagates).
-    Returns the final metrics.
+    ``on_start`` receives what was set up (which data path ran, split sizes, device) before the
+    first step; ``on_epoch`` is called after each epoch's evaluation (MLflow logging, Optuna
+    pruning: an exception it raises, such as ``optuna.TrialPruned``, stops training and
+    propagates). Returns the final metrics.
     """
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
@@ -128,6 +129,11 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
                       num_classes=loaders.num_classes)
     criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     forward = torch.compile(model) if t.compile else model
+    log(f"data: {cfg.data.name} via the {loaders.kind} loader ({loaders.n_train} train / {loaders.n_val} val "
+        f"images); model: {cost.params / 1e6:.3g}M params, {cost.macs / 1e9:.3g} GMACs per image")
+    if on_start is not None:
+        on_start({"ablate.data_loader": loaders.kind, "ablate.n_train": loaders.n_train,
+                  "ablate.n_val": loaders.n_val, "ablate.device": str(device)})
 
     # resume
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +219,3 @@ def describe_failure(e: BaseException) -> str:
     if is_out_of_memory(e):
         return f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     return f"{type(e).__name__}: {e}"
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -1,0 +1,94 @@
+"""`ablate search`: real Optuna studies over real (tiny) trainings, recorded in MLflow."""
+from __future__ import annotations
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from ablate.ledger import Ledger, storage_url
+from ablate.runner import run_search
+from ablate.search import counted_trials
+from conftest import run_ablate, write_spec
+
+SINGLE = """\
+search:
+  sampler: random
+  objectives: [{metric: val_top1, direction: maximize}]
+  trials: 6
+  pruner: median
+  space:
+    train.lr: {choice: [1.0e-6, 3.0e-3]}
+    model.shift: {choice: [none, four]}
+"""
+
+MULTI = """\
+search:
+  sampler: nsga2
+  objectives: [{metric: val_top1, direction: maximize}, {metric: macs, direction: minimize}]
+  trials: 3
+  space:
+    model.width: {int: [8, 24], step: 8}
+    model.shift: {choice: [none, four]}
+"""
+
+
+def _runs(name):
+    exp = MlflowClient().get_experiment_by_name(name)
+    return mlflow.search_runs([exp.experiment_id], filter_string="tags.`ablate.role` = 'cell'",
+                              output_format="list")
+
+
+@pytest.mark.slow
+def test_single_objective_search_prunes(workdir):
+    spec = write_spec(workdir / "s.yaml", name="pruned-search", epochs=3, extra=SINGLE)
+    counts = run_search(str(spec), progress=False)
+    study = optuna.load_study(study_name="pruned-search", storage=storage_url())
+    states = [t.state for t in study.trials]
+    assert len(states) == 6 and counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 6
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    # a pruned trial stopped early: fewer reported epochs than the spec's 3
+    assert all(len(t.intermediate_values) < 3 for t in pruned)
+    runs = _runs("pruned-search")
+    by_state = {}
+    for r in runs:
+        by_state.setdefault(r.data.tags["ablate.state"], []).append(r)
+        assert r.data.tags["ablate.trial_number"].isdigit()
+    assert {r.info.status for r in by_state.get("PRUNED", [])} == {"KILLED"}
+    assert {r.info.status for r in by_state["COMPLETE"]} == {"FINISHED"}
+
+
+@pytest.mark.slow
+def test_multi_objective_search_and_resume_to_larger_total(workdir):
+    spec = write_spec(workdir / "m.yaml", name="pareto-search", extra=MULTI)
+    run_search(str(spec), progress=False)
+    study = optuna.load_study(study_name="pareto-search", storage=storage_url())
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    first = {t.number: t.values for t in study.trials}
+    assert len(first) == 3 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert study.best_trials  # a Pareto front exists
+    for t in study.trials:  # the second objective is the trial's analytic MACs, as logged in MLflow
+        run = [r for r in _runs("pareto-search") if r.data.tags["ablate.trial_number"] == str(t.number)]
+        assert run and run[0].data.metrics["macs"] == t.values[1]
+
+    result = run_ablate("search", str(spec), "--trials", "5", cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 trials finished of 5" in result.stdout
+    study = optuna.load_study(study_name="pareto-search", storage=storage_url())
+    assert len(study.trials) == 5
+    assert {t.number: t.values for t in study.trials if t.number in first} == first  # never redone
+    # running again with the same total trains nothing
+    again = run_ablate("search", str(spec), "--trials", "5", cwd=workdir)
+    assert again.returncode == 0 and "training on" not in again.stdout
+    finished, running, waiting = counted_trials(Ledger(storage_url(), "pareto-search",
+                                                       ["maximize", "minimize"]))
+    assert (finished, running, waiting) == (5, 0, 0)
+
+
+def test_search_refuses_a_grid_spec(workdir):
+    write_spec(workdir / "g.yaml")
+    result = run_ablate("search", "g.yaml", cwd=workdir)
+    assert result.returncode == 2 and "no search section" in result.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == ["g.yaml"]

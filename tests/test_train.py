@@ -1,0 +1,63 @@
+"""One cell's training loop: seeded determinism on CPU, exact resume, failures with reasons."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ablate.config import CellConfig
+from ablate.train import CellFailed, train_cell
+
+CPU = torch.device("cpu")
+
+
+def _cfg(**train) -> CellConfig:
+    return CellConfig.model_validate({
+        "data": {"name": "digits"},
+        "model": {"image_size": 8, "patch_size": 2, "width": 16, "depth": 1, "mlp_ratio": 2},
+        "train": {"epochs": 3, "batch_size": 64, "lr": 3e-3, "warmup_epochs": 1, "hflip": 0.5,
+                  "crop_scale": 0.6, "mixup": 0.2, **train}})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_same_cell_twice_gives_the_same_metrics(tmp_path):
+    a = train_cell(_cfg(), device=CPU, checkpoint_dir=tmp_path / "a", log=lambda m: None)
+    b = train_cell(_cfg(), device=CPU, checkpoint_dir=tmp_path / "b", log=lambda m: None)
+    for k in ("val_top1", "val_top5", "val_loss", "train_loss"):
+        assert a[k] == b[k], k
+    c = train_cell(_cfg(seed=1), device=CPU, checkpoint_dir=tmp_path / "c", log=lambda m: None)
+    assert c["train_loss"] != a["train_loss"]
+
+
+def test_interrupted_cell_resumes_to_the_uninterrupted_result(tmp_path):
+    whole = train_cell(_cfg(), device=CPU, checkpoint_dir=tmp_path / "whole", log=lambda m: None)
+
+    def stop_after_first(stats):
+        if stats.epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_cell(_cfg(), device=CPU, checkpoint_dir=tmp_path / "cut", on_epoch=stop_after_first,
+                   log=lambda m: None)
+    lines = []
+    resumed = train_cell(_cfg(), device=CPU, checkpoint_dir=tmp_path / "cut", log=lines.append)
+    assert any("resuming" in line and "after epoch 1/3" in line for line in lines)
+    assert sum(line.startswith("epoch") for line in lines) == 2  # only epochs 2 and 3 were trained
+    for k in ("val_top1", "val_top5", "val_loss", "train_loss"):
+        assert resumed[k] == pytest.approx(whole[k], abs=1e-6), k
+
+
+def test_non_finite_loss_fails_the_cell(tmp_path):
+    with pytest.raises(CellFailed, match="non-finite loss"):
+        train_cell(_cfg(lr=1e30, warmup_epochs=0, mixup=0.0), device=CPU, checkpoint_dir=tmp_path,
+                   log=lambda m: None)
+
+
+def test_final_metrics_carry_cost(tmp_path):
+    m = train_cell(_cfg(epochs=1), device=CPU, checkpoint_dir=tmp_path, log=lambda m: None)
+    from ablate.models.cost import model_cost
+    cost = model_cost(_cfg().model, 10)
+    assert (m["macs"], m["flops"], m["params"]) == (cost.macs, 2 * cost.macs, cost.params)
+    assert m["images_per_second"] > 0 and m["train_seconds"] > 0 and m["skipped_images"] == 0
