@@ -34,6 +34,8 @@ WORKER, KEY, DUPLICATE = "ablate.worker", "ablate.cell_key", "ablate.duplicate_o
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # heartbeats and the retry callback are marked experimental; they are the documented way to do this
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# we keep the heartbeat ourselves around bare ask/tell (Ledger.heartbeat), not through optimize()
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def storage_url(option: Optional[str] = None) -> str:

@@ -82,10 +82,16 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
     from ablate import tracking
     from ablate.train import CellFailed, describe_failure, is_out_of_memory, resolve_device, train_cell
 
-    done = tracking.finished_metrics(ctx.experiment_id, key)
-    if done is not None:  # finished earlier, but the ledger never heard of it (worker died in between)
-        ledger.tell(trial, TrialState.COMPLETE, _objective_values(spec, done))
-        ctx.log(f"cell {key}: already finished in MLflow (top-1 {done.get('val_top1', float('nan')):.2f})")
+    done = tracking.finished_run(ctx.experiment_id, key)
+    if done is not None:
+        # A grid: the worker that trained it died before telling the ledger. A search: the sampler
+        # proposed a configuration already trained; training is deterministic, so its result is
+        # this trial's result too, recorded as this trial's own run that says where it came from.
+        if spec.search is not None and done.data.tags.get("ablate.trial_number") != str(trial.number):
+            tracking.CellRun.copy_of(done, ctx.parent_run_id, trial.number)
+        metrics = done.data.metrics
+        ledger.tell(trial, TrialState.COMPLETE, _objective_values(spec, metrics))
+        ctx.log(f"cell {key}: already finished in MLflow (top-1 {metrics.get('val_top1', float('nan')):.2f})")
         return "COMPLETE"
 
     device = resolve_device(ctx.device)

@@ -123,6 +123,21 @@ class CellRun:
                "config.yaml")
         return cr
 
+    @classmethod
+    def copy_of(cls, run, parent_id: str, trial_number: int) -> "CellRun":
+        """A finished run for a search trial that repeated an earlier trial's configuration."""
+        from mlflow.entities import Param
+        tags = {k: v for k, v in run.data.tags.items() if k.startswith("ablate.")}
+        tags.update({PARENT_ID: parent_id, "ablate.trial_number": str(trial_number),
+                     "ablate.reused_from": run.info.run_id})
+        new = _retry(client().create_run, run.info.experiment_id, tags=tags,
+                     run_name=f"{run.info.run_name} (repeat)")
+        cr = cls(new.info.run_id, resumed=False)
+        _retry(client().log_batch, cr.run_id, params=[Param(k, v) for k, v in run.data.params.items()])
+        cr.log_metrics(run.data.metrics)
+        cr.close("COMPLETE")
+        return cr
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
         _retry(client().log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -142,9 +157,9 @@ class CellRun:
         finish_run(self.run_id, {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
 
 
-def finished_metrics(experiment_id: str, key: str) -> Optional[dict[str, float]]:
-    """Final metrics of this cell's FINISHED run, if one exists (work already done)."""
+def finished_run(experiment_id: str, key: str):
+    """This cell's FINISHED run, if one exists (work already done)."""
     for run in find_cell_runs(experiment_id, key):
         if run.info.status == "FINISHED" and run.data.tags.get(STATE) == "COMPLETE":
-            return dict(run.data.metrics)
+            return run
     return None
