@@ -23,6 +23,8 @@ def _admin():
     try:
         conn = psycopg.connect(ADMIN_URL, connect_timeout=3, autocommit=True)
     except psycopg.OperationalError as e:
+        if os.environ.get("CI"):  # CI promises a server: a missing one is a failure, not a skip
+            pytest.fail(f"no PostgreSQL at {ADMIN_URL}: {e}")
         pytest.skip(f"no PostgreSQL at {ADMIN_URL} ({str(e).strip().splitlines()[0]}); "
                     "set ABLATE_TEST_POSTGRES to a server URL to run this test")
     return conn

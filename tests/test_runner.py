@@ -43,6 +43,7 @@ def test_grid_end_to_end_and_rerun_trains_nothing(workdir, capsys):
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         assert tags["ablate.cell_key"] in keys and tags["ablate.state"] == "COMPLETE"
         assert tags["ablate.varied"] == '["model.shift"]' and tags["ablate.git_commit"]
+        assert tags["ablate.data_loader"] == "memory" and tags["ablate.device"] == "cpu"
         assert params["model.shift"] in ("none", "four") and params["train.seed"] == "0"
         for m in ("val_top1", "val_top5", "params", "params_paper", "macs", "flops", "train_seconds",
                   "images_per_second", "skipped_images"):
