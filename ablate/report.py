@@ -294,6 +294,15 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f} ± {std:.2f}" if math.isfinite(std) else f"{mean:.2f}"
 
 
+def display_value(value: str) -> str:
+    """A param as MLflow stored it, shortened for tables: floats to 4 significant digits."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value
+    return value if number.is_integer() or len(value) <= 7 else f"{number:.4g}"
+
+
 def short_label(values: dict[str, str]) -> str:
     """Point label: the value alone for one factor, ``name=value`` pairs for several."""
     if len(values) == 1:
@@ -324,7 +333,7 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
     header += [f"params ({p_prefix})" if p_prefix else "params", f"{m_prefix}MACs", "train (s)"]
     body = []
     for r in report.rows:
-        line = [r.values[k] for k in report.varied] + [
+        line = [display_value(r.values[k]) for k in report.varied] + [
             str(r.seeds), _pm(r.mean("val_top1"), r.std("val_top1")),
             _pm(r.mean("val_top5"), r.std("val_top5"))]
         if _has_reference(report):
@@ -350,7 +359,7 @@ def pareto_table(report: Report) -> tuple[list[str], list[list[str]]]:
     for i in sorted(s.front, key=lambda i: [(-v if d == "maximize" else v) for v, (_, d)
                                             in zip(s.values[i], s.objectives)]):
         t = s.trials[i]
-        body.append([str(t.trial_number)] + [t.params.get(k, "") for k in report.varied] +
+        body.append([str(t.trial_number)] + [display_value(t.params.get(k, "")) for k in report.varied] +
                     [_objective_text(v, scale) for v, (_, scale) in zip(s.values[i], axes)])
     return header, body
 
@@ -411,7 +420,7 @@ def render_csv(report: Report) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for r in report.rows:
-        line = [r.values[k] for k in report.varied] + [
+        line = [display_value(r.values[k]) for k in report.varied] + [
             r.seeds, _num(r.mean("val_top1"), ".4f"), _num(r.std("val_top1"), ".4f"),
             _num(r.mean("val_top5"), ".4f"), _num(r.std("val_top5"), ".4f")]
         if _has_reference(report):

@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,7 +35,8 @@ class Context:
     prefix: str = ""
     progress: Optional[bool] = None
     trials: int = 0  # search only: the study's target number of trials
-    extra: dict = field(default_factory=dict)
+    workers: int = 1  # how many workers share this invocation (for the ETA)
+    index: int = 0  # this worker's number among them
 
     def log(self, msg: str) -> None:
         print(f"{self.prefix}{msg}", flush=True)
@@ -206,9 +207,8 @@ def grid_worker(ctx: Context) -> None:
         finished = counts["COMPLETE"] + counts["FAIL"]
         remaining = len(cells) - finished
         per_cell = (time.time() - started) / trained
-        workers = max(1, ctx.extra.get("workers", 1))
         ctx.log(f"grid: {finished}/{len(cells)} cells finished ({counts['FAIL']} failed), "
-                f"ETA {_duration(per_cell * remaining / workers)}")
+                f"ETA {_duration(per_cell * remaining / ctx.workers)}")
 
 
 def search_worker(ctx: Context) -> None:
@@ -217,11 +217,15 @@ def search_worker(ctx: Context) -> None:
 
     from ablate.config import cell_key
     from ablate.ledger import WORKER, _retry, worker_id
-    from ablate.search import counted_trials, suggest
+    from ablate.search import counted_trials, make_sampler, suggest
     from ablate.spec import load_spec
     _setup_worker(ctx)
     spec = load_spec(ctx.spec_path)
     ledger = _open_ledger(spec, ctx.storage)
+    # Seeded from the study's size and the worker's number: one worker on the same study state
+    # samples the same trials again, while parallel workers and resumed searches do not propose
+    # the same configurations as each other.
+    ledger.study.sampler = make_sampler(spec.search, seed=len(ledger.trials()) * 100 + ctx.index)
     prune = len(spec.search.objectives) == 1 and spec.search.pruner not in (None, "none")
     waited = False
     while True:
@@ -269,7 +273,7 @@ def _run_workers(target: Callable[[Context], None], ctx: Context, workers: int, 
     mp_ctx = mp.get_context("spawn")
     threads = ctx.threads or max(1, (os.cpu_count() or 1) // workers)
     for i in range(workers):
-        wctx = Context(**{**ctx.__dict__, "prefix": f"[w{i}] ", "threads": threads, "progress": False,
+        wctx = Context(**{**ctx.__dict__, "prefix": f"[w{i}] ", "index": i, "threads": threads, "progress": False,
                           "device": devices[i] if devices else ctx.device})
         p = mp_ctx.Process(target=target, args=(wctx,), name=f"ablate-worker-{i}")
         p.start()
@@ -325,7 +329,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
           f"ledger {url}; MLflow {tracking.tracking_uri()}", flush=True)
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=checkpoint_root(checkpoints), device=device, progress=progress,
-                  extra={"workers": workers})
+                  workers=workers)
     status = "FAILED"
     try:
         _run_workers(grid_worker, ctx, workers, devices)
@@ -390,7 +394,7 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
           f"ledger {url}; MLflow {tracking.tracking_uri()}", flush=True)
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=checkpoint_root(checkpoints), device=device, progress=progress, trials=target,
-                  extra={"workers": workers})
+                  workers=workers)
     status = "FAILED"
     try:
         _run_workers(search_worker, ctx, workers, devices)

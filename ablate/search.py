@@ -14,8 +14,7 @@ from optuna.trial import TrialState
 from ablate.ledger import DUPLICATE, Ledger
 
 
-def make_sampler(search) -> optuna.samplers.BaseSampler:
-    seed = getattr(search, "seed", 0)
+def make_sampler(search, seed: int = 0) -> optuna.samplers.BaseSampler:
     name = search.sampler
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
