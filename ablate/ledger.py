@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ablate.errors import AblateError
-from ablate.locks import store_lock
+from ablate.locks import pid_alive, store_lock
 
 DEFAULT_STORAGE = "sqlite:///ablate-ledger.db"
 WORKER, KEY, DUPLICATE = "ablate.worker", "ablate.cell_key", "ablate.duplicate_of"
@@ -76,21 +76,6 @@ def _retry(fn, *args, attempts: int = 20, **kwargs):
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (killed, not yet reaped by its parent) no longer runs anything
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class Ledger:
@@ -187,7 +172,7 @@ class Ledger:
         host = socket.gethostname()
         for t in self.trials(states=(TrialState.RUNNING,)):
             w_host, _, pid = str(t.user_attrs.get(WORKER, "")).rpartition(":")
-            if w_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            if w_host == host and pid.isdigit() and not pid_alive(int(pid)):
                 if _retry(self.storage.set_trial_state_values, t._trial_id, TrialState.FAIL):
                     RetryHeartbeatStaleTrialCallback()(self.study, self.storage.get_trial(t._trial_id))
         after = {t.number for t in self.trials(states=(TrialState.RUNNING,))}

@@ -9,6 +9,7 @@ a PostgreSQL advisory lock.
 from __future__ import annotations
 
 import fcntl
+import os
 import zlib
 from contextlib import contextmanager
 from typing import Optional
@@ -45,3 +46,19 @@ def store_lock(url: str, name: str = "ablate"):
             engine.dispose()
     else:
         yield
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine still runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (killed, not yet reaped by its parent) no longer runs anything
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True

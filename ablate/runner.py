@@ -171,6 +171,14 @@ def _setup_worker(ctx: Context) -> None:
         torch.set_num_threads(ctx.threads)
 
 
+def _wait_for_others(ctx: Context, what: str, said: bool) -> bool:
+    """Nothing to claim, but work still runs elsewhere: wait in case its worker dies."""
+    if not said:
+        ctx.log(f"waiting: {what} running in other workers")
+    time.sleep(POLL_SECONDS)
+    return True
+
+
 def grid_worker(ctx: Context) -> None:
     """Claim and train cells until none is waiting or running anywhere."""
     from ablate.spec import load_spec
@@ -188,10 +196,7 @@ def grid_worker(ctx: Context) -> None:
                 continue
             if not counts["RUNNING"]:
                 return
-            if not waited:
-                ctx.log(f"waiting: {counts['RUNNING']} cell(s) running in other workers")
-                waited = True
-            time.sleep(POLL_SECONDS)
+            waited = _wait_for_others(ctx, f"{counts['RUNNING']} cell(s)", waited)
             continue
         waited = False
         key = trial.user_attrs.get("ablate.cell_key")
@@ -234,10 +239,7 @@ def search_worker(ctx: Context) -> None:
         if not waiting and finished + running >= ctx.trials:
             if not running:
                 return
-            if not waited:
-                ctx.log(f"waiting: {running} trial(s) running in other workers")
-                waited = True
-            time.sleep(POLL_SECONDS)
+            waited = _wait_for_others(ctx, f"{running} trial(s)", waited)
             continue
         waited = False
         trial = _retry(ledger.study.ask)
@@ -292,6 +294,26 @@ def _run_workers(target: Callable[[Context], None], ctx: Context, workers: int, 
 
 # ---- the two commands ----------------------------------------------------------------------------
 
+def _worker_count(device: str, devices: list[str], workers: int) -> int:
+    """Check the devices before anything is written; one worker per listed GPU."""
+    for d in devices or [device]:
+        check_device(d)
+    return len(devices) or workers
+
+
+def _run_under_parent(target: Callable[[Context], None], ctx: Context, workers: int, devices: list[str]) -> None:
+    """Run the workers; the parent run ends FINISHED, KILLED (Ctrl-C) or FAILED (a crash)."""
+    from ablate import tracking
+    status = "FAILED"
+    try:
+        _run_workers(target, ctx, workers, devices)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.finish_run(ctx.parent_run_id, status)
+
 @dataclass
 class Summary:
     total: int
@@ -316,9 +338,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     if spec.search is not None:
         raise AblateError(f"{spec_path}: search: this spec describes a search (allowed: `ablate search {spec_path}`)")
     devices = devices or []
-    for d in devices or [device]:
-        check_device(d)
-    workers = len(devices) or workers
+    workers = _worker_count(device, devices, workers)
     url = storage_url(storage)
     cells = spec.cells()
     ledger = _open_ledger(spec, url)
@@ -330,17 +350,11 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=checkpoint_root(checkpoints), device=device, progress=progress,
                   workers=workers)
-    status = "FAILED"
-    try:
-        _run_workers(grid_worker, ctx, workers, devices)
-        summary = summarize_grid(spec, ledger)
-        status = "FINISHED" if summary.ok else "FAILED"
-        return summary
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracking.finish_run(parent, status)
+    _run_under_parent(grid_worker, ctx, workers, devices)
+    summary = summarize_grid(spec, ledger)
+    if not summary.ok:
+        tracking.finish_run(parent, "FAILED")
+    return summary
 
 
 def summarize_grid(spec, ledger) -> Summary:
@@ -380,9 +394,7 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
     if trials is not None and trials < 1:
         raise AblateError(f"--trials: {trials} (allowed: a positive integer)")
     devices = devices or []
-    for d in devices or [device]:
-        check_device(d)
-    workers = len(devices) or workers
+    workers = _worker_count(device, devices, workers)
     url = storage_url(storage)
     target = trials or spec.search.trials
     ledger = _open_ledger(spec, url)
@@ -395,15 +407,7 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=checkpoint_root(checkpoints), device=device, progress=progress, trials=target,
                   workers=workers)
-    status = "FAILED"
-    try:
-        _run_workers(search_worker, ctx, workers, devices)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracking.finish_run(parent, status)
+    _run_under_parent(search_worker, ctx, workers, devices)
     return ledger.counts()
 
 

@@ -107,9 +107,9 @@ def test_plan_json(tmp_path, monkeypatch):
     data = json.loads(result.output)
     assert data["name"] == "quickstart" and data["kind"] == "grid"
     assert data["data"] == {"name": "digits", "train_images": 1437, "val_images": 360}
-    assert len(data["rows"]) == data["totals"]["cells"] == data["totals"]["configurations"] == 6
+    assert len(data["rows"]) == data["totals"]["cells"] == 18 and data["totals"]["configurations"] == 6
     row = data["rows"][0]
-    assert row["values"] == {"model.shift": "none", "model.patch_size": 2}
+    assert row["values"] == {"model.shift": "none", "model.patch_size": 2, "train.seed": 0}
     assert row["flops"] == 2 * row["macs"] and row["params"] > row["params_paper"]
     assert data["totals"]["gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for r in data["rows"]))
     assert data["assumptions"]["reference_gpu"].startswith("NVIDIA H100")

@@ -42,17 +42,17 @@ def small(tmp_path: Path, extra: str = "", name: str = "spec.yaml") -> Spec:
 
 def test_quickstart_cells():
     spec = load_spec(ROOT / "experiments" / "quickstart.yaml")
-    assert spec.name == "quickstart" and spec.kind == "grid" and spec.seeds == [0]
-    assert spec.varied == ["model.shift", "model.patch_size"]
+    assert spec.name == "quickstart" and spec.kind == "grid" and spec.seeds == [0, 1, 2]
+    assert spec.varied == ["model.shift", "model.patch_size", "train.seed"]
     cells = spec.cells()
-    assert [c.values for c in cells] == [{"model.shift": s, "model.patch_size": p}
-                                         for s in ("none", "four", "eight") for p in (2, 4)]
-    assert len({c.key for c in cells}) == 6
+    assert [c.values for c in cells] == [{"model.shift": s, "model.patch_size": p, "train.seed": seed}
+                                         for seed in (0, 1, 2) for s in ("none", "four", "eight") for p in (2, 4)]
+    assert len({c.key for c in cells}) == 18
     for cell in cells:
-        assert isinstance(cell, Cell) and cell.seed == 0 and cell.key == cell_key(cell.config)
+        assert isinstance(cell, Cell) and cell.seed == cell.config.train.seed and cell.key == cell_key(cell.config)
         assert cell.config.model.shift == cell.values["model.shift"]
         assert cell.config.model.patch_size == cell.values["model.patch_size"]
-        assert cell.config.train.epochs == 15 and cell.config.data.name == "digits"
+        assert cell.config.train.epochs == 12 and cell.config.data.name == "digits"
 
 
 def test_grid_is_a_product_in_written_order(tmp_path):
@@ -185,11 +185,14 @@ data: {name: digits, root: /somewhere/else, workers: 1}   # machine-local: not i
 def test_keys_are_stable_across_runs():
     """The key is a hash of the canonical config: changing it orphans finished work, so pin it."""
     spec = load_spec(ROOT / "experiments" / "quickstart.yaml")
-    assert spec.cells()[0].key == cell_key(CellConfig.model_validate({
+    first = spec.cells()[0].key
+    assert first == cell_key(CellConfig.model_validate({
         "data": {"name": "digits"},
         "model": {"image_size": 16, "patch_size": 2, "width": 64, "depth": 4, "mlp_ratio": 2, "shift": "none"},
-        "train": {"epochs": 15, "batch_size": 64, "lr": 2e-3, "warmup_epochs": 1, "hflip": 0,
+        "train": {"epochs": 12, "batch_size": 64, "lr": 2e-3, "warmup_epochs": 1, "hflip": 0,
                   "crop_scale": 0.7, "label_smoothing": 0.1}}))
+    # the literal: a change to the key's recipe (or to any setting's default) shows up here
+    assert first == "57324dd685fe1478"
 
 
 # ---- environment variables --------------------------------------------------------------------

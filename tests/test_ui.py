@@ -114,6 +114,11 @@ def test_ui_serves_the_runs_store_on_loopback_and_stops_on_sigterm(tmp_path):
             assert json.load(r)["experiment"]["name"] == "visible-in-ui"
         children = _descendants(proc.pid)
         assert children, "the UI runs in child processes"
+        # the command prints the URL once its own readiness poll has seen the server answer
+        for _ in range(60):
+            if f"MLflow UI: {base}/" in (tmp_path / "ui.log").read_text():
+                break
+            time.sleep(0.5)
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

@@ -37,6 +37,7 @@ import torch
 from ablate.data.folder import FolderSplit, scan_split
 from ablate.data.transforms import EVAL_CROP_PCT
 from ablate.errors import AblateError
+from ablate.locks import pid_alive
 
 CACHE_DIRNAME = ".ablate-cache"
 FORMAT_VERSION = 1
@@ -107,20 +108,10 @@ def _decode_rows(task: tuple[int, list[tuple[int, str]]]) -> list[tuple[int, Opt
 
 # ---- building ---------------------------------------------------------------------------
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clear_stale_builds(final: Path) -> None:
     for tmp in final.parent.glob(f".tmp-{final.name}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
+        if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
             raise AblateError(f"{final}: another build (process {pid}) is writing {tmp}")
         shutil.rmtree(tmp, ignore_errors=True)
 
