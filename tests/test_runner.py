@@ -138,3 +138,27 @@ def test_two_concurrent_runners_train_each_cell_once(workdir):
     ledger = Ledger(storage_url(), "concurrent")
     assert ledger.counts({c.key for c in load_spec(spec).cells()})["COMPLETE"] == 4
     assert len([t for t in ledger.trials() if t.state == TrialState.COMPLETE]) == 4
+
+
+def test_imagefolder_grid_skips_a_corrupt_jpeg_and_records_it(workdir):
+    from test_data import write_jpeg
+    root = workdir / "images"
+    for c, name in enumerate(("ant", "bee")):
+        for i in range(6):
+            write_jpeg(root / "train" / name / f"{i}.jpg", 10 * c + i)
+        for i in range(2):
+            write_jpeg(root / "val" / name / f"v{i}.jpg", 100 + 10 * c + i)
+    good = (root / "train" / "ant" / "0.jpg").read_bytes()
+    (root / "train" / "ant" / "broken.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG
+    spec = workdir / "folder.yaml"
+    spec.write_text(f"""\
+name: folder-grid
+data: {{name: imagefolder, root: {root}, workers: 0}}
+model: {{image_size: 16, patch_size: 4, width: 16, depth: 1, mlp_ratio: 2}}
+train: {{epochs: 2, batch_size: 4, warmup_epochs: 0}}
+""")
+    summary = run_grid(str(spec), progress=False)
+    assert summary.ok
+    [run] = _cell_runs("folder-grid")
+    assert run.info.status == "FINISHED" and run.data.tags["ablate.data_loader"] == "folder"
+    assert run.data.metrics["skipped_images"] == 1
