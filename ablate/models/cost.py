@@ -25,9 +25,10 @@ like its formula). Its "M" is not used consistently:
 
 No single unit reproduces all rows within 2%, so :class:`Cost` offers both: ``params_m``
 (10^6, the SI reading and the headline model's) and ``params_mi`` (2^20). The MAC columns are
-decimal billions (``gmacs``) throughout; two rows disagree with the formula beyond the
-paper's rounding: width 960 ("20B" against 21.82) and patch 32 ("3.5B" against 3.58, which is
-the block MACs alone). ``tests/test_cost.py`` lists every row with the unit it matches.
+decimal billions (``gmacs``) except width 960, whose "20B" fits only 2^30 (21.82e9 = 20.32 Gi),
+like its params column; patch 32 ("3.5B" against 3.58, +2.4%) fits no unit within 2% and
+matches the block MACs alone (3.47B). ``tests/test_cost.py`` lists every row with the unit it
+matches.
 """
 from __future__ import annotations
 
