@@ -216,6 +216,24 @@ def grid_worker(ctx: Context) -> None:
                 f"ETA {_duration(per_cell * remaining / ctx.workers)}")
 
 
+def _wait_for_same_config(ledger, trial, key: str, ctx: Context) -> None:
+    """Another worker is training this very configuration for an earlier trial: let it finish.
+
+    Its finished run then stands for this trial too (see :func:`execute`); were both to train,
+    they would share one checkpoint folder and one MLflow run. Earlier trials never wait for
+    later ones, so two workers cannot wait for each other.
+    """
+    from optuna.trial import TrialState
+    said = False
+    while any(t.number < trial.number and t.user_attrs.get("ablate.cell_key") == key
+              for t in ledger.trials(states=(TrialState.RUNNING,))):
+        if not said:
+            ctx.log(f"trial {trial.number}: same configuration as a running trial; waiting for its result")
+            said = True
+        time.sleep(POLL_SECONDS)
+        ledger.recover_dead()
+
+
 def search_worker(ctx: Context) -> None:
     """Ask the sampler (or take a waiting retry), train, tell, until the study has its trials."""
     from optuna.trial import TrialState
@@ -254,6 +272,8 @@ def search_worker(ctx: Context) -> None:
             continue
         key = cell_key(cfg)
         _retry(ledger.storage.set_trial_user_attr, trial._trial_id, "ablate.cell_key", key)
+        with ledger.heartbeat(trial):
+            _wait_for_same_config(ledger, trial, key, ctx)
         execute(spec, cfg, key, trial, ledger, ctx, prune=prune)
         finished, running, _ = counted_trials(ledger)
         ctx.log(f"search: {finished}/{ctx.trials} trials finished")

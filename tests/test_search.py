@@ -92,3 +92,25 @@ def test_search_refuses_a_grid_spec(workdir):
     result = run_ablate("search", "g.yaml", cwd=workdir)
     assert result.returncode == 2 and "no search section" in result.stderr
     assert sorted(p.name for p in workdir.iterdir()) == ["g.yaml"]
+
+
+@pytest.mark.slow
+def test_parallel_workers_train_a_repeated_configuration_once(workdir):
+    """Every trial samples the same configuration: one trains, the others take its result."""
+    spec = write_spec(workdir / "r.yaml", name="repeats", extra="""\
+search:
+  sampler: random
+  objectives: [val_top1]
+  trials: 3
+  space:
+    model.shift: {choice: [four]}
+""")
+    result = run_ablate("search", str(spec), "--workers", "2", cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("training on") == 1, result.stdout
+    study = optuna.load_study(study_name="repeats", storage=storage_url())
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert len({t.value for t in study.trials}) == 1
+    runs = _runs("repeats")
+    assert sorted(r.data.tags["ablate.trial_number"] for r in runs) == ["0", "1", "2"]
+    assert sum("ablate.reused_from" in r.data.tags for r in runs) == 2
