@@ -60,6 +60,7 @@ def test_grid_end_to_end_and_rerun_trains_nothing(workdir, capsys):
     assert len(_cell_runs("grid-e2e")) == 2
 
 
+@pytest.mark.slow
 def test_failing_cell_does_not_stop_the_grid(workdir):
     spec = write_spec(workdir / "nan.yaml", name="nan-grid", extra="grid:\n  train.lr: [1.0e+30, 3.0e-3]\n")
     result = run_ablate("run", str(spec), cwd=workdir)
