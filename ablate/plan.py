@@ -36,6 +36,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 MAX_SEARCH_CORNERS = 4096
 
 
+#: GPU counts the plan gives a wall-time estimate for
+WALL_GPUS = (1, 8)
+
+
 def dataset_sizes(data: DataConfig) -> Optional[tuple[int, int]]:
     """(train, val) image counts without decoding anything; ``None`` when a folder is missing."""
     if data.name in DATASET_SIZES:
@@ -165,9 +169,20 @@ class Plan:
         hours = [r.gpu_hours for r in self.rows]
         return None if any(h is None for h in hours) else sum(hours)
 
+    def wall_hours(self, gpus: int) -> Optional[float]:
+        """Estimated wall time with one worker per GPU: each cell, longest first, goes to the GPU
+        that frees up first, as workers drain the ledger (`ablate run` queues the longest first)."""
+        hours = [r.gpu_hours for r in self.rows]
+        if not hours or any(h is None for h in hours):
+            return None
+        load = [0.0] * gpus
+        for h in sorted(hours, reverse=True):
+            load[load.index(min(load))] += h
+        return max(load)
+
     def totals(self) -> dict[str, Any]:
         out = {"cells": len(self.rows), "configurations": self.configurations, "seeds": len(self.seeds),
-               "gpu_hours": self.gpu_hours}
+               "gpu_hours": self.gpu_hours, "wall_hours": {str(g): self.wall_hours(g) for g in WALL_GPUS}}
         if self.search is not None:
             out.update(trials=self.search.trials, gpu_hours=self.search.gpu_hours)
         return out
@@ -360,6 +375,9 @@ def format_plan(p: Plan) -> str:
         total = ["total"] + [""] * (len(labels) + 2) + [_hours(p.gpu_hours)]
         body.append(total + [""] * (len(header) - len(total)))
         lines += _table(header, body, left=len(labels))
+        if p.gpu_hours is not None:
+            lines += ["", "wall time (estimate, one worker per GPU): " + ", ".join(
+                f"{g} GPU{'s' if g > 1 else ''} {_hours(p.wall_hours(g))} h" for g in WALL_GPUS)]
         if p.reference_source:
             lines += ["", f"paper: {p.reference_source}"]
     lines += ["",

@@ -314,6 +314,14 @@ def _run_workers(target: Callable[[Context], None], ctx: Context, workers: int, 
 
 # ---- the two commands ----------------------------------------------------------------------------
 
+def _estimated_cost(cell) -> float:
+    """Training MACs of a cell. Workers claim cells in queue order, so queueing the longest first
+    keeps the last cell from starting late on one GPU while the others sit idle."""
+    from ablate.config import num_classes
+    from ablate.models.cost import model_cost
+    return model_cost(cell.config.model, num_classes(cell.config.data)).macs * cell.config.train.epochs
+
+
 def _worker_count(device: str, devices: list[str], workers: int) -> int:
     """Check the devices before anything is written; one worker per listed GPU."""
     for d in devices or [device]:
@@ -362,7 +370,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     url = storage_url(storage)
     cells = spec.cells()
     ledger = _open_ledger(spec, url)
-    enqueued, done = ledger.enqueue_cells(cells)
+    enqueued, done = ledger.enqueue_cells(sorted(cells, key=_estimated_cost, reverse=True))
     experiment_id = tracking.ensure_experiment(spec.name)
     parent = tracking.start_parent(experiment_id, "grid", str(spec_path))
     print(f"{spec.name}: {len(cells)} cells, {done} already finished, {enqueued} queued; "

@@ -190,16 +190,18 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
         elapsed += time.perf_counter() - epoch_start
         train_images += seen
         train_time += epoch_train_time
+        log(f"epoch {epoch + 1}/{t.epochs}  loss {stats.train_loss:.4f}  val_loss {val_loss:.4f}  "
+            f"top1 {top1:.2f}  top5 {top5:.2f}  lr {stats.lr:.2e}  {stats.images_per_second:.0f} img/s")
+        # report before saving: a kill in between re-trains this epoch (and reports it again, with
+        # the same values) rather than leaving it unreported
+        if on_epoch is not None:
+            on_epoch(stats)
         _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                       "epoch": epoch + 1, "history": history, "elapsed": elapsed,
                       "train_images": train_images, "train_time": train_time,
                       "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                               "python": random.getstate()}}, ckpt_path)
-        log(f"epoch {epoch + 1}/{t.epochs}  loss {stats.train_loss:.4f}  val_loss {val_loss:.4f}  "
-            f"top1 {top1:.2f}  top5 {top5:.2f}  lr {stats.lr:.2e}  {stats.images_per_second:.0f} img/s")
-        if on_epoch is not None:
-            on_epoch(stats)
 
     last = history[-1]
     return {"val_top1": last["val_top1"], "val_top5": last["val_top5"], "val_loss": last["val_loss"],

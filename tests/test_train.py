@@ -34,12 +34,12 @@ def test_same_cell_twice_gives_the_same_metrics(tmp_path):
 def test_interrupted_cell_resumes_to_the_uninterrupted_result(tmp_path):
     whole = train_cell(_cfg(), device=CPU, checkpoint_dir=tmp_path / "whole", log=lambda m: None)
 
-    def stop_after_first(stats):
-        if stats.epoch == 1:
+    def stop_in_second(stats):  # reported before its checkpoint: epoch 2 is lost, epoch 1 kept
+        if stats.epoch == 2:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_cell(_cfg(), device=CPU, checkpoint_dir=tmp_path / "cut", on_epoch=stop_after_first,
+        train_cell(_cfg(), device=CPU, checkpoint_dir=tmp_path / "cut", on_epoch=stop_in_second,
                    log=lambda m: None)
     lines = []
     resumed = train_cell(_cfg(), device=CPU, checkpoint_dir=tmp_path / "cut", log=lines.append)
