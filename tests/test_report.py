@@ -9,12 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ablate.cli import cli
-from ablate.errors import AblateError
 from ablate.pareto import dominates, pareto_front
 from ablate.report import _same_value, report_experiment, write_report
 
