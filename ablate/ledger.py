@@ -17,7 +17,6 @@ import os
 import socket
 import threading
 import warnings
-import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Optional
 
@@ -26,7 +25,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ablate.errors import AblateError
-from ablate.locks import pid_alive, store_lock
+from ablate.locks import pid_alive, retry_busy as _retry, store_lock
 
 DEFAULT_STORAGE = "sqlite:///ablate-ledger.db"
 WORKER, KEY, DUPLICATE = "ablate.worker", "ablate.cell_key", "ablate.duplicate_of"
@@ -60,18 +59,6 @@ def open_storage(url: str) -> RDBStorage:
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
     except Exception as e:  # bad URL, server down, missing driver
         raise AblateError(f"ledger storage {url}: cannot open ({str(e).splitlines()[0]})") from None
-
-
-def _retry(fn, *args, attempts: int = 20, **kwargs):
-    """Retry storage calls that SQLite refuses with 'database is locked' under concurrent writers."""
-    for i in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # Optuna wraps SQLAlchemy's OperationalError in StorageInternalError
-            text = f"{e} {getattr(e, '__cause__', '')}".lower()
-            if ("locked" not in text and "could not serialize" not in text) or i == attempts - 1:
-                raise
-            time.sleep(0.05 * (i + 1))
 
 
 def worker_id() -> str:
@@ -143,8 +130,7 @@ class Ledger:
                     continue  # another worker took it first
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # ... and has already finished it
-            _retry(self.storage.set_trial_user_attr, frozen._trial_id, WORKER, worker_id())
-            _retry(self.storage.record_heartbeat, frozen._trial_id)
+            self._mark_mine(frozen._trial_id)
             winner = self._first_claim(frozen)
             if winner is not None:  # two runners enqueued the same cell at once: keep the first
                 _retry(self.storage.set_trial_user_attr, frozen._trial_id, DUPLICATE, winner)
@@ -152,6 +138,20 @@ class Ledger:
                 continue
             return optuna.Trial(self.study, frozen._trial_id)
         return None
+
+    def ask(self) -> optuna.Trial:
+        """A search's next trial: a waiting retry if there is one, else the sampler's proposal."""
+        trial = _retry(self.study.ask)
+        self._mark_mine(trial._trial_id)
+        return trial
+
+    def set_cell_key(self, trial: optuna.Trial, key: str) -> None:
+        _retry(self.storage.set_trial_user_attr, trial._trial_id, KEY, key)
+
+    def _mark_mine(self, trial_id: int) -> None:
+        """Record which worker runs the trial and start its heartbeat record."""
+        _retry(self.storage.set_trial_user_attr, trial_id, WORKER, worker_id())
+        _retry(self.storage.record_heartbeat, trial_id)
 
     def _first_claim(self, frozen) -> Optional[int]:
         """Number of an earlier live trial of the same cell, if any (then ours is the duplicate)."""

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 import zlib
 from contextlib import contextmanager
-from typing import Optional
+from typing import Callable, Optional, TypeVar
+
+T = TypeVar("T")
 
 
 def sqlite_path(url: str) -> Optional[str]:
@@ -62,3 +65,20 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def retry_busy(fn: Callable[..., T], *args, attempts: int = 20, **kwargs) -> T:
+    """Call a store operation, retrying the transient refusals of concurrent writers.
+
+    SQLite says "database is locked", PostgreSQL "could not serialize"; Optuna and MLflow wrap
+    SQLAlchemy's error in their own, so the message (and its cause's) is what is matched.
+    """
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            text = f"{e} {getattr(e, '__cause__', '')}".lower()
+            if ("locked" not in text and "could not serialize" not in text) or i == attempts - 1:
+                raise
+            time.sleep(0.05 * (i + 1))
+    raise AssertionError("unreachable")

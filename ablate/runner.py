@@ -239,7 +239,6 @@ def search_worker(ctx: Context) -> None:
     from optuna.trial import TrialState
 
     from ablate.config import cell_key
-    from ablate.ledger import WORKER, _retry, worker_id
     from ablate.search import counted_trials, make_sampler, suggest
     from ablate.spec import load_spec
     _setup_worker(ctx)
@@ -260,9 +259,7 @@ def search_worker(ctx: Context) -> None:
             waited = _wait_for_others(ctx, f"{running} trial(s)", waited)
             continue
         waited = False
-        trial = _retry(ledger.study.ask)
-        _retry(ledger.storage.set_trial_user_attr, trial._trial_id, WORKER, worker_id())
-        _retry(ledger.storage.record_heartbeat, trial._trial_id)
+        trial = ledger.ask()
         values = suggest(trial, spec.search.space)
         try:
             cfg = spec.resolve(values)
@@ -271,7 +268,7 @@ def search_worker(ctx: Context) -> None:
             ctx.log(f"trial {trial.number}: invalid configuration: {e}")
             continue
         key = cell_key(cfg)
-        _retry(ledger.storage.set_trial_user_attr, trial._trial_id, "ablate.cell_key", key)
+        ledger.set_cell_key(trial, key)
         with ledger.heartbeat(trial):
             _wait_for_same_config(ledger, trial, key, ctx)
         execute(spec, cfg, key, trial, ledger, ctx, prune=prune)

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from ablate.config import CellConfig, flat_params
+from ablate.locks import retry_busy as _retry, store_lock
 
 ROLE, KIND, KEY, STATE = "ablate.role", "ablate.kind", "ablate.cell_key", "ablate.state"
 PARENT_ID, RUN_NAME = "mlflow.parentRunId", "mlflow.runName"
@@ -42,20 +43,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _retry(fn, *args, attempts: int = 8, **kwargs):
-    """Call an MLflow client method, retrying the transient 'database is locked' of SQLite."""
-    for i in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # mlflow wraps sqlalchemy errors in MlflowException
-            if "locked" not in str(e).lower() or i == attempts - 1:
-                raise
-            time.sleep(0.2 * (i + 1))
-
-
 def ensure_experiment(name: str) -> str:
     """Experiment id for ``name``, creating it (and the store) once; tolerant of a racing creator."""
-    from ablate.locks import store_lock
     with store_lock(tracking_uri()):  # creating the schema or the experiment twice at once fails
         c = client()
         exp = _retry(c.get_experiment_by_name, name)
