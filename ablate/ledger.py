@@ -24,11 +24,11 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from ablate import names
 from ablate.errors import AblateError
 from ablate.locks import pid_alive, retry_busy as _retry, store_lock
 
 DEFAULT_STORAGE = "sqlite:///ablate-ledger.db"
-WORKER, KEY, DUPLICATE = "ablate.worker", "ablate.cell_key", "ablate.duplicate_of"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # heartbeats and the retry callback are marked experimental; they are the documented way to do this
@@ -90,8 +90,8 @@ class Ledger:
     def states_by_key(self) -> dict[str, set[TrialState]]:
         out: dict[str, set[TrialState]] = {}
         for t in self.trials():
-            if KEY in t.user_attrs and DUPLICATE not in t.user_attrs:
-                out.setdefault(t.user_attrs[KEY], set()).add(t.state)
+            if names.CELL_KEY in t.user_attrs and names.DUPLICATE not in t.user_attrs:
+                out.setdefault(t.user_attrs[names.CELL_KEY], set()).add(t.state)
         return out
 
     # ---- a grid's queue ------------------------------------------------------------------------
@@ -110,7 +110,7 @@ class Ledger:
                 done += 1
             elif not seen & {TrialState.WAITING, TrialState.RUNNING}:
                 _retry(self.study.enqueue_trial, {}, user_attrs={
-                    KEY: cell.key, "ablate.values": json.dumps(cell.values, default=str)})
+                    names.CELL_KEY: cell.key, names.VALUES: json.dumps(cell.values, default=str)})
                 enqueued += 1
         return enqueued, done
 
@@ -133,7 +133,7 @@ class Ledger:
             self._mark_mine(frozen._trial_id)
             winner = self._first_claim(frozen)
             if winner is not None:  # two runners enqueued the same cell at once: keep the first
-                _retry(self.storage.set_trial_user_attr, frozen._trial_id, DUPLICATE, winner)
+                _retry(self.storage.set_trial_user_attr, frozen._trial_id, names.DUPLICATE, winner)
                 _retry(self.storage.set_trial_state_values, frozen._trial_id, TrialState.FAIL)
                 continue
             return optuna.Trial(self.study, frozen._trial_id)
@@ -146,20 +146,20 @@ class Ledger:
         return trial
 
     def set_cell_key(self, trial: optuna.Trial, key: str) -> None:
-        _retry(self.storage.set_trial_user_attr, trial._trial_id, KEY, key)
+        _retry(self.storage.set_trial_user_attr, trial._trial_id, names.CELL_KEY, key)
 
     def _mark_mine(self, trial_id: int) -> None:
         """Record which worker runs the trial and start its heartbeat record."""
-        _retry(self.storage.set_trial_user_attr, trial_id, WORKER, worker_id())
+        _retry(self.storage.set_trial_user_attr, trial_id, names.WORKER, worker_id())
         _retry(self.storage.record_heartbeat, trial_id)
 
     def _first_claim(self, frozen) -> Optional[int]:
         """Number of an earlier live trial of the same cell, if any (then ours is the duplicate)."""
-        key = frozen.user_attrs.get(KEY)
+        key = frozen.user_attrs.get(names.CELL_KEY)
         if key is None:
             return None
         for t in self.trials(states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)):
-            if (t.number != frozen.number and t.user_attrs.get(KEY) == key and DUPLICATE not in t.user_attrs
+            if (t.number != frozen.number and t.user_attrs.get(names.CELL_KEY) == key and names.DUPLICATE not in t.user_attrs
                     and (t.state == TrialState.COMPLETE or t.number < frozen.number)):
                 return t.number
         return None
@@ -171,7 +171,7 @@ class Ledger:
         _retry(optuna.storages.fail_stale_trials, self.study)  # heartbeat: any machine
         host = socket.gethostname()
         for t in self.trials(states=(TrialState.RUNNING,)):
-            w_host, _, pid = str(t.user_attrs.get(WORKER, "")).rpartition(":")
+            w_host, _, pid = str(t.user_attrs.get(names.WORKER, "")).rpartition(":")
             if w_host == host and pid.isdigit() and not pid_alive(int(pid)):
                 if _retry(self.storage.set_trial_state_values, t._trial_id, TrialState.FAIL):
                     RetryHeartbeatStaleTrialCallback()(self.study, self.storage.get_trial(t._trial_id))
@@ -202,7 +202,7 @@ class Ledger:
     # ---- results ---------------------------------------------------------------------------------
     def tell(self, trial: optuna.Trial, state: TrialState, values=None, reason: Optional[str] = None) -> None:
         if reason:
-            _retry(self.storage.set_trial_user_attr, trial._trial_id, "ablate.failure", reason[:2000])
+            _retry(self.storage.set_trial_user_attr, trial._trial_id, names.FAILURE, reason[:2000])
         _retry(self.study.tell, trial, values if state == TrialState.COMPLETE else None, state=state,
                skip_if_finished=True)
 
@@ -220,6 +220,6 @@ class Ledger:
             return out
         out: dict[str, int] = {}
         for t in self.trials():
-            if DUPLICATE not in t.user_attrs:
+            if names.DUPLICATE not in t.user_attrs:
                 out[t.state.name] = out.get(t.state.name, 0) + 1
         return out

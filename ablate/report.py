@@ -31,14 +31,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ablate import names
 from ablate.config import MACHINE_LOCAL
 from ablate.errors import AblateError
 from ablate.pareto import pareto_front
-from ablate.tracking import KEY, KIND, ROLE, STATE
 
 SEED = "train.seed"
-TRIAL = "ablate.trial_number"
-VARIED = "ablate.varied"
 ARTIFACT_DIR = "report"
 DEFAULT_OBJECTIVES = [("val_top1", "maximize")]
 
@@ -54,11 +52,11 @@ class CellResult:
 
     @property
     def state(self) -> str:
-        return self.tags.get(STATE, "")
+        return self.tags.get(names.STATE, "")
 
     @property
     def trial_number(self) -> Optional[int]:
-        value = self.tags.get(TRIAL)
+        value = self.tags.get(names.TRIAL_NUMBER)
         return int(value) if value not in (None, "") else None
 
     def metric(self, name: str) -> float:
@@ -170,9 +168,9 @@ def _all_runs(client, experiment_id: str) -> list:
 def _experiment(client, name: str, uri: str):
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        names = sorted(e.name for e in client.search_experiments(max_results=50))
+        existing = sorted(e.name for e in client.search_experiments(max_results=50))
         raise AblateError(f"no MLflow experiment named {name!r} in {uri} "
-                          f"(experiments there: {', '.join(names) or 'none'})")
+                          f"(experiments there: {', '.join(existing) or 'none'})")
     return exp
 
 
@@ -185,7 +183,7 @@ def _latest_per_cell(cells: list[CellResult]) -> list[CellResult]:
     """One run per cell key (the newest): a cell recorded twice must not count as two seeds."""
     by_key: dict[str, CellResult] = {}
     for c in sorted(cells, key=lambda c: c.start_time):
-        by_key[c.tags.get(KEY) or c.run_id] = c
+        by_key[c.tags.get(names.CELL_KEY) or c.run_id] = c
     return list(by_key.values())
 
 
@@ -195,14 +193,14 @@ def varied_from_runs(cells: Sequence[CellResult]) -> list[str]:
     keys: list[str] = []
     for c in cells:
         try:
-            for k in json.loads(c.tags.get(VARIED, "[]")):
+            for k in json.loads(c.tags.get(names.VARIED, "[]")):
                 if k not in keys:
                     keys.append(k)
         except (TypeError, ValueError):
             continue
     if not keys:
-        names = sorted({k for c in cells for k in c.params})
-        keys = [k for k in names if len({c.params.get(k) for c in cells}) > 1]
+        all_params = sorted({k for c in cells for k in c.params})
+        keys = [k for k in all_params if len({c.params.get(k) for c in cells}) > 1]
     return [k for k in keys if k != SEED and k not in MACHINE_LOCAL]
 
 
@@ -260,7 +258,7 @@ def attach_reference(rows: Sequence[ConfigRow], reference: Any) -> None:
 def _search_objectives(spec: Any, parent) -> tuple[list[tuple[str, str]], str]:
     if spec is not None and _get(spec, "search") is not None:
         return _objective_pairs(_get(_get(spec, "search"), "objectives")), "the spec"
-    spec_file = parent.data.tags.get("ablate.spec_file") if parent is not None else None
+    spec_file = parent.data.tags.get(names.SPEC_FILE) if parent is not None else None
     if spec_file and Path(spec_file).is_file():
         try:
             found = _objective_pairs(_get(_get(_load_spec(spec_file), "search"), "objectives"))
@@ -394,12 +392,12 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
     lines += ["![top-1 against MACs](top1_vs_gmacs.png)", ""]
     s = report.search
     if s is not None:
-        names = ", ".join(f"{m} ({d})" for m, d in s.objectives)
+        objective_list = ", ".join(f"{m} ({d})" for m, d in s.objectives)
         what = "best trial" if len(s.objectives) == 1 else "non-dominated trials"
         lines += [
             "## Pareto front" if len(s.objectives) > 1 else "## Best trial",
             "",
-            f"Objectives: {names} (from {s.objectives_source}). {len(s.front)} {what} of "
+            f"Objectives: {objective_list} (from {s.objectives_source}). {len(s.front)} {what} of "
             f"{len(s.trials)} complete trials.",
             "",
             _md_table(*pareto_table(report)),
@@ -440,18 +438,18 @@ def _render_files(report: Report, folder: Path, command: str, spec_path: Optiona
     plots.plot_top1_vs_macs([r.mean("macs") for r in rows], [r.mean("val_top1") for r in rows],
                             [r.std("val_top1") for r in rows], [short_label(r.values) for r in rows],
                             folder / "top1_vs_gmacs.png", title=f"{report.experiment}: top-1 vs MACs")
-    names = ["report.md", "report.csv", "top1_vs_gmacs.png"]
+    files = ["report.md", "report.csv", "top1_vs_gmacs.png"]
     s = report.search
     if s is not None and s.trials:
         numbers = [t.trial_number for t in s.trials]
         if len(s.objectives) == 2:
             plots.plot_pareto(s.values, numbers, s.front, s.objectives, folder / "pareto.png",
                               title=f"{report.experiment}: Pareto front")
-            names.append("pareto.png")
+            files.append("pareto.png")
         plots.plot_history(s.values, numbers, s.objectives, folder / "history.png",
                            title=f"{report.experiment}: optimization history")
-        names.append("history.png")
-    return names
+        files.append("history.png")
+    return files
 
 
 def _write_atomically(report: Report, command: str, spec_path: Optional[str]) -> list[Path]:
@@ -460,12 +458,12 @@ def _write_atomically(report: Report, command: str, spec_path: Optional[str]) ->
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
-        names = _render_files(report, tmp, command, spec_path)
-        for name in names:
+        files = _render_files(report, tmp, command, spec_path)
+        for name in files:
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return [out / n for n in names]
+    return [out / n for n in files]
 
 
 # ---------------------------------------------------------------- entry point
@@ -496,9 +494,9 @@ def report_experiment(name: str, *, spec: Any = None, spec_path: Optional[str] =
     client = MlflowClient()
     exp = _experiment(client, name, uri)
     runs = _all_runs(client, exp.experiment_id)
-    parents = sorted((r for r in runs if r.data.tags.get(ROLE) == "parent"),
+    parents = sorted((r for r in runs if r.data.tags.get(names.ROLE) == "parent"),
                      key=lambda r: r.info.start_time or 0)
-    children = [_cell(r) for r in runs if r.data.tags.get(ROLE) == "cell"]
+    children = [_cell(r) for r in runs if r.data.tags.get(names.ROLE) == "cell"]
     counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0}
     for c in children:
         counts[c.state if c.state in counts else "RUNNING"] += 1
@@ -515,7 +513,7 @@ def report_experiment(name: str, *, spec: Any = None, spec_path: Optional[str] =
         attach_reference(rows, reference)
     parent = parents[-1] if parents else None
     is_search = (spec is not None and _get(spec, "search") is not None) or (
-        spec is None and parent is not None and parent.data.tags.get(KIND) == "search")
+        spec is None and parent is not None and parent.data.tags.get(names.KIND) == "search")
     search = None
     if is_search:
         search = summarize_search(complete, *_search_objectives(spec, parent))

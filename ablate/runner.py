@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from ablate import names
 from ablate.errors import AblateError
+from ablate.urls import display_url
 
 POLL_SECONDS = 2.0
 
@@ -88,7 +90,7 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
         # A grid: the worker that trained it died before telling the ledger. A search: the sampler
         # proposed a configuration already trained; training is deterministic, so its result is
         # this trial's result too, recorded as this trial's own run that says where it came from.
-        if spec.search is not None and done.data.tags.get("ablate.trial_number") != str(trial.number):
+        if spec.search is not None and done.data.tags.get(names.TRIAL_NUMBER) != str(trial.number):
             tracking.CellRun.copy_of(done, ctx.parent_run_id, trial.number)
         metrics = done.data.metrics
         ledger.tell(trial, TrialState.COMPLETE, _objective_values(spec, metrics))
@@ -112,7 +114,7 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {step} (top-1 {stats.val_top1:.2f})")
 
-    ckpt_dir = Path(ctx.checkpoints) / spec.name / key
+    ckpt_dir = Path(ctx.checkpoints) / spec.slug / key
     try:
         with ledger.heartbeat(trial):
             metrics = train_cell(cfg, device=device, checkpoint_dir=ckpt_dir, on_epoch=on_epoch,
@@ -199,7 +201,7 @@ def grid_worker(ctx: Context) -> None:
             waited = _wait_for_others(ctx, f"{counts['RUNNING']} cell(s)", waited)
             continue
         waited = False
-        key = trial.user_attrs.get("ablate.cell_key")
+        key = trial.user_attrs.get(names.CELL_KEY)
         cell = cells.get(key)
         if cell is None:
             from optuna.trial import TrialState
@@ -225,7 +227,7 @@ def _wait_for_same_config(ledger, trial, key: str, ctx: Context) -> None:
     """
     from optuna.trial import TrialState
     said = False
-    while any(t.number < trial.number and t.user_attrs.get("ablate.cell_key") == key
+    while any(t.number < trial.number and t.user_attrs.get(names.CELL_KEY) == key
               for t in ledger.trials(states=(TrialState.RUNNING,))):
         if not said:
             ctx.log(f"trial {trial.number}: same configuration as a running trial; waiting for its result")
@@ -371,7 +373,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     experiment_id = tracking.ensure_experiment(spec.name)
     parent = tracking.start_parent(experiment_id, "grid", str(spec_path))
     print(f"{spec.name}: {len(cells)} cells, {done} already finished, {enqueued} queued; "
-          f"ledger {url}; MLflow {tracking.tracking_uri()}", flush=True)
+          f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=checkpoint_root(checkpoints), device=device, progress=progress,
                   workers=workers)
@@ -386,8 +388,8 @@ def summarize_grid(spec, ledger) -> Summary:
     from optuna.trial import TrialState
     by_key: dict[str, list] = {}
     for t in ledger.trials():
-        key = t.user_attrs.get("ablate.cell_key")
-        if key and "ablate.duplicate_of" not in t.user_attrs:
+        key = t.user_attrs.get(names.CELL_KEY)
+        if key and names.DUPLICATE not in t.user_attrs:
             by_key.setdefault(key, []).append(t)
     complete, failed, pending = 0, [], 0
     for cell in spec.cells():
@@ -400,7 +402,7 @@ def summarize_grid(spec, ledger) -> Summary:
         else:
             last = max(trials, key=lambda t: t.number)
             desc = ", ".join(f"{k}={_short(v)}" for k, v in cell.values.items()) or cell.key
-            failed.append((desc, last.user_attrs.get("ablate.failure", "unknown")))
+            failed.append((desc, last.user_attrs.get(names.FAILURE, "unknown")))
     return Summary(total=len(spec.cells()), complete=complete, failed=failed, pending=pending)
 
 
@@ -428,7 +430,7 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
     experiment_id = tracking.ensure_experiment(spec.name)
     parent = tracking.start_parent(experiment_id, "search", str(spec_path))
     print(f"{spec.name}: {finished} trials finished of {target}; sampler {spec.search.sampler}; "
-          f"ledger {url}; MLflow {tracking.tracking_uri()}", flush=True)
+          f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=checkpoint_root(checkpoints), device=device, progress=progress, trials=target,
                   workers=workers)

@@ -11,7 +11,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ablate.ledger import DUPLICATE, Ledger
+from ablate import names
+from ablate.ledger import Ledger
 
 
 def make_sampler(search, seed: int = 0) -> optuna.samplers.BaseSampler:
@@ -76,7 +77,7 @@ def counted_trials(ledger: Ledger) -> tuple[int, int, int]:
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     finished = running = waiting = 0
     for t in trials:
-        if DUPLICATE in t.user_attrs or t.number in retried:
+        if names.DUPLICATE in t.user_attrs or t.number in retried:
             continue
         if t.state == TrialState.RUNNING:
             running += 1

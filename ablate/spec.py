@@ -117,6 +117,11 @@ class Spec:
     _cells: list[Cell] = field(default_factory=list, repr=False)
 
     @property
+    def slug(self) -> str:
+        """``name`` as one safe path component: the folder of its checkpoints and reports."""
+        return path_slug(self.name)
+
+    @property
     def kind(self) -> str:
         """``search`` for a search spec, else ``grid`` (a spec without a grid is a grid of one cell)."""
         return "search" if self.search is not None else "grid"
@@ -143,6 +148,12 @@ class Spec:
             what = _format_values(values) or "base"
             raise AblateError(f"{self.path}: {what}: " + "; ".join(f"{f}: {msg}" for f, _, msg in errors))
         return config
+
+
+def path_slug(name: str) -> str:
+    """``name`` reduced to letters, digits, ``.``, ``_`` and ``-`` (no separators, no ``..``)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")
+    return slug or "unnamed"
 
 
 def load_spec(path: str | Path, *, check_paths: bool = True) -> Spec:

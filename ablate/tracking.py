@@ -16,11 +16,10 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from ablate import names
 from ablate.config import CellConfig, flat_params
 from ablate.locks import retry_busy as _retry, store_lock
 
-ROLE, KIND, KEY, STATE = "ablate.role", "ablate.kind", "ablate.cell_key", "ablate.state"
-PARENT_ID, RUN_NAME = "mlflow.parentRunId", "mlflow.runName"
 
 
 def client():
@@ -52,8 +51,8 @@ def ensure_experiment(name: str) -> str:
 
 
 def start_parent(experiment_id: str, kind: str, spec_file: str) -> str:
-    tags = {ROLE: "parent", KIND: kind, "ablate.spec_file": spec_file, "ablate.git_commit": git_commit(),
-            "ablate.host": socket.gethostname()}
+    tags = {names.ROLE: "parent", names.KIND: kind, names.SPEC_FILE: spec_file, names.GIT_COMMIT: git_commit(),
+            names.HOST: socket.gethostname()}
     run = _retry(client().create_run, experiment_id, tags=tags,
                  run_name=f"{kind} {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return run.info.run_id
@@ -70,7 +69,7 @@ def _param_value(v: Any) -> str:
 def find_cell_runs(experiment_id: str, key: str) -> list:
     """All child runs recorded for a cell key, newest first."""
     return _retry(client().search_runs, [experiment_id],
-                  filter_string=f"tags.`{KEY}` = '{key}' and tags.`{ROLE}` = 'cell'",
+                  filter_string=f"tags.`{names.CELL_KEY}` = '{key}' and tags.`{names.ROLE}` = 'cell'",
                   order_by=["attributes.start_time DESC"])
 
 
@@ -94,14 +93,14 @@ class CellRun:
             if run.info.status == "RUNNING":
                 _retry(c.update_run, run.info.run_id, status="RUNNING")
                 cr = cls(run.info.run_id, resumed=True)
-                cr.set_tags({"ablate.device": device, STATE: "RUNNING"})
+                cr.set_tags({names.DEVICE: device, names.STATE: "RUNNING"})
                 return cr
-        tags = {ROLE: "cell", KEY: key, STATE: "RUNNING", PARENT_ID: parent_id,
-                "ablate.varied": json.dumps(sorted(varied)), "ablate.spec_file": spec_file,
-                "ablate.git_commit": git_commit(), "ablate.device": device,
-                "ablate.host": socket.gethostname()}
+        tags = {names.ROLE: "cell", names.CELL_KEY: key, names.STATE: "RUNNING", names.PARENT_ID: parent_id,
+                names.VARIED: json.dumps(sorted(varied)), names.SPEC_FILE: spec_file,
+                names.GIT_COMMIT: git_commit(), names.DEVICE: device,
+                names.HOST: socket.gethostname()}
         if trial_number is not None:
-            tags["ablate.trial_number"] = str(trial_number)
+            tags[names.TRIAL_NUMBER] = str(trial_number)
         run = _retry(c.create_run, experiment_id, tags=tags, run_name=run_name or key)
         cr = cls(run.info.run_id, resumed=False)
         from mlflow.entities import Param
@@ -117,8 +116,8 @@ class CellRun:
         """A finished run for a search trial that repeated an earlier trial's configuration."""
         from mlflow.entities import Param
         tags = {k: v for k, v in run.data.tags.items() if k.startswith("ablate.")}
-        tags.update({PARENT_ID: parent_id, "ablate.trial_number": str(trial_number),
-                     "ablate.reused_from": run.info.run_id})
+        tags.update({names.PARENT_ID: parent_id, names.TRIAL_NUMBER: str(trial_number),
+                     names.REUSED_FROM: run.info.run_id})
         new = _retry(client().create_run, run.info.experiment_id, tags=tags,
                      run_name=f"{run.info.run_name} (repeat)")
         cr = cls(new.info.run_id, resumed=False)
@@ -139,9 +138,9 @@ class CellRun:
 
     def close(self, state: str, reason: Optional[str] = None) -> None:
         """state: COMPLETE | PRUNED | FAIL (the ledger's words) -> FINISHED | KILLED | FAILED."""
-        tags = {STATE: state}
+        tags = {names.STATE: state}
         if reason:
-            tags["ablate.failure"] = reason[:5000]
+            tags[names.FAILURE] = reason[:5000]
         self.set_tags(tags)
         finish_run(self.run_id, {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
 
@@ -149,6 +148,6 @@ class CellRun:
 def finished_run(experiment_id: str, key: str):
     """This cell's FINISHED run, if one exists (work already done)."""
     for run in find_cell_runs(experiment_id, key):
-        if run.info.status == "FINISHED" and run.data.tags.get(STATE) == "COMPLETE":
+        if run.info.status == "FINISHED" and run.data.tags.get(names.STATE) == "COMPLETE":
             return run
     return None

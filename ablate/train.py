@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ablate import names
 from ablate.config import CellConfig
 
 
@@ -132,8 +133,8 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
     log(f"data: {cfg.data.name} via the {loaders.kind} loader ({loaders.n_train} train / {loaders.n_val} val "
         f"images); model: {cost.params / 1e6:.3g}M params, {cost.macs / 1e9:.3g} GMACs per image")
     if on_start is not None:
-        on_start({"ablate.data_loader": loaders.kind, "ablate.n_train": loaders.n_train,
-                  "ablate.n_val": loaders.n_val, "ablate.device": str(device)})
+        on_start({names.DATA_LOADER: loaders.kind, names.N_TRAIN: loaders.n_train,
+                  names.N_VAL: loaders.n_val, names.DEVICE: str(device)})
 
     # resume
     checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from optuna.trial import TrialState
 
-from ablate.ledger import DUPLICATE, KEY, WORKER, Ledger
+from ablate.ledger import Ledger
+from ablate.names import CELL_KEY as KEY, DUPLICATE, WORKER
 
 
 @dataclass

@@ -1,0 +1,35 @@
+"""The names ``ablate`` writes into its stores, spelled once.
+
+MLflow run tags and Optuna trial user attributes are how every process (workers on other
+machines, ``ablate report``, ``ablate status``) finds and reads what another one recorded, so
+each name lives here and nowhere else. Values are plain strings (MLflow tags) or JSON-able
+values (Optuna user attributes).
+"""
+
+# ---- MLflow run tags -----------------------------------------------------------------------
+ROLE = "ablate.role"              # "parent": one per ablate run/search invocation; "cell": one per cell or trial
+KIND = "ablate.kind"              # parent runs: "grid" or "search"
+STATE = "ablate.state"            # cell runs: RUNNING, then COMPLETE, PRUNED or FAIL (the ledger's words)
+SPEC_FILE = "ablate.spec_file"    # the spec file as given on the command line
+VARIED = "ablate.varied"          # cell runs: JSON list of the dotted settings the spec varies
+GIT_COMMIT = "ablate.git_commit"  # the commit of the code that ran
+HOST = "ablate.host"              # the machine that ran it
+DEVICE = "ablate.device"          # cpu, cuda:0, ...
+DATA_LOADER = "ablate.data_loader"  # which data path trained the cell: cache, folder, memory
+N_TRAIN = "ablate.n_train"        # training images the loader found
+N_VAL = "ablate.n_val"            # validation images the loader found
+TRIAL_NUMBER = "ablate.trial_number"  # the ledger trial a cell run belongs to
+REUSED_FROM = "ablate.reused_from"    # a search trial that repeated a trained configuration: the run it copies
+
+# ---- tags of MLflow and attributes of Optuna trials alike -----------------------------------
+CELL_KEY = "ablate.cell_key"      # the cell's stable key (ablate.config.cell_key)
+FAILURE = "ablate.failure"        # why a cell or trial failed, one line
+
+# ---- Optuna trial user attributes (the ledger) ----------------------------------------------
+WORKER = "ablate.worker"          # "host:pid" of the worker that claimed the trial
+VALUES = "ablate.values"          # grid trials: JSON of the cell's varied values
+DUPLICATE = "ablate.duplicate_of" # a second enqueue of the same cell: the number of the trial that runs it
+
+# ---- MLflow's own tag names that ablate sets ------------------------------------------------
+PARENT_ID = "mlflow.parentRunId"
+RUN_NAME = "mlflow.runName"
