@@ -138,3 +138,34 @@ def test_compiled_equals_eager():
     (g_eager,) = torch.autograd.grad((eager_out * weight).sum(), x)
     (g_compiled,) = torch.autograd.grad((compiled_out * weight).sum(), x)
     torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("border", ["keep", "zero"])
+def test_scripted_equals_eager_with_gradients(border):
+    # Scripted, the forward copy runs under autograd (a custom Function cannot be scripted); its
+    # gradient must be exactly the custom adjoint's.
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 8, requires_grad=True)
+    weight = torch.randn(2, 5, 6, 8)
+    for case in CASES.values():
+        shift = SpatialShift(case, border)
+        scripted = torch.jit.script(shift)
+        eager_out, scripted_out = shift(x), scripted(x)
+        torch.testing.assert_close(scripted_out, eager_out, rtol=0, atol=0)
+        (g_eager,) = torch.autograd.grad((eager_out * weight).sum(), x)
+        (g_scripted,) = torch.autograd.grad((scripted_out * weight).sum(), x)
+        torch.testing.assert_close(g_scripted, g_eager, rtol=0, atol=0)
+    with pytest.raises(torch.jit.Error, match="6 channels cannot be split into 4 equal shift groups"):
+        torch.jit.script(SpatialShift("four"))(torch.randn(1, 3, 3, 6))
+
+
+def test_fx_traces_the_shift_as_one_call():
+    # The rectangles depend on the input's shape, which a symbolic trace does not know.
+    traced = torch.fx.symbolic_trace(SpatialShift("eight", "zero"))
+    calls = [n for n in traced.graph.nodes if n.op == "call_function"]
+    assert [n.target.__name__ for n in calls] == ["shift_channels"]
+    x = torch.randn(2, 4, 4, 16)
+    torch.testing.assert_close(traced(x), spatial_shift(x, "eight", "zero"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="12 channels cannot be split into 8 equal shift groups"):
+        traced(torch.randn(1, 3, 3, 12))  # the checks run when the traced module runs
