@@ -5,9 +5,9 @@ Importing this package registers the paper's two settings with timm
 and imported by :mod:`ablate.config`; everything else here needs torch.
 """
 from ablate.models.cost import Cost, model_cost
-from ablate.models.s2mlp import VARIANTS, Affine, S2Block, S2MLP, build_model
+from ablate.models.s2mlp import VARIANTS, Affine, PreNormS2Block, S2Block, S2MLP, build_model
 from ablate.models.shift import SpatialShift, spatial_shift
 from ablate.models.shift_patterns import SHIFT_PATTERNS, resolve_offsets
 
-__all__ = ["Affine", "Cost", "S2Block", "S2MLP", "SHIFT_PATTERNS", "SpatialShift", "VARIANTS",
-           "build_model", "model_cost", "resolve_offsets", "spatial_shift"]
+__all__ = ["Affine", "Cost", "PreNormS2Block", "S2Block", "S2MLP", "SHIFT_PATTERNS", "SpatialShift",
+           "VARIANTS", "build_model", "model_cost", "resolve_offsets", "spatial_shift"]
