@@ -202,10 +202,13 @@ def data_cache(source, size, out, workers, force):
     """Decode every image of an image-folder tree (DIR, or SPEC's dataset) once into a uint8
     memory-mapped array per split, <root>/.ablate-cache/<split>-<S>/.
 
-    Each image's short side is resized to S and the centre S x S square kept. Training then
-    reads batches from the array and crops, flips and normalises them as tensor ops (on the
-    GPU when there is one); data.loader: auto uses the cache once it exists. Unreadable
-    images are skipped and counted. A killed build leaves no partial cache.
+    Each image is kept whole, its short side resized to S. Training then reads batches from
+    the array and crops (relative to the whole image, as the folder loader does), flips,
+    augments and normalises them as tensor ops (on the GPU when there is one); data.loader:
+    auto uses the cache once it exists. Unreadable images are skipped and counted. A killed
+    build leaves no partial cache. A cache whose image tree has changed since (files added,
+    removed, renamed, rewritten or touched), or in an older format, is rebuilt; training
+    refuses such a cache.
 
     \b
     Examples:
@@ -217,7 +220,9 @@ def data_cache(source, size, out, workers, force):
         summary = build_cache(target.root, target.size, cache_dir=target.cache_dir, workers=workers, force=force,
                               log=click.echo)
         for split, s in summary.items():
-            state = f"{s['seconds']:.1f} s" if s["built"] else "exists, --force rebuilds it"
+            state = f"{s['seconds']:.1f} s" if s["built"] else "exists and is current, --force rebuilds it"
+            if s["rebuilt"]:
+                state += f"; rebuilt: {s['rebuilt']}"
             click.echo(f"{split}-{target.size}: {s['images']} images, {s['skipped']} skipped ({state}) -> {s['path']}")
 
 

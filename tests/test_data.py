@@ -17,7 +17,7 @@ from ablate.config import CellConfig
 from ablate.data import build_loaders
 from ablate.data.batch_transforms import TrainBatchTransform, random_erase, resize_crops, sample_crop_boxes
 from ablate.data.cache import build_cache, build_split_cache, open_cache, split_cache_path
-from ablate.data.folder import scan_split
+from ablate.data.scan import scan_split
 from ablate.data.imagenet100 import build_imagenet100, cmc_classes
 from ablate.data.seeding import generator
 from ablate.errors import AblateError
@@ -221,17 +221,22 @@ def test_cache_build_layout_and_labels(tree):
     assert summary["train"]["images"] == 15 and summary["train"]["skipped"] == 2  # broken.jpg + notes.txt
     assert summary["val"]["images"] == 6 and summary["val"]["skipped"] == 0
     path = split_cache_path(tree / ".ablate-cache", "train", 36)
-    assert path == Path(summary["train"]["path"]) and sorted(os.listdir(path)) == ["images.npy", "labels.npy", "meta.json"]
-    cached = open_cache(path)
-    assert cached.images.shape == (16, 36, 36, 3) and cached.images.dtype == torch.uint8
-    assert cached.classes == list(CLASSES)
+    assert path == Path(summary["train"]["path"])
+    assert sorted(os.listdir(path)) == ["files.json", "geometry.npy", "labels.npy", "meta.json", "pixels.npy"]
     folder = scan_split(tree, "train")
+    cached = open_cache(path, folder)
+    # whole images, short side 36: 48x36 landscape -> 48 rows stored transposed, 36x48 portrait -> 48 rows
+    assert cached.images.pixels.shape == (15 * 48, 36, 3) and cached.images.pixels.dtype == torch.uint8
+    assert cached.classes == list(CLASSES)
     expected = torch.tensor([label for _, label in folder.samples])
     broken = [i for i, (p, _) in enumerate(folder.samples) if p.endswith("broken.jpg")]
     assert torch.equal(cached.labels[cached.rows], expected[cached.rows])  # folder order and labels
     assert cached.labels[broken].tolist() == [-1] and len(cached.rows) == 15
+    assert cached.images.length[broken].tolist() == [0] and cached.undecodable == [folder.samples[broken[0]][0]]
+    landscape = [i for i, (p, _) in enumerate(folder.samples) if Path(p).stem in ("1", "3")]
+    assert cached.images.transposed[landscape].all() and int(cached.images.transposed.sum()) == len(landscape)
     meta = json.loads((path / "meta.json").read_text())
-    assert {Path(s["path"]).name for s in meta["skipped"]} == {"broken.jpg", "notes.txt"}
+    assert meta["format"] == 2 and {Path(s["path"]).name for s in meta["skipped"]} == {"broken.jpg", "notes.txt"}
     again = build_cache(tree, 36, workers=1, progress=False, log=lambda _: None)
     assert again["train"]["built"] is False
 
@@ -326,7 +331,7 @@ def test_data_cache_from_a_spec(tree, tmp_path):
 # ---- batched tensor augmentation ---------------------------------------------------------------
 
 def test_crop_boxes_follow_random_resized_crop():
-    boxes = sample_crop_boxes(2000, 40, 60, (0.25, 1.0), g=generator(0))
+    boxes = sample_crop_boxes(40, 60, (0.25, 1.0), g=generator(0), n=2000)
     x0, y0, x1, y1 = boxes.unbind(1)
     w, h = x1 - x0, y1 - y0
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 60).all() and (y1 <= 40).all() and (w > 0).all()
@@ -334,8 +339,8 @@ def test_crop_boxes_follow_random_resized_crop():
     assert area.min() >= 0.24 and area.max() <= 1.0
     assert ((w.float() / h).log().abs() <= np.log(4 / 3) + 0.1).all()
     # nothing fits a 1-pixel-high strip: the centre-crop fallback
-    assert sample_crop_boxes(3, 1, 50, (0.9, 1.0), g=generator(0)).tolist() == [[24, 0, 25, 1]] * 3
-    assert torch.equal(boxes, sample_crop_boxes(2000, 40, 60, (0.25, 1.0), g=generator(0)))
+    assert sample_crop_boxes(1, 50, (0.9, 1.0), g=generator(0), n=3).tolist() == [[24, 0, 25, 1]] * 3
+    assert torch.equal(boxes, sample_crop_boxes(40, 60, (0.25, 1.0), g=generator(0), n=2000))
 
 
 def test_resize_backends_agree():
@@ -381,3 +386,125 @@ def test_gpu_pipeline_runs_on_any_device():
     loop = EvalBatchTransform(size=24, crop_fraction=0.875, **common)(images)
     roi = EvalBatchTransform(size=24, crop_fraction=0.875, backend="roi_align", **common)(images)
     assert roi.shape == loop.shape == (16, 3, 24, 24)
+
+
+# ---- symbolic links, counts, workers, warnings ---------------------------------------------------
+
+def test_a_symlink_loop_in_a_class_folder_is_not_followed(tree):
+    """``train/ant/loop -> ..`` would list every class again under ``ant``: the link is
+    skipped (and said so), and counts, labels and training are those of the real files."""
+    from ablate.data.scan import count_images
+
+    before = scan_split(tree, "train")
+    os.symlink("..", tree / "train" / "ant" / "loop")
+    after = scan_split(tree, "train")
+    assert after.samples == before.samples and len(after.samples) == 16
+    assert (str(tree / "train" / "ant" / "loop"), "a link to a folder inside a class folder (not followed)") \
+        in after.skipped
+    assert count_images(tree) == (16, 6)
+    logged = []
+    loaders = build_loaders(folder_cfg(tree), CPU, log=logged.append)
+    assert (loaders.kind, loaders.n_train, loaders.n_val) == ("folder", 16, 6)
+    assert any("loop" in line and "not followed" in line for line in logged)
+    build_cache(tree, 36, workers=1, progress=False, log=lambda _: None)
+    assert build_loaders(folder_cfg(tree), CPU, log=lambda _: None).n_train == 15  # 16 less the truncated JPEG
+
+
+def test_linked_class_folders_are_followed_but_not_into_a_loop(tree, tmp_path):
+    from ablate.data.scan import count_images
+
+    elsewhere = tmp_path / "more" / "dog"
+    for i in range(3):
+        write_jpeg(elsewhere / f"{i}.jpg", 500 + i)
+    os.symlink(elsewhere, tree / "train" / "dog")
+    split = scan_split(tree, "train")
+    assert split.classes == ["ant", "bee", "cat", "dog"] and sum(1 for _, c in split.samples if c == 3) == 3
+    assert count_images(tree) == (19, 6)
+    os.symlink(".", tree / "train" / "zzz")  # a class folder that is the split folder itself
+    with pytest.raises(AblateError, match="loop"):
+        scan_split(tree, "train")
+
+
+def test_imagenet100_links_to_image_files_train_on_both_loaders(tmp_path):
+    """ImageNet100 is made of links to image files: the folder loader, the cache (and its
+    staleness check through the links) and the counts all read them."""
+    from ablate.data.scan import count_images
+
+    imagenet = tmp_path / "imagenet"
+    classes = cmc_classes()[:3]
+    for c, wnid in enumerate(classes):
+        for split, n in (("train", 4), ("val", 2)):
+            for i in range(n):
+                write_jpeg(imagenet / split / wnid / f"{wnid}_{i}.JPEG", 100 * c + i, size=(40, 30))
+    out = tmp_path / "imagenet100"
+    build_imagenet100(imagenet, out, classes=classes)
+    assert (out / "train" / classes[0] / f"{classes[0]}_0.JPEG").is_symlink()
+    assert count_images(out) == (12, 6)
+    folder = build_loaders(folder_cfg(out, loader="folder"), CPU, log=lambda _: None)
+    build_cache(out, 36, workers=1, progress=False, log=lambda _: None)
+    cache = build_loaders(folder_cfg(out, loader="cache"), CPU, log=lambda _: None)
+    assert (folder.n_train, folder.n_val) == (cache.n_train, cache.n_val) == (12, 6)
+    assert cache.skipped() == folder.skipped() == 0
+    write_jpeg(imagenet / "train" / classes[0] / f"{classes[0]}_0.JPEG", 999, size=(40, 30))  # the linked file changes
+    with pytest.raises(AblateError, match="stale cache"):
+        build_loaders(folder_cfg(out, loader="cache"), CPU, log=lambda _: None)
+
+
+def test_data_modules_that_the_cli_reads_do_not_import_torch():
+    """``ablate.data.scan`` and ``ablate.data.constants`` (image counts and constants for
+    ``ablate plan``) load without torch or timm, the package's own import aside."""
+    import subprocess
+    import sys
+
+    code = ("import sys, types\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'timm', 'torchvision'):\n"
+            "            raise ImportError('blocked: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "package = types.ModuleType('ablate')\n"
+            f"package.__path__ = [{str(Path(__file__).parents[1] / 'ablate')!r}]\n"
+            "sys.modules['ablate'] = package\n"
+            "import ablate.data, ablate.data.scan, ablate.data.constants\n"
+            "print(ablate.data.constants.IMAGE_EXTENSIONS[0], ablate.data.scan.count_images.__name__)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [".jpg", "count_images"]
+
+
+def test_image_constants_have_one_home():
+    """The DeiT constants live in ablate.data.constants; other data modules use them."""
+    from ablate.data import batch_transforms, cache, constants, scan, transforms
+
+    assert batch_transforms.CROP_RATIO is constants.CROP_RATIO
+    assert transforms.IMAGENET_MEAN is constants.IMAGENET_MEAN and transforms.EVAL_CROP_PCT is constants.EVAL_CROP_PCT
+    assert scan.IMAGE_EXTENSIONS is constants.IMAGE_EXTENSIONS
+    assert cache.default_cache_size(224) == constants.eval_resize_size(224) == 256
+
+
+def test_data_workers_are_capped_at_the_usable_cpus_without_warnings(tree, capfd):
+    """``data.workers: 64`` on this machine: as many workers as CPUs, and neither DataLoader
+    nor any other part of the data path warns (warnings are errors here)."""
+    import warnings
+
+    from ablate.data.folder import usable_workers
+
+    cpus = len(os.sched_getaffinity(0))
+    assert usable_workers(64) == cpus and usable_workers(1) == 1 and usable_workers(0) == 0
+    deit = {"batch_size": 4, "randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25, "crop_scale": 0.08}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logged = []
+        folder = build_loaders(config(data={"name": "imagefolder", "root": str(tree), "workers": 64, "loader": "folder"},
+                                      train=deit), CPU, log=logged.append)
+        assert folder.train.loader.num_workers == cpus
+        assert any(f"{cpus} workers" in line for line in logged)
+        batches(folder.train)
+        batches(folder.val)
+        build_cache(tree, 36, workers=1, progress=False, log=lambda _: None)
+        cache = build_loaders(config(data={"name": "imagefolder", "root": str(tree), "loader": "cache"}, train=deit),
+                              CPU, log=lambda _: None)
+        batches(cache.train)
+        batches(cache.val)
+        batches(build_loaders(config(train={**deit, "batch_size": 64}), CPU).train)  # digits
+    assert "Warning" not in capfd.readouterr().err

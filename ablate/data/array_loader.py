@@ -1,7 +1,7 @@
-"""Batches from a uint8 image array held in memory (digits) or memory-mapped (the cache).
+"""Batches from uint8 images held in memory (digits) or memory-mapped (the cache).
 
-Each epoch: a permutation of the rows from (seed, epoch); per batch, a background thread
-gathers the rows into one (pinned, when the target is a GPU) uint8 tensor, the batch is
+Each epoch: a permutation of the images from (seed, epoch); per batch, a background thread
+gathers the images into one packed (pinned, when the target is a GPU) uint8 tensor, the batch is
 copied to the device on a side CUDA stream one step ahead of use, and the batch transform
 (:mod:`ablate.data.batch_transforms`) crops, flips and normalises it there. Nothing per
 image runs in Python on the GPU path, which is what lets a small S²-MLP be fed at tens of
@@ -16,23 +16,73 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from ablate.data.batch_transforms import PackedBatch
 from ablate.data.seeding import derive_seed, epoch_permutation
+
+
+class PackedImages:
+    """Uint8 images of any sizes, stored as :class:`PackedBatch` stores a batch.
+
+    ``pixels`` ``(T, W, C)`` (in memory or memory-mapped), image ``i`` at rows
+    ``start[i]:start[i] + length[i]``, transposed when ``transposed[i]`` (see
+    :class:`~ablate.data.batch_transforms.PackedBatch`).
+    """
+
+    def __init__(self, pixels: torch.Tensor, start: torch.Tensor, length: torch.Tensor, transposed: torch.Tensor):
+        self.pixels, self.start, self.length, self.transposed = pixels, start, length, transposed
+
+    @classmethod
+    def from_fixed(cls, images: torch.Tensor) -> "PackedImages":
+        """Equal-sized images ``(N, H, W, C)`` (a view, no copy)."""
+        n, h, w, c = images.shape
+        return cls(images.reshape(n * h, w, c), torch.arange(n) * h, torch.full((n,), h),
+                   torch.zeros(n, dtype=torch.bool))
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    @property
+    def heights(self) -> torch.Tensor:
+        """Each image's height in its own orientation."""
+        return torch.where(self.transposed, self.pixels.shape[1], self.length)
+
+    @property
+    def widths(self) -> torch.Tensor:
+        return torch.where(self.transposed, self.length, self.pixels.shape[1])
+
+    def gather(self, rows: torch.Tensor, *, pin: bool = False, parallel: bool = False) -> PackedBatch:
+        """The images ``rows`` as one packed batch (``pin``: in pinned memory, for CUDA).
+
+        ``parallel`` copies with torch's threads (a GPU machine has cores to spare); else with
+        NumPy's single thread, which leaves the other cores to the batch transform.
+        """
+        start, length = self.start[rows], self.length[rows]
+        out_start = torch.cumsum(length, 0) - length
+        total = int(length.sum())
+        index = torch.arange(total) + torch.repeat_interleave(start - out_start, length, output_size=total)
+        out = torch.empty((total, *self.pixels.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        if parallel:
+            torch.index_select(self.pixels, 0, index, out=out)
+        else:
+            np.take(self.pixels.numpy(), index.numpy(), axis=0, out=out.numpy())
+        return PackedBatch(out, out_start, length, self.transposed[rows])
 
 
 class ArrayBatches:
     """Iterable of ``(images float32 (B, C, H', W'), targets int64 (B,))`` on ``device``.
 
-    ``images`` is a uint8 CPU tensor ``(N, H, W, C)`` (possibly backed by a memory map) and
-    ``labels`` int64 ``(N,)``; ``rows`` restricts to the usable rows (a cache leaves the rows
-    of undecodable images out). ``train`` shuffles per epoch and drops the last incomplete
-    batch; evaluation keeps the order and every image.
+    ``images`` is :class:`PackedImages` (the cache) or a uint8 CPU tensor ``(N, H, W, C)``
+    (the digits), ``labels`` int64 ``(N,)``; ``rows`` restricts to the usable rows (a cache
+    leaves the rows of undecodable images out). ``train`` shuffles per epoch and drops the
+    last incomplete batch; evaluation keeps the order and every image.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable[[torch.Tensor, int], torch.Tensor],
+    def __init__(self, images, labels: torch.Tensor, transform: Callable[[PackedBatch, int], torch.Tensor],
                  *, batch_size: int, train: bool, seed: int, device: torch.device,
                  rows: Optional[torch.Tensor] = None, skipped_paths: Iterable[str] = ()):
-        self.images, self.labels, self.transform = images, labels, transform
-        self.rows = torch.arange(len(images)) if rows is None else rows
+        self.images = images if isinstance(images, PackedImages) else PackedImages.from_fixed(images)
+        self.labels, self.transform = labels, transform
+        self.rows = torch.arange(len(self.images)) if rows is None else rows
         self.batch_size, self.train, self.seed, self.device = batch_size, train, seed, torch.device(device)
         self.epoch = 0
         self.skipped_paths = set(skipped_paths)
@@ -49,35 +99,33 @@ class ArrayBatches:
         # sorted within a batch: memory-map reads in file order (the batch is the same set)
         return [order[b * self.batch_size:(b + 1) * self.batch_size].sort().values for b in range(len(self))]
 
-    def _gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pin = self.device.type == "cuda"
-        out = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
-        if pin:  # a GPU machine has cores to spare: torch's parallel copy
-            torch.index_select(self.images, 0, rows, out=out)
-        else:  # NumPy's single-threaded copy leaves the other cores to the batch transform
-            np.take(self.images.numpy(), rows.numpy(), axis=0, out=out.numpy())
+    def _gather(self, rows: torch.Tensor) -> tuple[PackedBatch, torch.Tensor]:
+        pin = self.device.type == "cuda"  # pinned memory needs CUDA; the copy below is the same either way
         labels = self.labels[rows]
-        return out, labels.pin_memory() if pin else labels
+        return self.images.gather(rows, pin=pin, parallel=pin), labels.pin_memory() if pin else labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         host = background((self._gather(r) for r in self._batch_rows()), depth=2)
         for b, (x, y) in enumerate(to_device(host, self.device)):
-            x = x.permute(0, 3, 1, 2)  # NHWC storage -> NCHW view (channels-last strides)
             seed = derive_seed(self.seed, self.epoch if self.train else 0, b)
             yield self.transform(x, seed), y
 
 
-def to_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Move batches to ``device``; on CUDA the copy of batch k+1 (on a side stream) overlaps
+def to_device(batches: Iterable[tuple[PackedBatch, torch.Tensor]], device: torch.device
+              ) -> Iterator[tuple[PackedBatch, torch.Tensor]]:
+    """Move ``(images, labels)`` batches to ``device`` (the images' geometry stays on the CPU,
+    where the crop boxes are drawn); on CUDA the copy of batch k+1 (on a side stream) overlaps
     the work on batch k."""
     if device.type != "cuda":
-        yield from batches
+        for images, labels in batches:
+            yield images.to(device), labels.to(device)
         return
     stream = torch.cuda.Stream(device)
 
     def issue(item):
+        images, labels = item
         with torch.cuda.stream(stream):
-            return tuple(t.to(device, non_blocking=True) for t in item)
+            return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
     items = iter(batches)
     ahead = next(items, None)
@@ -86,7 +134,7 @@ def to_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device)
         main = torch.cuda.current_stream(device)
         main.wait_stream(stream)
         current = ahead
-        for t in current:
+        for t in (current[0].pixels, current[1]):
             t.record_stream(main)  # allocated on the side stream, used on the main one
         item = next(items, None)
         ahead = issue(item) if item is not None else None

@@ -1,26 +1,30 @@
 """The training augmentation as batched tensor ops on uint8 images (the fast data path).
 
 Decoding JPEGs, not the model, limits a small S²-MLP on a big GPU. The cache path
-(:mod:`ablate.data.cache`) and the in-memory digits therefore hand whole uint8 batches
-``(B, C, H, W)`` to the transforms here, which run where the batch lives (the GPU when
-there is one) and stay uint8 until the last step:
+(:mod:`ablate.data.cache`) and the in-memory digits therefore hand whole uint8 batches to
+the transforms here, which run where the batch lives (the GPU when there is one) and stay
+uint8 until the last step. The recipe is the folder loader's (timm's ``create_transform``):
 
-1. random resized crop: per-sample boxes drawn exactly as torchvision's
-   ``RandomResizedCrop.get_params`` does (scale ``(crop_scale, 1)``, aspect ratio (3/4, 4/3),
-   ten tries, then a centre crop), each box resized to ``size x size`` with bilinear
-   interpolation;
+1. random resized crop: per-image boxes drawn as torchvision's
+   ``RandomResizedCrop.get_params`` draws them, relative to the whole image (area fraction
+   in ``(crop_scale, 1)``, aspect ratio in (3/4, 4/3), ten tries, then the centre-crop
+   fallback), each box resized to ``size x size`` with bilinear interpolation;
 2. horizontal flip with probability ``hflip``;
-3. RandAugment (optional; torchvision's ops on uint8 tensors, see :class:`TensorRandAugment`);
+3. RandAugment (optional): timm's policy, per image (:mod:`ablate.data.rand_augment`);
 4. conversion to float32 and normalisation;
 5. random erasing (optional; timm's ``RandomErasing`` in pixel mode, vectorised).
 
-Two resize back-ends give the same crops:
+A batch is a :class:`PackedBatch`: images of different sizes (the cache keeps every image
+whole, its short side resized) stacked along one axis of one uint8 tensor. Two resize
+back-ends crop it, with the same boxes:
 
-* ``"loop"`` (CPU): one antialiased bilinear resize per image on uint8 (PyTorch's
-  vectorised uint8 kernel, the same filter as PIL's ``resize``), output uint8;
-* ``"roi_align"`` (CUDA): one batched ``torchvision.ops.roi_align`` call with adaptive
-  sampling (bilinear when enlarging, an average over ``ceil(box/size)`` points per output
-  pixel when shrinking), on float.
+* ``"loop"`` (the CPU default): one antialiased bilinear resize per image on uint8
+  (PyTorch's uint8 kernel, the same filter as PIL's ``resize``), output uint8;
+* ``"roi_align"`` (the CUDA default): one ``torchvision.ops.roi_align`` call over the
+  whole packed batch with adaptive sampling (bilinear when enlarging, an average over
+  ``ceil(box/size)`` points per output pixel when shrinking), on float.
+
+Both back-ends are plain tensor code that runs on any device; the tests run both on CPU.
 
 All randomness comes from generators seeded by the ``seed`` argument (see
 :mod:`ablate.data.seeding`), so a batch is a function of (its pixels, seed) only.
@@ -29,40 +33,99 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
-from ablate.data.seeding import derive_seed, generator, seeded_global_rngs
+from ablate.data.constants import CROP_RATIO
+from ablate.data.seeding import derive_seed, generator
 from ablate.errors import AblateError
 
-CROP_RATIO = (3 / 4, 4 / 3)
 #: timm ``RandomErasing`` defaults
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
 _ATTEMPTS = 10
 
 
+# ---- packed batches ---------------------------------------------------------------------
+
+@dataclass
+class PackedBatch:
+    """``B`` images of different sizes in one uint8 tensor.
+
+    ``pixels`` is ``(T, W, C)``: rows of a common width ``W``, image ``i`` being rows
+    ``start[i]:start[i] + length[i]``. An image whose ``transposed[i]`` is set is stored
+    transposed (rows are its columns): the cache stores every image with its short side
+    across, so one width fits all. ``start``, ``length`` and ``transposed`` are CPU tensors;
+    ``pixels`` may live on any device.
+    """
+    pixels: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+    transposed: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    @property
+    def heights(self) -> torch.Tensor:
+        """Each image's height in its own orientation."""
+        return torch.where(self.transposed, self.pixels.shape[1], self.length)
+
+    @property
+    def widths(self) -> torch.Tensor:
+        return torch.where(self.transposed, self.length, self.pixels.shape[1])
+
+    @property
+    def canvas(self) -> torch.Tensor:
+        """The pixels as one image ``(1, C, T, W)`` (a view)."""
+        return self.pixels.permute(2, 0, 1).unsqueeze(0)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "PackedBatch":
+        return PackedBatch(self.pixels.to(device, non_blocking=non_blocking), self.start, self.length, self.transposed)
+
+    @classmethod
+    def from_images(cls, images: torch.Tensor) -> "PackedBatch":
+        """A batch of equal-sized images ``(B, C, H, W)``."""
+        b, c, h, w = images.shape
+        return cls(images.permute(0, 2, 3, 1).reshape(b * h, w, c), torch.arange(b) * h, torch.full((b,), h),
+                   torch.zeros(b, dtype=torch.bool))
+
+
+Images = Union[PackedBatch, torch.Tensor]
+
+
+def as_packed(images: Images) -> PackedBatch:
+    return images if isinstance(images, PackedBatch) else PackedBatch.from_images(images)
+
+
 # ---- crop boxes -------------------------------------------------------------------------
 
-def sample_crop_boxes(n: int, height: int, width: int, scale: Sequence[float],
-                      ratio: Sequence[float] = CROP_RATIO, *, g: torch.Generator) -> torch.Tensor:
-    """``n`` random-resized-crop boxes ``(x0, y0, x1, y1)`` (int64, pixel edges).
+def _sizes(n: int, size) -> torch.Tensor:
+    return torch.as_tensor(size, dtype=torch.int64).expand(n)
+
+
+def sample_crop_boxes(heights, widths, scale: Sequence[float], ratio: Sequence[float] = CROP_RATIO, *,
+                      g: torch.Generator, n: Optional[int] = None) -> torch.Tensor:
+    """Random-resized-crop boxes ``(x0, y0, x1, y1)`` (int64, pixel edges), one per image of
+    ``heights`` x ``widths`` (tensors, or ints with ``n``).
 
     Vectorised ``torchvision.transforms.RandomResizedCrop.get_params``: ten tries of an
-    area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``; the first
-    that fits wins, otherwise the largest centre crop within ``ratio``.
+    area fraction (of the whole image) uniform in ``scale`` and a log-uniform aspect ratio
+    in ``ratio``; the first that fits wins, otherwise the largest centre crop within
+    ``ratio``.
     """
-    area = height * width
+    n = len(heights) if n is None else n
+    height, width = _sizes(n, heights), _sizes(n, widths)
+    area = (height * width).to(torch.float64).unsqueeze(1)
     target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, _ATTEMPTS, generator=g, dtype=torch.float64))
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * torch.rand(n, _ATTEMPTS, generator=g, dtype=torch.float64))
     w = torch.sqrt(target * aspect).round().long()
     h = torch.sqrt(target / aspect).round().long()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = fits.long().argmax(dim=1, keepdim=True)
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
     u = torch.rand(n, 2, generator=g, dtype=torch.float64)
@@ -71,30 +134,31 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: Sequence[float],
 
     found = fits.any(dim=1)
     if not bool(found.all()):  # fallback: centre crop, clamped to the ratio range
-        in_ratio = width / height
-        if in_ratio < min(ratio):
-            cw, ch = width, int(round(width / min(ratio)))
-        elif in_ratio > max(ratio):
-            cw, ch = int(round(height * max(ratio))), height
-        else:
-            cw, ch = width, height
+        in_ratio = width.double() / height.double()
+        narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+        cw = torch.where(wide, (height.double() * max(ratio)).round().long(), width)
+        ch = torch.where(narrow, (width.double() / min(ratio)).round().long(), height)
         w, h = torch.where(found, w, cw), torch.where(found, h, ch)
         x0 = torch.where(found, x0, (width - cw) // 2)
         y0 = torch.where(found, y0, (height - ch) // 2)
     return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
 
 
-def center_boxes(n: int, height: int, width: int, fraction: float = 1.0) -> torch.Tensor:
-    """``n`` identical centre boxes covering ``fraction`` of each side (evaluation crops)."""
-    ch, cw = max(1, round(height * fraction)), max(1, round(width * fraction))
-    y0, x0 = (height - ch) // 2, (width - cw) // 2
-    return torch.tensor([[x0, y0, x0 + cw, y0 + ch]], dtype=torch.long).expand(n, 4)
+def center_boxes(heights, widths, fraction: float = 1.0, *, n: Optional[int] = None) -> torch.Tensor:
+    """Evaluation boxes: the centre square of side ``round(short side * fraction)`` of each
+    image, placed as torchvision's ``CenterCrop`` places it."""
+    n = len(heights) if n is None else n
+    height, width = _sizes(n, heights), _sizes(n, widths)
+    side = (torch.minimum(height, width).double() * fraction).round().long().clamp(min=1)
+    y0 = ((height - side).double() / 2).round().long()
+    x0 = ((width - side).double() / 2).round().long()
+    return torch.stack([x0, y0, x0 + side, y0 + side], dim=1)
 
 
-# ---- resize -----------------------------------------------------------------------------
+# ---- crop and resize ----------------------------------------------------------------------
 
 def default_backend(device: torch.device) -> str:
-    return "roi_align" if device.type == "cuda" else "loop"
+    return "roi_align" if torch.device(device).type == "cuda" else "loop"
 
 
 @contextlib.contextmanager
@@ -117,26 +181,42 @@ def one_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def resize_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, backend: str = "loop") -> torch.Tensor:
-    """Crop ``boxes`` out of ``images`` (uint8, B x C x H x W) and resize each to ``size x size``.
+def _canvas_boxes(batch: PackedBatch, boxes: torch.Tensor) -> torch.Tensor:
+    """Boxes in each image's own orientation -> boxes on ``batch.canvas``."""
+    x0, y0, x1, y1 = boxes.unbind(1)
+    t, s = batch.transposed, batch.start
+    return torch.stack([torch.where(t, y0, x0), s + torch.where(t, x0, y0),
+                        torch.where(t, y1, x1), s + torch.where(t, x1, y1)], dim=1)
+
+
+def resize_crops(images: Images, boxes: torch.Tensor, size: int, backend: str = "loop") -> torch.Tensor:
+    """Crop ``boxes`` (each image's own coordinates) out of ``images`` and resize each crop to
+    ``size x size``: ``(B, C, size, size)``.
 
     ``loop`` returns uint8; ``roi_align`` returns float32 in 0..255 (see module docstring).
+    A box that already has the output size is copied, not resampled, by both.
     """
+    batch = as_packed(images)
+    canvas, on_canvas, n = batch.canvas, _canvas_boxes(batch, boxes), len(batch)
     if backend == "loop":
         from torchvision.transforms.v2 import functional as TF
 
-        out = torch.empty((len(images), images.shape[1], size, size), dtype=torch.uint8, device=images.device)
-        for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-            out[i] = TF.resize(images[i, :, y0:y1, x0:x1], [size, size], antialias=True)
+        out = torch.empty((n, canvas.shape[1], size, size), dtype=torch.uint8, device=canvas.device)
+        for i, ((x0, y0, x1, y1), transposed) in enumerate(zip(on_canvas.tolist(), batch.transposed.tolist())):
+            crop = canvas[0, :, y0:y1, x0:x1]
+            if transposed:
+                crop = crop.transpose(1, 2)
+            out[i] = crop if crop.shape[1:] == (size, size) else TF.resize(crop, [size, size], antialias=True)
         return out
     if backend == "roi_align":
         from torchvision.ops import roi_align
 
-        rois = torch.cat([torch.arange(len(images), dtype=torch.float32).unsqueeze(1),
-                          boxes.to(torch.float32)], dim=1)
-        rois = host_to(rois, images.device)
-        return roi_align(images.float(), rois, output_size=(size, size), spatial_scale=1.0,
-                         sampling_ratio=0, aligned=True)
+        rois = torch.cat([torch.zeros(n, 1), on_canvas.to(torch.float32)], dim=1)
+        out = roi_align(canvas.float(), host_to(rois, canvas.device), output_size=(size, size), spatial_scale=1.0,
+                        sampling_ratio=0, aligned=True)
+        if bool(batch.transposed.any()):
+            out = torch.where(host_to(batch.transposed, out.device).view(n, 1, 1, 1), out.transpose(-1, -2), out)
+        return out
     raise ValueError(f"unknown resize backend {backend!r} (allowed: loop, roi_align)")
 
 
@@ -167,67 +247,7 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return out.sub_(mean255).mul_(inv_std255)
 
 
-# ---- RandAugment and random erasing -------------------------------------------------------
-
-class TensorRandAugment:
-    """A timm RandAugment policy string (``rand-m9-n2-mstd0.5-inc1``) on uint8 tensors.
-
-    Runs torchvision's ``RandAugment`` (``num_ops = n``, magnitude ``m`` on timm's 0..10 scale,
-    a Gaussian magnitude jitter of ``mstd`` as timm does; ``inc``/``mmax``/``w`` sections are
-    accepted and not modelled: torchvision's ops are already the "increasing" variants). The
-    ops and magnitude are drawn per group of ``group_size`` consecutive images of a batch
-    (timm draws them per image): each op call costs about a millisecond of Python whatever
-    the image size, so per-image ops would make RandAugment the slowest step of the tensor
-    path; crops and flips stay per image. Empty-space fill is the dataset mean.
-    """
-
-    def __init__(self, policy: str, fill: Sequence[int], group_size: int = 8):
-        sections = policy.split("-")
-        if sections[0] != "rand":
-            raise AblateError(f"train.randaugment: {policy!r} is not supported by the tensor data path "
-                              "(allowed: a RandAugment policy rand-m<M>[-n<N>][-mstd<S>]..., or data.loader: folder)")
-        self.magnitude, self.num_ops, self.magnitude_std = 10.0, 2, 0.0  # timm's defaults
-        for section in sections[1:]:
-            m = re.fullmatch(r"([a-z]+)(.*)", section)
-            if not m:
-                raise AblateError(f"train.randaugment: {policy!r}: cannot read section {section!r}")
-            key, value = m.groups()
-            try:
-                if key == "m":
-                    self.magnitude = float(value)
-                elif key == "n":
-                    self.num_ops = int(value)
-                elif key == "mstd":
-                    self.magnitude_std = float(value)
-                elif key not in ("inc", "mmax", "w", "p"):
-                    raise ValueError
-            except ValueError:
-                raise AblateError(f"train.randaugment: {policy!r}: bad section {section!r} "
-                                  "(allowed: m<float>, n<int>, mstd<float>, inc<0|1>, mmax<float>)") from None
-        self.fill = list(fill)
-        self.group_size = group_size
-        self._ops: dict[int, torch.nn.Module] = {}
-
-    def _op(self, magnitude: float) -> torch.nn.Module:
-        from torchvision.transforms import v2
-
-        level = round(min(10.0, max(0.0, magnitude)) * 10)  # timm's 0..10 scale, in steps of 0.1
-        if level not in self._ops:
-            self._ops[level] = v2.RandAugment(num_ops=self.num_ops, magnitude=level, num_magnitude_bins=101,
-                                              fill=self.fill)
-        return self._ops[level]
-
-    def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        import random
-
-        out = images.clone()
-        with seeded_global_rngs(seed):  # torchvision draws the ops from torch's global RNG
-            for start in range(0, len(out), self.group_size):
-                m = random.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
-                group = slice(start, start + self.group_size)
-                out[group] = self._op(m)(out[group])
-        return out
-
+# ---- random erasing -----------------------------------------------------------------------
 
 def random_erase(x: torch.Tensor, prob: float, *, g: torch.Generator, noise_seed: int) -> torch.Tensor:
     """timm ``RandomErasing(prob, mode="pixel")`` for a whole normalised batch, vectorised.
@@ -285,27 +305,29 @@ class TrainBatchTransform:
     randaugment: Optional[str] = None
     random_erasing: float = 0.0
     backend: str = "loop"
-    _rand_augment: Optional[TensorRandAugment] = field(default=None, init=False, repr=False)
+    _rand_augment: Optional[object] = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.randaugment:
-            fill = [min(255, round(255 * m)) for m in self.mean]
-            self._rand_augment = TensorRandAugment(self.randaugment, fill)
+            from ablate.data.rand_augment import BatchRandAugment, timm_hparams
 
-    def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        with one_thread(images.device):
-            return self._augment(images, seed)
+            self._rand_augment = BatchRandAugment(self.randaugment, timm_hparams(self.size, self.mean))
 
-    def _augment(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        n, _, height, width = images.shape
+    def __call__(self, images: Images, seed: int) -> torch.Tensor:
+        batch = as_packed(images)
+        with one_thread(batch.pixels.device):
+            return self._augment(batch, seed)
+
+    def _augment(self, batch: PackedBatch, seed: int) -> torch.Tensor:
+        n = len(batch)
         g = generator(seed)
-        boxes = sample_crop_boxes(n, height, width, self.scale, CROP_RATIO, g=g)
+        boxes = sample_crop_boxes(batch.heights, batch.widths, self.scale, CROP_RATIO, g=g)
         flip = torch.rand(n, generator=g) < self.hflip
-        x = resize_crops(images, boxes, self.size, self.backend)
+        x = resize_crops(batch, boxes, self.size, self.backend)
         if bool(flip.any()):
             x = torch.where(host_to(flip, x.device).view(n, 1, 1, 1), x.flip(-1), x)
         if self._rand_augment is not None:
-            x = self._rand_augment(to_uint8(x), derive_seed(seed, 1))
+            x = self._rand_augment(to_uint8(x), generator(derive_seed(seed, 1)))
         x = normalize(x, self.mean, self.std)
         if self.random_erasing > 0:
             x = random_erase(x, self.random_erasing, g=g, noise_seed=derive_seed(seed, 2))
@@ -314,7 +336,8 @@ class TrainBatchTransform:
 
 @dataclass
 class EvalBatchTransform:
-    """Centre crop of ``crop_fraction`` of each side, resize to ``size``, normalise."""
+    """The centre square of ``crop_fraction`` of each image's short side, resized to ``size``
+    (a plain copy when it has that size already), normalised."""
     size: int
     mean: Sequence[float]
     std: Sequence[float]
@@ -322,13 +345,9 @@ class EvalBatchTransform:
     crop_fraction: float = 1.0
     backend: str = "loop"
 
-    def __call__(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        n, _, height, width = images.shape
-        boxes = center_boxes(n, height, width, self.crop_fraction)
-        with one_thread(images.device):
-            if self.backend == "loop" and (boxes[0, 2] - boxes[0, 0], boxes[0, 3] - boxes[0, 1]) == (self.size, self.size):
-                x0, y0, x1, y1 = boxes[0].tolist()
-                x = images[:, :, y0:y1, x0:x1]  # already the right size: a plain crop
-            else:
-                x = resize_crops(images, boxes, self.size, self.backend)
+    def __call__(self, images: Images, seed: int = 0) -> torch.Tensor:
+        batch = as_packed(images)
+        boxes = center_boxes(batch.heights, batch.widths, self.crop_fraction)
+        with one_thread(batch.pixels.device):
+            x = resize_crops(batch, boxes, self.size, self.backend)
             return _expand_channels(normalize(x, self.mean, self.std), self.out_chans)

@@ -1,103 +1,78 @@
-"""Image-folder trees ``root/{train,val}/<class>/<image>``: scanning and the PIL DataLoader path.
+"""The plain image-folder loader: PIL decoding in DataLoader processes, timm's transforms.
 
-The plain loader: every image is decoded with PIL in ``data.workers`` DataLoader processes
-and transformed by timm's transforms (:mod:`ablate.data.transforms`). It is the fallback of
-the uint8 cache (:mod:`ablate.data.cache`) and the reference the cache path is measured
-against.
+Every image is decoded with PIL in ``data.workers`` DataLoader processes and transformed by
+timm's transforms (:mod:`ablate.data.transforms`). It is the fallback of the uint8 cache
+(:mod:`ablate.data.cache`) and the reference the cache path is measured against. Which
+files a split holds is :mod:`ablate.data.scan`'s business.
 
-Bad files never stop an epoch. A file without an image extension inside a class folder is
-skipped at scan time; an image PIL cannot decode (truncated, not really a JPEG, ...) is
-skipped when it is read: the dataset returns no image for it, the collate function drops
-it, and the main process logs it once and counts it (``Loaders.skipped``).
+Bad files never stop an epoch; bugs always do:
+
+* a file without an image extension inside a class folder is skipped at scan time, and an
+  image PIL cannot decode (truncated, not really a JPEG, ...) is skipped when it is read: the
+  dataset returns no image for it, the collate function drops it, and the main process logs
+  it once and counts it (``Loaders.skipped``);
+* an exception raised while *transforming* a decoded image is a bug in the augmentation,
+  not a bad file: it stops the epoch as an :class:`AugmentationError` naming the image (with
+  the worker's traceback attached as a note), so the cell fails with that reason.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, Optional
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
+from ablate.data.scan import FolderSplit
 from ablate.data.seeding import derive_seed, epoch_permutation
-from ablate.errors import AblateError
-
-#: what torchvision's ImageFolder accepts, compared case-insensitively (ImageNet uses .JPEG)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-SPLITS = ("train", "val")
 
 
-@dataclass
-class FolderSplit:
-    """The images of one split, in a fixed order (sorted by class, then path)."""
-    root: Path
-    classes: list[str]
-    samples: list[tuple[str, int]]  # (path, class index)
-    non_images: list[str] = field(default_factory=list)  # files skipped at scan time
+class AugmentationError(RuntimeError):
+    """An augmentation raised on a decodable image: a bug to fix, never a corrupt image."""
 
 
-def expand_root(root: Optional[str], what: str = "data.root") -> Path:
-    """``data.root`` with ``~`` and ``${VAR}`` expanded; an AblateError naming it when absent."""
-    if not root:
-        raise AblateError(f"{what}: missing (allowed: a directory with train/<class>/ and val/<class>/ folders)")
-    path = Path(os.path.expandvars(os.path.expanduser(root)))
-    if "$" in str(path):
-        raise AblateError(f"{what}: {root}: environment variable not set")
-    if not path.is_dir():
-        raise AblateError(f"{what}: {path} does not exist (allowed: a directory with train/<class>/ "
-                          "and val/<class>/ folders)")
-    return path
+@dataclass(frozen=True)
+class Undecodable:
+    path: str
+    reason: str
 
 
-def class_names(split_dir: Path) -> list[str]:
-    """Sorted non-hidden sub-folders of ``split_dir``: the classes, as in torchvision's ImageFolder."""
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+@dataclass(frozen=True)
+class TransformFailed:
+    path: str
+    error: str
+    traceback: str
 
 
-def scan_split(root: Path, split: str, classes: Optional[list[str]] = None) -> FolderSplit:
-    """List ``root/split/<class>/**`` (following symlinks). ``classes`` (the training split's)
-    fixes the label order; a class folder outside it is an error."""
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise AblateError(f"data.root: {split_dir} is missing (allowed: a directory with train/<class>/ "
-                          "and val/<class>/ folders)")
-    found = class_names(split_dir)
-    classes = found if classes is None else classes
-    if not classes:
-        raise AblateError(f"data.root: {split_dir} has no class folders (allowed: {split_dir}/<class>/<image>)")
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise AblateError(f"data.root: {split_dir} has class folders that train/ lacks: "
-                          f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} ({len(unknown)})")
-    index = {c: i for i, c in enumerate(classes)}
-    samples, non_images = [], []
-    for c in found:
-        files = []
-        for dirpath, dirnames, filenames in os.walk(split_dir / c, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
-        for path in sorted(files):
-            if path.lower().endswith(IMAGE_EXTENSIONS):
-                samples.append((path, index[c]))
-            else:
-                non_images.append(path)
-    return FolderSplit(split_dir, list(classes), samples, non_images)
+def usable_workers(requested: int) -> int:
+    """``data.workers`` capped at the CPUs this process may run on.
+
+    More decoding processes than cores only take turns on the same cores (and with the
+    training loop); DataLoader warns about exactly that. The cap keeps a spec written for a
+    big machine quiet and efficient on a small one.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(requested, cpus)
 
 
-def scan_tree(root: Path) -> dict[str, FolderSplit]:
-    """Both splits of ``root``, labelled by the training split's classes."""
-    train = scan_split(root, "train")
-    return {"train": train, "val": scan_split(root, "val", train.classes)}
+def _decode(path: str):
+    from PIL import Image
 
+    with Image.open(path) as im:
+        return im.convert("RGB")  # forces the full decode: truncated files fail here
 
-# ---- the DataLoader path ------------------------------------------------------------------
 
 class ImageFileDataset(torch.utils.data.Dataset):
     """Decodes one image with PIL and applies ``transform`` under a per-sample seed.
 
     Indexed by ``(index, seed)`` pairs from :class:`EpochSampler`, so the augmentation of an
     image depends on (run seed, epoch, image) only, whatever the worker count. Returns
-    ``(tensor, label, None)``, or ``(None, label, (path, reason))`` for an unreadable image.
+    ``(tensor, label, None)``, or ``(None, label, Undecodable | TransformFailed)``: failures
+    travel to the main process as data, where :class:`FolderBatches` skips or raises.
     """
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable):
@@ -107,19 +82,19 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, item: tuple[int, int]):
-        from PIL import Image
-
         from ablate.data.seeding import seeded_global_rngs
 
         index, seed = item
         path, label = self.samples[index]
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")  # forces the full decode: truncated files fail here
+            image = _decode(path)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad files
+            return None, label, Undecodable(path, f"{type(e).__name__}: {e}")
+        try:
             with seeded_global_rngs(seed):  # timm's transforms draw from the global RNGs
                 return self.transform(image), label, None
-        except Exception as e:  # noqa: BLE001 - any undecodable file is skipped, never fatal
-            return None, label, (path, f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - re-raised in the main process, see FolderBatches
+            return None, label, TransformFailed(path, f"{type(e).__name__}: {e}", traceback.format_exc())
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -139,20 +114,22 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def collate_skipping(batch):
-    """Stack the decodable images; pass the reasons for the others on to the main process."""
-    good = [(x, y) for x, y, bad in batch if bad is None]
-    skipped = [bad for _, _, bad in batch if bad is not None]
+    """Stack the transformed images; pass the failures of the others on to the main process."""
+    good = [(x, y) for x, y, failure in batch if failure is None]
+    failures = [failure for _, _, failure in batch if failure is not None]
     if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+        return torch.empty(0), torch.empty(0, dtype=torch.long), failures
     images, targets = zip(*good)
-    return torch.stack(images), torch.tensor(targets, dtype=torch.long), skipped
+    return torch.stack(images), torch.tensor(targets, dtype=torch.long), failures
 
 
 class FolderBatches:
-    """A DataLoader over one split that skips (and logs once, and counts) unreadable images.
+    """A DataLoader over one split that skips (and logs once, and counts) unreadable images
+    and stops at the first augmentation failure.
 
     In training a batch that lost images is cut to an even size, because batch Mixup/CutMix
-    pairs each image with the flipped batch.
+    pairs each image with the flipped batch. ``workers`` is used as given (see
+    :func:`usable_workers` for the cap the loaders apply).
     """
 
     def __init__(self, split: FolderSplit, transform: Callable, *, batch_size: int, train: bool, seed: int,
@@ -164,8 +141,8 @@ class FolderBatches:
             num_workers=workers, collate_fn=collate_skipping, drop_last=train,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
         self.skipped_paths: set[str] = set()
-        for path in split.non_images:
-            self._skip(path, f"not an image file (allowed extensions: {' '.join(IMAGE_EXTENSIONS)})")
+        for path, reason in split.skipped:
+            self._skip(path, reason)
 
     def _skip(self, path: str, reason: str) -> None:
         if path not in self.skipped_paths:
@@ -179,10 +156,15 @@ class FolderBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, targets, skipped in self.loader:
-            for path, reason in skipped:
-                self._skip(path, reason)
-            if skipped and self.train and len(targets) % 2:
+        for images, targets, failures in self.loader:
+            for failure in failures:
+                if isinstance(failure, TransformFailed):
+                    error = AugmentationError(f"augmentation failed on {failure.path}: {failure.error.splitlines()[0]} "
+                                              "(a bug in the transform, not a bad image)")
+                    error.add_note(f"in the data loader:\n{failure.traceback}")
+                    raise error
+                self._skip(failure.path, failure.reason)
+            if failures and self.train and len(targets) % 2:
                 images, targets = images[:-1], targets[:-1]
             if len(targets):
                 yield images, targets

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ablate.data.constants import is_image_file
 from ablate.errors import AblateError
 
 CLASS_LIST = "imagenet100_cmc_classes.txt"
@@ -45,7 +46,7 @@ def build_imagenet100(imagenet: str | Path, out: str | Path, classes: Optional[S
         if not (imagenet / split).is_dir():
             raise AblateError(f"--imagenet: {imagenet / split} is missing (allowed: an ImageNet-1K tree with "
                               "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
-    loose = [p.name for p in (imagenet / "val").iterdir() if p.is_file() and p.suffix.lower() == ".jpeg"][:1]
+    loose = [p.name for p in (imagenet / "val").iterdir() if p.is_file() and is_image_file(p.name)][:1]
     if loose:
         raise AblateError(f"--imagenet: {imagenet / 'val'} holds images outside class folders (e.g. {loose[0]}); "
                           "sort them into val/<wnid>/ first (ImageNet's valprep.sh)")

@@ -9,27 +9,22 @@ Which path runs (``Loaders.kind``, recorded in MLflow by the runner):
 * ``synthetic``: random tensors.
 
 ``data.loader`` chooses between ``cache`` and ``folder``: ``auto`` takes the cache when one
-exists for this size, ``cache`` requires it, ``folder`` never uses it.
+exists for this size, ``cache`` requires it, ``folder`` never uses it. Both train the same
+recipe; where the tensor path cannot (an AutoAugment or AugMix policy), ``auto`` says so and
+decodes image files, and ``cache`` refuses. A cache of an image tree that has changed since
+it was built (or in an older format) is refused with the command that rebuilds it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable
 
 import torch
 
 from ablate.config import CellConfig
-from ablate.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ablate.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from ablate.errors import AblateError
-
-
-class Batches(Protocol):
-    skipped_paths: set
-
-    def set_epoch(self, epoch: int) -> None: ...
-    def __iter__(self): ...
-    def __len__(self) -> int: ...
 
 
 @dataclass
@@ -110,12 +105,13 @@ def _synthetic(cfg: CellConfig, device: torch.device) -> Loaders:
 
 def _image_folder(cfg: CellConfig, device: torch.device, log: Callable[[str], None]) -> Loaders:
     from ablate.data.cache import cache_exists, cache_root, default_cache_size, split_cache_path
-    from ablate.data.folder import expand_root
+    from ablate.data.scan import expand_root, scan_tree
 
     d = cfg.data
     root = expand_root(d.root)
     if cfg.model.in_chans != 3:
         raise AblateError(f"model.in_chans: {cfg.model.in_chans} does not fit the RGB images of {root} (allowed: 3)")
+    splits = scan_tree(root)
     size = d.cache_size or default_cache_size(cfg.model.image_size)
     where = cache_root(root, d.cache_dir)
     paths = {split: split_cache_path(where, split, size) for split in ("train", "val")}
@@ -129,48 +125,58 @@ def _image_folder(cfg: CellConfig, device: torch.device, log: Callable[[str], No
         if d.loader == "auto":
             log(f"data: no uint8 cache at {where} for size {size}; decoding image files "
                 f"(`ablate data cache {d.root} --size {size}` makes this faster)")
-        return _folder(cfg, root, device, log)
-    return _cache(cfg, paths, device, log)
+        return _folder(cfg, root, splits, device, log)
+    try:
+        train_tf = _train_transform(cfg, IMAGENET_MEAN, IMAGENET_STD, device)
+    except AblateError as e:
+        if d.loader == "cache":
+            raise
+        log(f"data: not using the uint8 cache: {e}; decoding image files")
+        return _folder(cfg, root, splits, device, log)
+    return _cache(cfg, splits, paths, train_tf, device, log)
 
 
-def _folder(cfg: CellConfig, root: Path, device: torch.device, log: Callable[[str], None]) -> Loaders:
-    from ablate.data.folder import FolderBatches, scan_tree
+def _folder(cfg: CellConfig, root: Path, splits: dict, device: torch.device, log: Callable[[str], None]) -> Loaders:
+    from ablate.data.folder import FolderBatches, usable_workers
     from ablate.data.transforms import folder_transforms
 
-    splits = scan_tree(root)
     train_tf, val_tf = folder_transforms(cfg)
-    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, workers=cfg.data.workers,
-                  device=device, log=log)
+    workers = usable_workers(cfg.data.workers)
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, workers=workers, device=device, log=log)
     train = FolderBatches(splits["train"], train_tf, train=True, **common)
     val = FolderBatches(splits["val"], val_tf, train=False, **common)
     _check_classes(cfg, splits["train"].classes, root)
     log(f"data: folder loader on {root}: {len(splits['train'].samples)} train / {len(splits['val'].samples)} val "
-        f"images, {len(splits['train'].classes)} classes, {cfg.data.workers} workers")
+        f"images, {len(splits['train'].classes)} classes, {workers} workers")
     return Loaders(train, val, len(splits["train"].classes), "folder",
                    len(splits["train"].samples), len(splits["val"].samples))
 
 
-def _cache(cfg: CellConfig, paths: dict[str, Path], device: torch.device, log: Callable[[str], None]) -> Loaders:
+def _cache(cfg: CellConfig, splits: dict, paths: dict[str, Path], train_tf, device: torch.device,
+           log: Callable[[str], None]) -> Loaders:
     from ablate.data.array_loader import ArrayBatches
-    from ablate.data.cache import default_cache_size, open_cache
+    from ablate.data.cache import open_cache
+    from ablate.data.constants import eval_resize_size
 
-    train_c, val_c = open_cache(paths["train"]), open_cache(paths["val"])
-    if train_c.classes != val_c.classes:
-        raise AblateError(f"{paths['val']}: classes differ from {paths['train']}; rebuild both with --force")
+    train_c, val_c = (open_cache(paths[s], splits[s], cache_dir=cfg.data.cache_dir) for s in ("train", "val"))
     if train_c.size < cfg.model.image_size:
         log(f"data: warning: cache size {train_c.size} is smaller than model.image_size {cfg.model.image_size}")
     common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device)
-    # evaluation keeps the fraction of the square the folder loader's centre crop keeps
-    # (224 of 256): the same pixels when the cache has the default size
-    crop = min(1.0, cfg.model.image_size / default_cache_size(cfg.model.image_size))
-    train = ArrayBatches(train_c.images, train_c.labels, _train_transform(cfg, IMAGENET_MEAN, IMAGENET_STD, device),
-                         train=True, rows=train_c.rows, skipped_paths=train_c.skipped, **common)
+    # evaluation keeps the fraction of the short side the folder loader's centre crop keeps
+    # (224 of 256): exactly its pixels when the cache has the default size
+    crop = min(1.0, cfg.model.image_size / eval_resize_size(cfg.model.image_size))
+    skipped = {}
+    for split, cached in (("train", train_c), ("val", val_c)):
+        skipped[split] = [(path, "could not be decoded when the cache was built") for path in cached.undecodable]
+        skipped[split] += splits[split].skipped
+        for path, reason in skipped[split]:
+            log(f"data: skipped {path}: {reason}")
+    train = ArrayBatches(train_c.images, train_c.labels, train_tf, train=True, rows=train_c.rows,
+                         skipped_paths=[p for p, _ in skipped["train"]], **common)
     val = ArrayBatches(val_c.images, val_c.labels, _eval_transform(cfg, IMAGENET_MEAN, IMAGENET_STD, device, crop),
-                       train=False, rows=val_c.rows, skipped_paths=val_c.skipped, **common)
+                       train=False, rows=val_c.rows, skipped_paths=[p for p, _ in skipped["val"]], **common)
     _check_classes(cfg, train_c.classes, paths["train"])
-    for path in train_c.skipped + val_c.skipped:
-        log(f"data: skipped {path} (could not be decoded when the cache was built)")
-    log(f"data: uint8 cache {paths['train'].parent} (size {train_c.size}): {len(train_c.rows)} train / "
+    log(f"data: uint8 cache {paths['train'].parent} (short side {train_c.size}): {len(train_c.rows)} train / "
         f"{len(val_c.rows)} val images, {len(train_c.classes)} classes, augmented on {device}")
     return Loaders(train, val, len(train_c.classes), "cache", len(train_c.rows), len(val_c.rows))
 

@@ -35,16 +35,19 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def seeded_global_rngs(seed: int):
-    """Seed Python's, NumPy's and torch's (CPU) global RNGs inside the block, restore them after.
+    """Seed Python's, NumPy's and torch's CPU global RNGs inside the block, restore them after.
 
-    For library transforms (timm's PIL augmentations, torchvision's RandAugment) that draw
-    from the global generators and take no generator argument.
+    For library transforms (timm's PIL augmentations) that draw from the global generators
+    and take no generator argument. Only torch's CPU generator is seeded: ``torch.manual_seed``
+    would also reseed every GPU generator (which ``fork_rng(devices=[])`` does not restore, so
+    a loader running in the training process would reseed the model's dropout), and before
+    CUDA starts it records a stack trace per call, which made it the slowest step of a sample.
     """
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed & 0xFFFFFFFF)
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         try:
             yield
         finally:

@@ -8,20 +8,54 @@ centre ``image_size`` square. Colour jitter is off: DeiT disables it whenever Ra
 is on, and leaving it off otherwise keeps this loader and the tensor path of
 :mod:`ablate.data.batch_transforms` the same augmentation. Mixup/CutMix act on whole
 batches and belong to the training loop.
+
+timm 1.0.31's posterize can ask current Pillow for 0 bits, which Pillow refuses (about one
+sample in 800 with ``rand-m9-mstd0.5-inc1``): :func:`keep_one_posterize_bit` gives the
+posterize ops of the policy timm built a level-to-argument function that keeps at least
+one bit, the same rule as the tensor path (:mod:`ablate.data.rand_augment`).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from ablate.config import CellConfig
+from ablate.data.constants import CROP_RATIO, EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
+from ablate.data.rand_augment import MIN_POSTERIZE_BITS
 from ablate.errors import AblateError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-#: fraction of the resized image kept by the evaluation centre crop (224 of 256)
-EVAL_CROP_PCT = 0.875
-#: aspect-ratio range of the random resized crop (torchvision / timm default)
-CROP_RATIO = (3 / 4, 4 / 3)
+
+def _at_least_one_bit(level_to_arg: Callable) -> Callable:
+    def posterize_bits(level, hparams):
+        bits, = level_to_arg(level, hparams)
+        return max(MIN_POSTERIZE_BITS, bits),
+
+    return posterize_bits
+
+
+def policy_ops(policy) -> list:
+    """The ``AugmentOp``s of a timm augmentation policy (RandAugment, AutoAugment, AugMix)."""
+    from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
+
+    if isinstance(policy, (RandAugment, AugMixAugment)):
+        return list(policy.ops)
+    if isinstance(policy, AutoAugment):
+        return [op for sub_policy in policy.policy for op in sub_policy]
+    raise TypeError(f"not a timm augmentation policy: {policy!r}")
+
+
+def keep_one_posterize_bit(transform) -> int:
+    """Patch, in place, the posterize ops of every augmentation policy inside ``transform``
+    (a torchvision ``Compose`` from timm's ``create_transform``); returns how many policies
+    it found. Only this transform's op objects change, never timm's shared tables."""
+    from timm.data import auto_augment
+
+    policies = [t for t in getattr(transform, "transforms", [])
+                if isinstance(t, (auto_augment.RandAugment, auto_augment.AutoAugment, auto_augment.AugMixAugment))]
+    for policy in policies:
+        for op in policy_ops(policy):
+            if op.aug_fn is auto_augment.posterize:
+                op.level_fn = _at_least_one_bit(op.level_fn)
+    return len(policies)
 
 
 def folder_transforms(cfg: CellConfig) -> tuple[Callable, Callable]:
@@ -37,6 +71,9 @@ def folder_transforms(cfg: CellConfig) -> tuple[Callable, Callable]:
     except (AssertionError, ValueError, KeyError) as e:
         raise AblateError(f"train.randaugment: {t.randaugment!r} is not a timm augmentation policy "
                           f"({e or 'unknown section'}; allowed: e.g. rand-m9-mstd0.5-inc1)") from None
+    if t.randaugment and keep_one_posterize_bit(train) != 1:
+        raise RuntimeError(f"timm's create_transform no longer returns its augmentation policy as one step of a "
+                           f"Compose: {train!r}")
     val = create_transform(size, is_training=False, crop_pct=EVAL_CROP_PCT, interpolation="bilinear",
                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return train, val

@@ -34,6 +34,7 @@ from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, genera
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from ablate.data.constants import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from ablate.models.shift import Border, SpatialShift
 from ablate.models.shift_patterns import ShiftSpec
 
@@ -280,8 +281,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 default_cfgs = generate_default_cfgs({
     name: {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (14, 14),
-           "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
-           "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+           "crop_pct": EVAL_CROP_PCT, "interpolation": "bicubic", "fixed_input_size": True,
+           "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
            "first_conv": "patch_embed.proj", "classifier": "head",
            "paper_ids": "arXiv:2106.07477"}
     for name in VARIANTS})
