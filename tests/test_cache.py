@@ -135,7 +135,8 @@ def test_crops_come_from_the_right_pixels_of_transposed_images(photos):
     for backend in ("loop", "roi_align"):
         out = resize_crops(batch, boxes, 48, backend).float()
         for i, index in enumerate([0, 1, 4]):
-            image = torch.from_numpy(decode_resized(str(photos / "train" / "a" / f"{index}.JPEG"), 256)).permute(2, 0, 1)
+            image = torch.from_numpy(decode_resized(str(photos / "train" / "a" / f"{index}.JPEG"), 256).copy())
+            image = image.permute(2, 0, 1)
             x0, y0, x1, y1 = boxes[i].tolist()
             expected = TF.resize(image[:, y0:y1, x0:x1], [48, 48], antialias=True).float()
             tolerance = 1.0 if backend == "loop" else 4.0  # roi_align: another filter, same crop

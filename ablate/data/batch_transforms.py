@@ -254,7 +254,7 @@ def random_erase(x: torch.Tensor, prob: float, *, g: torch.Generator, noise_seed
 
     With probability ``prob`` per image, one rectangle of area fraction U(0.02, 1/3) and
     log-uniform aspect ratio in (0.3, 1/0.3) (first of ten tries that fits) is replaced by
-    per-pixel standard normal noise.
+    per-pixel standard normal noise. ``x`` is changed in place and returned.
     """
     n, _, height, width = x.shape
     apply = torch.rand(n, generator=g) < prob
@@ -271,14 +271,19 @@ def random_erase(x: torch.Tensor, prob: float, *, g: torch.Generator, noise_seed
     apply &= fits.any(dim=1)
     if not bool(apply.any()):
         return x
+    # only the erased images, and noise only for the erased pixels: most of a batch is untouched
+    chosen = torch.nonzero(apply).squeeze(1)
     dev = x.device
     rows = torch.arange(height, device=dev).view(1, height, 1)
     cols = torch.arange(width, device=dev).view(1, 1, width)
-    params = host_to(torch.stack([top, left, h, w, apply.long()]), dev).view(5, n, 1, 1)
-    top, left, h, w, apply = params[0], params[1], params[2], params[3], params[4].bool()
-    mask = apply & (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
-    noise = torch.randn(x.shape, generator=generator(noise_seed, device=dev), device=dev, dtype=x.dtype)
-    return torch.where(mask.unsqueeze(1), noise, x)
+    params = host_to(torch.stack([top[chosen], left[chosen], h[chosen], w[chosen]]), dev).view(4, -1, 1, 1)
+    t, l, hh, ww = params[0], params[1], params[2], params[3]
+    mask = ((rows >= t) & (rows < t + hh) & (cols >= l) & (cols < l + ww)).unsqueeze(1).expand(-1, x.shape[1], -1, -1)
+    count = int((h[chosen] * w[chosen]).sum()) * x.shape[1]  # known on the host: no device sync
+    noise = torch.randn(count, generator=generator(noise_seed, device=dev), device=dev, dtype=x.dtype)
+    index = host_to(chosen, dev)
+    x[index] = x[index].masked_scatter_(mask, noise)
+    return x
 
 
 # ---- the two pipelines --------------------------------------------------------------------
@@ -325,7 +330,8 @@ class TrainBatchTransform:
         flip = torch.rand(n, generator=g) < self.hflip
         x = resize_crops(batch, boxes, self.size, self.backend)
         if bool(flip.any()):
-            x = torch.where(host_to(flip, x.device).view(n, 1, 1, 1), x.flip(-1), x)
+            flipped = host_to(torch.nonzero(flip).squeeze(1), x.device)
+            x[flipped] = x[flipped].flip(-1)
         if self._rand_augment is not None:
             x = self._rand_augment(to_uint8(x), generator(derive_seed(seed, 1)))
         x = normalize(x, self.mean, self.std)
