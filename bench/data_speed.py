@@ -4,15 +4,17 @@ Generates (or reuses, with ``--root``) an image-folder tree of ImageNet-sized JP
 smooth random content so files are a realistic ~70 KB), builds the cache with ``ablate data
 cache``'s function, then measures in the same run, each over whole passes after a warm-up:
 
-* ``folder``: torchvision ``ImageFolder`` + PIL + ``DataLoader(num_workers=--workers)`` with
-  ``RandomResizedCrop(224)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``;
-* ``cache``: batches gathered from the memory-mapped uint8 array and augmented as tensor ops
-  (the same random resized crop and flip, normalised float32 at 224 px) on ``--device``.
+* ``--recipe crop`` (default): random resized crop (224), flip and normalisation only;
+  ``folder`` is torchvision ``ImageFolder`` + PIL + ``DataLoader(num_workers=--workers)``,
+  ``cache`` the memory-mapped whole images cropped and flipped as tensor ops on ``--device``;
+* ``--recipe deit``: the full DeiT recipe (RandAugment rand-m9-mstd0.5-inc1, random erasing
+  0.25) through ``ablate``'s own loaders, ``data.loader: folder`` against ``data.loader: cache``.
 
 Prints ``name: value`` lines, among them both images/s and their ratio. Targets: ratio >= 2
 on a 2-core CPU; with ``--device cuda``, the cache path >= 20,000 images/s at 224 px.
 
     python bench/data_speed.py                        # 2,000 images, about two minutes on 2 cores
+    python bench/data_speed.py --recipe deit --images 600
     python bench/data_speed.py --device cuda --images 8000 --batch-size 512 --passes 5
 """
 from __future__ import annotations
@@ -39,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the folder path")
     p.add_argument("--passes", type=int, default=1, help="timed passes over the images, per path")
     p.add_argument("--device", default="cpu", help="where the cache path augments: cpu or cuda")
+    p.add_argument("--recipe", choices=("crop", "deit"), default="crop",
+                   help="crop: crop + flip only; deit: the full recipe through ablate's loaders")
     return p.parse_args()
 
 
@@ -78,9 +82,10 @@ def make_tree(root: Path, images: int, classes: int) -> None:
 def folder_loader(root: Path, size: int, batch_size: int, workers: int):
     from torchvision import datasets, transforms
 
+    from ablate.data.constants import IMAGENET_MEAN, IMAGENET_STD
+
     tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(),
-                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+                             transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     return torch.utils.data.DataLoader(datasets.ImageFolder(str(root / "train"), tf), batch_size=batch_size,
                                        shuffle=True, num_workers=workers, drop_last=True, persistent_workers=True)
 
@@ -89,13 +94,28 @@ def cache_loader(root: Path, size: int, batch_size: int, device: torch.device):
     from ablate.data.array_loader import ArrayBatches
     from ablate.data.batch_transforms import TrainBatchTransform, default_backend
     from ablate.data.cache import cache_root, default_cache_size, open_cache, split_cache_path
-    from ablate.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ablate.data.constants import IMAGENET_MEAN, IMAGENET_STD
+    from ablate.data.scan import scan_split
 
-    cached = open_cache(split_cache_path(cache_root(root), "train", default_cache_size(size)))
+    path = split_cache_path(cache_root(root), "train", default_cache_size(size))
+    cached = open_cache(path, scan_split(root, "train"))
     transform = TrainBatchTransform(size=size, scale=(0.08, 1.0), hflip=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                     out_chans=3, backend=default_backend(device))
     return ArrayBatches(cached.images, cached.labels, transform, batch_size=batch_size, train=True, seed=0,
                         device=device, rows=cached.rows)
+
+
+def deit_loader(root: Path, size: int, batch_size: int, workers: int, device: torch.device, loader: str):
+    """ablate's own training loader for the full DeiT recipe (``loader``: folder or cache)."""
+    from ablate.config import CellConfig
+    from ablate.data import build_loaders
+
+    cfg = CellConfig.model_validate({
+        "data": {"name": "imagefolder", "root": str(root), "workers": workers, "loader": loader},
+        "model": {"image_size": size, "patch_size": 16},
+        "train": {"batch_size": batch_size, "randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25,
+                  "crop_scale": 0.08}})
+    return build_loaders(cfg, device, log=lambda _: None).train
 
 
 def images_per_second(loader, passes: int, device: torch.device) -> float:
@@ -136,15 +156,22 @@ def main() -> None:
 
     from ablate.data.cache import build_cache, default_cache_size
     cache_size = default_cache_size(args.size)
-    summary = build_cache(root, cache_size, splits=("train",), progress=False, log=lambda _: None)["train"]
+    splits = ("train", "val") if args.recipe == "deit" else ("train",)  # ablate's loaders open both
+    summary = build_cache(root, cache_size, splits=splits, progress=False, log=lambda _: None)["train"]
     print(f"cache_size: {cache_size}")
     if summary["built"]:
         print(f"cache_build_seconds: {summary['seconds']:.1f}")
         print(f"cache_build_images_per_second: {summary['images'] / summary['seconds']:.0f}")
 
-    folder = images_per_second(folder_loader(root, args.size, args.batch_size, args.workers), args.passes,
-                               torch.device("cpu"))
-    cache = images_per_second(cache_loader(root, args.size, args.batch_size, device), args.passes, device)
+    print(f"recipe: {args.recipe}")
+    if args.recipe == "deit":
+        folder_batches = deit_loader(root, args.size, args.batch_size, args.workers, torch.device("cpu"), "folder")
+        cache_batches = deit_loader(root, args.size, args.batch_size, args.workers, device, "cache")
+    else:
+        folder_batches = folder_loader(root, args.size, args.batch_size, args.workers)
+        cache_batches = cache_loader(root, args.size, args.batch_size, device)
+    folder = images_per_second(folder_batches, args.passes, torch.device("cpu"))
+    cache = images_per_second(cache_batches, args.passes, device)
     print(f"folder_images_per_second: {folder:.0f}")
     print(f"cache_images_per_second: {cache:.0f}")
     print(f"speedup: {cache / folder:.2f}")
