@@ -161,6 +161,16 @@ def test_crop_back_ends_are_the_same_function_on_any_device():
     assert (loop - roi).abs().mean() < 3
 
 
+def test_gathering_with_torch_threads_or_numpy_gives_the_same_batch(photos):
+    """The copy a CUDA machine uses (torch's parallel index_select) and the CPU one (NumPy),
+    here both on CPU; only pinning the buffer needs CUDA."""
+    cached = open_cache(split_cache_path(photos / ".ablate-cache", "train", 256), scan_split(photos, "train"))
+    rows = torch.tensor([1, 4, 5])
+    a, b = cached.images.gather(rows), cached.images.gather(rows, parallel=True)
+    assert torch.equal(a.pixels, b.pixels) and torch.equal(a.start, b.start) and torch.equal(a.length, b.length)
+    assert a.start.tolist() == [0, 341, 341 + 768] and a.transposed.tolist() == [False, True, True]
+
+
 # ---- evaluation crops: the folder loader's centre crop -----------------------------------------
 
 def test_eval_crops_match_the_folder_loader(photos):

@@ -48,6 +48,7 @@ import torch
 
 from ablate.data.array_loader import PackedImages
 from ablate.data.constants import eval_resize_size
+from ablate.data.folder import usable_cpus
 from ablate.data.scan import FolderSplit, TreeFingerprint, expand_root, scan_split
 from ablate.errors import AblateError
 from ablate.locks import pid_alive
@@ -242,7 +243,7 @@ def build_split_cache(split: FolderSplit, out: Path, size: int, *, workers: int 
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     start_time = time.perf_counter()
     n = len(split.samples)
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or usable_cpus()
     bar = tqdm(total=2 * n, desc=f"cache {split.root.name}-{size}", unit="img", disable=not progress, mininterval=1.0)
     done = 0
 

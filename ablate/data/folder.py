@@ -45,18 +45,22 @@ class TransformFailed:
     traceback: str
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def usable_workers(requested: int) -> int:
-    """``data.workers`` capped at the CPUs this process may run on.
+    """``data.workers`` capped at :func:`usable_cpus`.
 
     More decoding processes than cores only take turns on the same cores (and with the
     training loop); DataLoader warns about exactly that. The cap keeps a spec written for a
     big machine quiet and efficient on a small one.
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return min(requested, cpus)
+    return min(requested, usable_cpus())
 
 
 def _decode(path: str):

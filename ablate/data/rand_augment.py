@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ablate.data.batch_transforms import host_to
 from ablate.errors import AblateError
 
 #: posterize never keeps fewer bits than this (see the module docstring)
@@ -87,8 +88,15 @@ LEVEL_TO_ARG: dict[str, LevelFn] = {
 
 # ---- the ops, on uint8 (k, C, H, W) with one argument per image (PIL's formulas) ------------
 
+def _beside(t: torch.Tensor, x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``t`` (drawn on the CPU, or computed beside ``x``) on ``x``'s device, without waiting
+    for the device (see ``host_to``)."""
+    t = t if dtype is None else t.to(dtype)
+    return t if t.device == x.device else host_to(t, x.device)
+
+
 def _per_image(arg: torch.Tensor, x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return arg.to(device=x.device, dtype=dtype).view(-1, 1, 1, 1)
+    return _beside(arg, x, dtype).view(-1, 1, 1, 1)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +162,7 @@ def posterize(x: torch.Tensor, bits: torch.Tensor, ctx: "_Context") -> torch.Ten
     """``ImageOps.posterize``: keep the ``bits`` most significant bits (8 or more: unchanged)."""
     drop = (8 - bits.to(torch.int64)).clamp(min=0)
     mask = ((255 >> drop) << drop).to(torch.uint8)
-    return x & mask.to(x.device).view(-1, 1, 1, 1)
+    return x & _beside(mask, x).view(-1, 1, 1, 1)
 
 
 def solarize(x: torch.Tensor, threshold: torch.Tensor, ctx: "_Context") -> torch.Tensor:
@@ -205,7 +213,7 @@ def _affine(x: torch.Tensor, matrices: torch.Tensor, ctx: "_Context") -> torch.T
     inside the image, the fill colour outside it.
     """
     k, c, h, w = x.shape
-    m = matrices.to(device=x.device, dtype=torch.float32).view(k, 6, 1, 1)
+    m = _beside(matrices, x, torch.float32).view(k, 6, 1, 1)
     ys = torch.arange(h, device=x.device, dtype=torch.float32).add_(0.5).view(1, h, 1)
     xs = torch.arange(w, device=x.device, dtype=torch.float32).add_(0.5).view(1, 1, w)
     x_in = m[:, 0] * xs + m[:, 1] * ys + m[:, 2]
@@ -359,7 +367,7 @@ class BatchRandAugment:
                 if len(rows) == 0:
                     continue
                 arg = LEVEL_TO_ARG[name](level[rows], negate[rows], self.hparams)
-                index = rows.to(x.device)
+                index = _beside(rows, x)
                 out[index] = NAME_TO_OP[name](out[index], arg, self.context)
         return out
 
