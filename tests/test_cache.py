@@ -147,7 +147,7 @@ def test_crop_back_ends_are_the_same_function_on_any_device():
     """``roi_align`` (the CUDA default) and ``loop`` (the CPU default) run here on CPU tensors,
     on a packed batch mixing transposed and upright images: same crops, and an exact copy
     when the box already has the output size."""
-    images = torch.stack([torch.from_numpy(np.asarray(photo(i, (40, 40), noise=5))) for i in range(3)])
+    images = torch.stack([torch.from_numpy(np.array(photo(i, (40, 40), noise=5))) for i in range(3)])
     batch = PackedBatch(torch.cat([images[0], images[1].transpose(0, 1), images[2][:24]]),
                         torch.tensor([0, 40, 80]), torch.tensor([40, 40, 24]), torch.tensor([False, True, False]))
     assert batch.heights.tolist() == [40, 40, 24] and batch.widths.tolist() == [40, 40, 40]
