@@ -161,12 +161,14 @@ def test_crop_back_ends_are_the_same_function_on_any_device():
     assert (loop - roi).abs().mean() < 3
 
 
-def test_gathering_with_torch_threads_or_numpy_gives_the_same_batch(photos):
-    """The copy a CUDA machine uses (torch's parallel index_select) and the CPU one (NumPy),
-    here both on CPU; only pinning the buffer needs CUDA."""
+def test_gathering_in_threads_gives_the_same_batch(photos):
+    """The copy a CUDA machine uses (several threads) and the CPU one (one), here both on
+    CPU; only pinning the buffer needs CUDA."""
     cached = open_cache(split_cache_path(photos / ".ablate-cache", "train", 256), scan_split(photos, "train"))
     rows = torch.tensor([1, 4, 5])
-    a, b = cached.images.gather(rows), cached.images.gather(rows, parallel=True)
+    a, b = cached.images.gather(rows), cached.images.gather(rows, threads=2)
+    whole = cached.images.pixels
+    assert torch.equal(a.pixels, torch.cat([whole[341:682], whole[1322:2090], whole[2090:2431]]))
     assert torch.equal(a.pixels, b.pixels) and torch.equal(a.start, b.start) and torch.equal(a.length, b.length)
     assert a.start.tolist() == [0, 341, 341 + 768] and a.transposed.tolist() == [False, True, True]
 
