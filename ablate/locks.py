@@ -67,18 +67,35 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def retry_busy(fn: Callable[..., T], *args, attempts: int = 20, **kwargs) -> T:
-    """Call a store operation, retrying the transient refusals of concurrent writers.
+def _texts(e: BaseException) -> str:
+    """The messages of an exception and of the exceptions it wraps (Optuna and MLflow wrap SQLAlchemy's)."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        parts.append(str(e))
+        e = e.__cause__ or e.__context__
+    return " ".join(parts).lower()
 
-    SQLite says "database is locked", PostgreSQL "could not serialize"; Optuna and MLflow wrap
-    SQLAlchemy's error in their own, so the message (and its cause's) is what is matched.
-    """
+
+def is_busy(e: BaseException) -> bool:
+    """A concurrent writer's transient refusal: SQLite's "database is locked", PostgreSQL's "could not serialize"."""
+    text = _texts(e)
+    return "locked" in text or "could not serialize" in text
+
+
+def is_transient(e: BaseException) -> bool:
+    """Busy, or the database connection was lost: a later attempt may succeed."""
+    text = _texts(e)
+    return is_busy(e) or any(s in text for s in ("connection", "server closed", "timeout", "timed out"))
+
+
+def retry_busy(fn: Callable[..., T], *args, attempts: int = 20, **kwargs) -> T:
+    """Call a store operation, retrying the transient refusals of concurrent writers (:func:`is_busy`)."""
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            text = f"{e} {getattr(e, '__cause__', '')}".lower()
-            if ("locked" not in text and "could not serialize" not in text) or i == attempts - 1:
+            if not is_busy(e) or i == attempts - 1:
                 raise
             time.sleep(0.05 * (i + 1))
     raise AssertionError("unreachable")

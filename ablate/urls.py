@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import unquote, urlsplit
 
 MASK = "***"
 _SECRET_QUERY = re.compile(r"(?i)((?:^|&)(?:password|passwd|pwd|token|secret|access_token)=)[^&]*")
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s:/@]*:)([^\s@/]+)(@)")
 
 
 def mask_url(url: str) -> str:
@@ -39,3 +41,28 @@ def display_url(url: str, cwd: str | None = None) -> str:
         if path == cwd or path.startswith(cwd.rstrip(os.sep) + os.sep):
             return prefix + os.path.relpath(path, cwd)
     return url
+
+
+def mask_text(text: str, *urls: str) -> str:
+    """``text`` (an error message, a log line) with the password of every URL in it masked, and
+    the passwords of ``urls`` masked wherever they appear: a database driver may quote one alone."""
+    text = _URL_PASSWORD.sub(lambda m: m.group(1) + MASK + m.group(3), text)
+    for url in urls:
+        for secret in _secrets(url):
+            text = text.replace(secret, MASK)
+    return text
+
+
+def _secrets(url: str) -> set[str]:
+    """The password of ``url`` (as written and decoded) and its secret query values."""
+    if not url or "://" not in url:
+        return set()
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # not a URL after all (a bad port): nothing to take from it
+        password = None
+    found = {password or "", unquote(password or "")}
+    for m in _SECRET_QUERY.finditer(url.partition("?")[2]):
+        value = m.group(0)[len(m.group(1)):]
+        found |= {value, unquote(value)}
+    return found - {""}

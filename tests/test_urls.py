@@ -1,7 +1,7 @@
 """Store URLs as people see them: no password, no absolute path of this machine."""
 import pytest
 
-from ablate.urls import display_url, mask_url
+from ablate.urls import display_url, mask_text, mask_url
 
 
 @pytest.mark.parametrize("url, shown", [
@@ -21,3 +21,14 @@ def test_display_url_shows_local_stores_relative(tmp_path):
     assert display_url(f"sqlite:///{tmp_path}/sub/mlflow.db", cwd=str(tmp_path)) == "sqlite:///sub/mlflow.db"
     assert display_url("sqlite:////elsewhere/mlflow.db", cwd=str(tmp_path)) == "sqlite:////elsewhere/mlflow.db"
     assert display_url("postgresql://u:pw@h/db", cwd=str(tmp_path)) == "postgresql://u:***@h/db"
+
+
+def test_mask_text_hides_passwords_inside_messages():
+    url = "postgresql://u:s%40cret@db/x?password=qp-secret"
+    text = ("cannot open postgresql://u:s%40cret@db/x: FATAL password s@cret rejected; "
+            "also qp-secret and http://alice:hunter2@mlflow:5000/api")
+    masked = mask_text(text, url)
+    assert "s%40cret" not in masked and "s@cret" not in masked and "qp-secret" not in masked
+    assert "hunter2" not in masked and "http://alice:***@mlflow:5000/api" in masked
+    assert "postgresql://u:***@db/x" in masked
+    assert mask_text("no secrets here", "sqlite:///x.db", "not a url") == "no secrets here"
