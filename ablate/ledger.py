@@ -4,8 +4,25 @@ A grid enqueues one WAITING trial per unfinished cell (``enqueue_trial``; never 
 which repeats configurations across parallel workers). A worker claims a waiting trial with
 the storage's conditional WAITING -> RUNNING update, which succeeds for exactly one worker,
 trains it and tells the result. Dead workers are noticed two ways: a heartbeat that stopped
-(Optuna's heartbeat, any machine) or, on the same host, a process id that no longer exists;
-their trial is failed and its cell enqueued again, to resume from its checkpoint.
+(Optuna's heartbeat, any machine) or, where the worker's process id means the same process
+(:func:`process_space`), a process id that no longer exists; their trial is failed and its
+cell enqueued again, to resume from its checkpoint.
+
+A study is found by the spec's name, so two different specs that share a name share a study:
+each grid worker claims only the cells of its own spec and leaves the others waiting for
+their owner (a cell key is a hash of the whole configuration, so a cell both specs hold is
+the same training and either may run it). A study is either a grid's or a search's, never both.
+
+Optuna's public API has no filtered, atomic claim of a waiting trial and no heartbeat for
+bare ask/tell, so the ledger uses a few private parts of Optuna; they stay in this module,
+each marked "private Optuna:" with the reason, and tests/test_ledger.py exercises every one
+against the installed version:
+- ``FrozenTrial._trial_id``/``Trial._trial_id``: the id the storage calls below take;
+- ``storage.set_trial_state_values(id, RUNNING)``: the conditional WAITING -> RUNNING update
+  that ``Study.ask`` itself uses to pop a waiting trial, here restricted to our cells;
+- ``optuna.Trial(study, id)``: the claimed trial as a ``Trial`` (what ``Study.ask`` returns);
+- ``storage.record_heartbeat(id)``: what ``Study.optimize``'s heartbeat thread records.
+Everything else (attributes, tell, retries, stale-trial recovery) goes through public calls.
 
 Default storage: ``sqlite:///ablate-ledger.db`` in the working directory, beside MLflow's
 default ``mlflow.db``; ``--storage postgresql://...`` or ``ABLATE_STORAGE`` for many machines.
@@ -15,10 +32,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
+import time
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterable, Optional
+from pathlib import Path
+from typing import Any, Callable, Collection, Iterable, Optional
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -26,7 +46,8 @@ from optuna.trial import TrialState
 
 from ablate import names
 from ablate.errors import AblateError
-from ablate.locks import pid_alive, retry_busy as _retry, store_lock
+from ablate.locks import is_transient, pid_alive, retry_busy as _retry, store_lock
+from ablate.urls import display_url, mask_text
 
 DEFAULT_STORAGE = "sqlite:///ablate-ledger.db"
 
@@ -58,11 +79,31 @@ def open_storage(url: str) -> RDBStorage:
                               grace_period=grace,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
     except Exception as e:  # bad URL, server down, missing driver
-        raise AblateError(f"ledger storage {url}: cannot open ({str(e).splitlines()[0]})") from None
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise AblateError(f"ledger storage {display_url(url)}: cannot open ({mask_text(first, url)})") from None
 
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_space() -> str:
+    """Where a process id names one process: one boot of one kernel, one pid namespace.
+
+    Host names are no guide (containers and cluster nodes repeat them), so a worker's pid is
+    checked only by a process in the same space; any other tells a dead worker by its heartbeat.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux: the host name is the best there is
+        return f"host:{socket.gethostname()}"
+    return f"{boot}/{namespace}"
+
+
+def _trial_id(trial) -> int:
+    # private Optuna: storage calls take the trial's id, which only this attribute exposes
+    return trial._trial_id
 
 
 class Ledger:
@@ -70,7 +111,7 @@ class Ledger:
 
     def __init__(self, url: str, study_name: str, directions: Iterable[str] = ("maximize",),
                  sampler: Optional[optuna.samplers.BaseSampler] = None,
-                 pruner: Optional[optuna.pruners.BasePruner] = None):
+                 pruner: Optional[optuna.pruners.BasePruner] = None, kind: Optional[str] = None):
         self.url, self.storage = url, open_storage(url)
         directions = list(directions)
         try:
@@ -80,8 +121,21 @@ class Ledger:
             self.study = optuna.load_study(study_name=study_name, storage=self.storage, sampler=sampler, pruner=pruner)
         got = [d.name.lower() for d in self.study.directions]
         if got != directions:
-            raise AblateError(f"ledger {url}: study {study_name!r} exists with objectives {got}, the spec asks "
-                              f"for {directions} (allowed: rename the spec or use another --storage)")
+            raise AblateError(f"ledger {display_url(url)}: study {study_name!r} exists with objectives {got}, "
+                              f"the spec asks for {directions} (allowed: rename the spec or use another --storage)")
+        if kind is not None:
+            self._check_kind(kind)
+
+    def _check_kind(self, kind: str) -> None:
+        """A grid's study holds cells, a search's trials: a search worker would take a grid's
+        waiting cell for a retry of its own, so one name cannot serve both."""
+        with store_lock(self.url):  # a grid and a search opening a new study at once: one kind wins
+            found = _retry(lambda: self.study.user_attrs).get(names.STUDY_KIND)
+            if found is None:
+                _retry(self.study.set_user_attr, names.STUDY_KIND, kind)
+        if found not in (None, kind):
+            raise AblateError(f"ledger {display_url(self.url)}: study {self.study.study_name!r} is a {found}'s, "
+                              f"this spec describes a {kind} (allowed: another spec name, or another --storage)")
 
     # ---- reading -------------------------------------------------------------------------------
     def trials(self, states=None) -> list[optuna.trial.FrozenTrial]:
@@ -114,44 +168,57 @@ class Ledger:
                 enqueued += 1
         return enqueued, done
 
-    def claim(self) -> Optional[optuna.Trial]:
+    def claim(self, keys: Optional[Collection[str]] = None) -> Optional[optuna.Trial]:
         """Atomically take one WAITING trial (RUNNING for exactly one worker), or None.
 
-        The store lock makes the claim atomic on SQLite, which ignores Optuna's SELECT ... FOR
-        UPDATE, and keeps two runners from enqueueing the same cell at once on any database.
+        With ``keys``, only a trial of one of those cells: a worker takes the cells of its own
+        spec and leaves any other's waiting for its owner. The store lock makes the claim atomic
+        on SQLite, which ignores Optuna's SELECT ... FOR UPDATE, and keeps two runners from
+        enqueueing the same cell at once on any database.
         """
         with store_lock(self.url):
-            return self._claim()
+            return self._claim(keys)
 
-    def _claim(self) -> Optional[optuna.Trial]:
+    def _claim(self, keys: Optional[Collection[str]]) -> Optional[optuna.Trial]:
         for frozen in self.trials(states=(TrialState.WAITING,)):
+            if keys is not None and frozen.user_attrs.get(names.CELL_KEY) not in keys:
+                continue
             try:
-                if not _retry(self.storage.set_trial_state_values, frozen._trial_id, TrialState.RUNNING):
+                # private Optuna: the conditional update Study.ask pops a waiting trial with; its
+                # public form pops any waiting trial, and we must pick ours
+                if not _retry(self.storage.set_trial_state_values, _trial_id(frozen), TrialState.RUNNING):
                     continue  # another worker took it first
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # ... and has already finished it
-            self._mark_mine(frozen._trial_id)
+            # private Optuna: the claimed trial as Study.ask would return it
+            trial = optuna.Trial(self.study, _trial_id(frozen))
+            self._mark_mine(trial)
             winner = self._first_claim(frozen)
             if winner is not None:  # two runners enqueued the same cell at once: keep the first
-                _retry(self.storage.set_trial_user_attr, frozen._trial_id, names.DUPLICATE, winner)
-                _retry(self.storage.set_trial_state_values, frozen._trial_id, TrialState.FAIL)
+                _retry(trial.set_user_attr, names.DUPLICATE, winner)
+                _retry(self.study.tell, trial, state=TrialState.FAIL)
                 continue
-            return optuna.Trial(self.study, frozen._trial_id)
+            return trial
         return None
 
     def ask(self) -> optuna.Trial:
         """A search's next trial: a waiting retry if there is one, else the sampler's proposal."""
         trial = _retry(self.study.ask)
-        self._mark_mine(trial._trial_id)
+        self._mark_mine(trial)
         return trial
 
     def set_cell_key(self, trial: optuna.Trial, key: str) -> None:
-        _retry(self.storage.set_trial_user_attr, trial._trial_id, names.CELL_KEY, key)
+        _retry(trial.set_user_attr, names.CELL_KEY, key)
 
-    def _mark_mine(self, trial_id: int) -> None:
+    def _mark_mine(self, trial: optuna.Trial) -> None:
         """Record which worker runs the trial and start its heartbeat record."""
-        _retry(self.storage.set_trial_user_attr, trial_id, names.WORKER, worker_id())
-        _retry(self.storage.record_heartbeat, trial_id)
+        _retry(trial.set_user_attr, names.WORKER, worker_id())
+        _retry(trial.set_user_attr, names.WORKER_SPACE, process_space())
+        _retry(self._record_heartbeat, trial)
+
+    def _record_heartbeat(self, trial: optuna.Trial) -> None:
+        # private Optuna: Study.optimize keeps heartbeats with this call; bare ask/tell have none
+        self.storage.record_heartbeat(_trial_id(trial))
 
     def _first_claim(self, frozen) -> Optional[int]:
         """Number of an earlier live trial of the same cell, if any (then ours is the duplicate)."""
@@ -166,32 +233,38 @@ class Ledger:
 
     # ---- dead workers ----------------------------------------------------------------------------
     def recover_dead(self) -> list[int]:
-        """Fail trials whose worker is gone and enqueue them again. Returns the failed numbers."""
+        """Fail trials whose worker is gone and enqueue them again. Returns the failed numbers.
+
+        A stale heartbeat tells a dead worker on any machine. A worker's process id is checked
+        only where it names the same process (:func:`process_space`), which notices a dead
+        worker of this machine at once instead of after the heartbeat's grace period.
+        """
         before = {t.number for t in self.trials(states=(TrialState.RUNNING,))}
         _retry(optuna.storages.fail_stale_trials, self.study)  # heartbeat: any machine
-        host = socket.gethostname()
+        here = process_space()
         for t in self.trials(states=(TrialState.RUNNING,)):
-            w_host, _, pid = str(t.user_attrs.get(names.WORKER, "")).rpartition(":")
-            if w_host == host and pid.isdigit() and not pid_alive(int(pid)):
-                if _retry(self.storage.set_trial_state_values, t._trial_id, TrialState.FAIL):
-                    RetryHeartbeatStaleTrialCallback()(self.study, self.storage.get_trial(t._trial_id))
+            pid = str(t.user_attrs.get(names.WORKER, "")).rpartition(":")[2]
+            if t.user_attrs.get(names.WORKER_SPACE) == here and pid.isdigit() and not pid_alive(int(pid)):
+                try:
+                    failed = _retry(self.study.tell, t.number, state=TrialState.FAIL)
+                except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                    continue  # finished, or failed by another worker's recovery, since we read it
+                RetryHeartbeatStaleTrialCallback()(self.study, failed)
         after = {t.number for t in self.trials(states=(TrialState.RUNNING,))}
         return sorted(before - after - {t.number for t in self.trials(states=(TrialState.COMPLETE,))})
 
     @contextmanager
     def heartbeat(self, trial: optuna.Trial):
         """Keep the trial's heartbeat while the body runs (bare ask/tell get none from Optuna)."""
-        interval, _ = heartbeat_settings()
+        interval, grace = heartbeat_settings()
+        beat = Heartbeat(lambda: self._record_heartbeat(trial), trial.number, grace)
         stop = threading.Event()
 
-        def beat():
+        def beats():
             while not stop.wait(interval):
-                try:
-                    self.storage.record_heartbeat(trial._trial_id)
-                except Exception:  # a missed beat is retried at the next interval
-                    pass
+                beat()
 
-        thread = threading.Thread(target=beat, name="ablate-heartbeat", daemon=True)
+        thread = threading.Thread(target=beats, name="ablate-heartbeat", daemon=True)
         thread.start()
         try:
             yield
@@ -202,7 +275,7 @@ class Ledger:
     # ---- results ---------------------------------------------------------------------------------
     def tell(self, trial: optuna.Trial, state: TrialState, values=None, reason: Optional[str] = None) -> None:
         if reason:
-            _retry(self.storage.set_trial_user_attr, trial._trial_id, names.FAILURE, reason[:2000])
+            _retry(trial.set_user_attr, names.FAILURE, reason[:2000])
         _retry(self.study.tell, trial, values if state == TrialState.COMPLETE else None, state=state,
                skip_if_finished=True)
 
@@ -223,3 +296,39 @@ class Ledger:
             if names.DUPLICATE not in t.user_attrs:
                 out[t.state.name] = out.get(t.state.name, 0) + 1
         return out
+
+
+class Heartbeat:
+    """One trial's heartbeat records, each call one attempt; a failure is said once, not swallowed.
+
+    A busy or briefly lost database is expected and the next beat retries; it is reported only
+    when beats keep failing past the grace period, after which other workers take the cell
+    over. Any other error (a broken schema, a bug) is reported the first time.
+    """
+
+    def __init__(self, record: Callable[[], None], number: int, grace: float,
+                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)):
+        self.record, self.number, self.grace, self.log = record, number, grace, log
+        self.failing_since: Optional[float] = None
+        self.said: set[str] = set()
+
+    def __call__(self) -> None:
+        try:
+            self.record()
+        except Exception as e:
+            self._failed(e)
+        else:
+            self.failing_since = None
+
+    def _failed(self, e: Exception) -> None:
+        now = time.monotonic()
+        self.failing_since = self.failing_since if self.failing_since is not None else now
+        kind = "transient" if is_transient(e) else "error"
+        if kind in self.said or (kind == "transient" and now - self.failing_since <= self.grace):
+            return
+        self.said.add(kind)
+        while e.__cause__ is not None:  # Optuna wraps the database's error, which names the problem
+            e = e.__cause__
+        text = (str(e).strip() or type(e).__name__).splitlines()[0]
+        self.log(f"warning: trial {self.number}: heartbeat not recorded ({type(e).__name__}: {text}); "
+                 f"other workers take its cell over once the heartbeat is {self.grace:g} s old")

@@ -27,8 +27,10 @@ FAILURE = "ablate.failure"        # why a cell or trial failed, one line
 
 # ---- Optuna trial user attributes (the ledger) ----------------------------------------------
 WORKER = "ablate.worker"          # "host:pid" of the worker that claimed the trial
+WORKER_SPACE = "ablate.worker_space"  # boot id and pid namespace of that worker: its pid means that process only there
 VALUES = "ablate.values"          # grid trials: JSON of the cell's varied values
 DUPLICATE = "ablate.duplicate_of" # a second enqueue of the same cell: the number of the trial that runs it
+STUDY_KIND = "ablate.study_kind"  # study user attribute: "grid" or "search", so one name cannot serve both
 
 # ---- MLflow's own tag names that ablate sets ------------------------------------------------
 PARENT_ID = "mlflow.parentRunId"

@@ -72,9 +72,10 @@ def _open_ledger(spec, storage: str):
     from ablate.ledger import Ledger
     from ablate.search import make_pruner, make_sampler
     if spec.search is None:
-        return Ledger(storage, spec.name)
+        return Ledger(storage, spec.name, kind="grid")
     return Ledger(storage, spec.name, [o.direction for o in spec.search.objectives],
-                  sampler=make_sampler(spec.search), pruner=make_pruner(spec.search, spec.base.train.epochs))
+                  sampler=make_sampler(spec.search), pruner=make_pruner(spec.search, spec.base.train.epochs),
+                  kind="search")
 
 
 def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = False) -> str:
@@ -190,7 +191,7 @@ def grid_worker(ctx: Context) -> None:
     cells = {c.key: c for c in spec.cells()}
     started, trained, waited = time.time(), 0, False
     while True:
-        trial = ledger.claim()
+        trial = ledger.claim(cells.keys())  # only this spec's cells: another spec of the same name keeps its own
         if trial is None:
             ledger.recover_dead()
             counts = ledger.counts(set(cells))
@@ -201,14 +202,8 @@ def grid_worker(ctx: Context) -> None:
             waited = _wait_for_others(ctx, f"{counts['RUNNING']} cell(s)", waited)
             continue
         waited = False
-        key = trial.user_attrs.get(names.CELL_KEY)
-        cell = cells.get(key)
-        if cell is None:
-            from optuna.trial import TrialState
-            ledger.tell(trial, TrialState.FAIL, reason=f"cell {key} is not in {ctx.spec_path} here "
-                        "(workers must run the same spec)")
-            continue
-        execute(spec, cell.config, key, trial, ledger, ctx)
+        key = trial.user_attrs[names.CELL_KEY]
+        execute(spec, cells[key].config, key, trial, ledger, ctx)
         trained += 1
         counts = ledger.counts(set(cells))
         finished = counts["COMPLETE"] + counts["FAIL"]

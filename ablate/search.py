@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ablate import names
@@ -74,7 +75,7 @@ def counted_trials(ledger: Ledger) -> tuple[int, int, int]:
     counted: their retry stands for them.
     """
     trials = ledger.trials()
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
     finished = running = waiting = 0
     for t in trials:
         if names.DUPLICATE in t.user_attrs or t.number in retried:

@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import socket
+import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
+import optuna
+import pytest
 from optuna.trial import TrialState
 
-from ablate.ledger import Ledger
-from ablate.names import CELL_KEY as KEY, DUPLICATE, WORKER
+from ablate.errors import AblateError
+from ablate.ledger import Heartbeat, Ledger, process_space
+from ablate.names import CELL_KEY as KEY, DUPLICATE, WORKER, WORKER_SPACE
 
 
 @dataclass
@@ -108,3 +114,111 @@ def test_stale_heartbeat_is_recovered(workdir, monkeypatch):
     time.sleep(3.5)
     assert ledger.recover_dead() == [trial.number]
     assert ledger.claim().user_attrs[KEY] == "k000"
+
+
+def _dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+def test_a_worker_claims_only_the_cells_of_its_own_spec(workdir):
+    """Two specs that share a name share a study: each leaves the other's cells waiting."""
+    url = f"sqlite:///{workdir / 'l.db'}"
+    mine, theirs = _cells(3), [FakeCell(key=f"other{i}", values={"j": i}) for i in range(3)]
+    Ledger(url, "shared").enqueue_cells(theirs)
+    ledger = Ledger(url, "shared")
+    ledger.enqueue_cells(mine)
+    keys = {c.key for c in mine}
+    claimed = []
+    while (trial := ledger.claim(keys)) is not None:
+        claimed.append(trial.user_attrs[KEY])
+        ledger.tell(trial, TrialState.COMPLETE, [1.0])
+    assert sorted(claimed) == sorted(keys)
+    waiting = [t.user_attrs[KEY] for t in ledger.trials(states=(TrialState.WAITING,))]
+    assert sorted(waiting) == sorted(c.key for c in theirs)  # untouched, for their owner
+    assert ledger.counts({c.key for c in theirs}) == {"COMPLETE": 0, "RUNNING": 0, "WAITING": 3, "FAIL": 0}
+
+
+def test_a_grid_and_a_search_cannot_share_a_study(workdir):
+    url = f"sqlite:///{workdir / 'l.db'}"
+    Ledger(url, "same", kind="grid")
+    Ledger(url, "same", kind="grid")  # the same kind opens it again
+    with pytest.raises(AblateError, match="study 'same' is a grid's, this spec describes a search"):
+        Ledger(url, "same", kind="search")
+
+
+def test_a_worker_in_another_pid_space_is_recovered_by_heartbeat_only(workdir, monkeypatch):
+    """Same host name, dead-looking pid, but another machine (or container): its pid means
+    nothing here, so only a stale heartbeat may fail its trial."""
+    monkeypatch.setenv("ABLATE_HEARTBEAT", "1,2")
+    url = f"sqlite:///{workdir / 'l.db'}"
+    ledger = Ledger(url, "s")
+    ledger.enqueue_cells(_cells(1))
+    trial = ledger.claim()
+    trial.set_user_attr(WORKER, f"{socket.gethostname()}:{_dead_pid()}")
+    trial.set_user_attr(WORKER_SPACE, "another-boot/pid:[4026531836]")
+    assert ledger.recover_dead() == []
+    assert [t.state for t in ledger.trials()] == [TrialState.RUNNING]
+    time.sleep(3.5)  # past the grace period: the heartbeat says the worker is gone
+    assert ledger.recover_dead() == [trial.number]
+    assert ledger.claim().user_attrs[KEY] == "k000"
+
+
+def test_a_broken_heartbeat_is_said_once(workdir):
+    url = f"sqlite:///{workdir / 'l.db'}"
+    ledger = Ledger(url, "s")
+    ledger.enqueue_cells(_cells(1))
+    trial = ledger.claim()
+    with sqlite3.connect(workdir / "l.db") as db:  # a store whose schema lost a table: not transient
+        db.execute("DROP TABLE trial_heartbeats")
+    said = []
+    beat = Heartbeat(lambda: ledger._record_heartbeat(trial), trial.number, grace=120, log=said.append)
+    for _ in range(3):
+        beat()
+    assert len(said) == 1 and "trial_heartbeats" in said[0] and f"trial {trial.number}" in said[0], said
+
+
+def test_a_busy_store_is_said_only_when_it_outlasts_the_grace_period(workdir):
+    path = workdir / "busy.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+
+    def record():  # a real "database is locked" from SQLite
+        sqlite3.connect(path, timeout=0).execute("SELECT * FROM t").fetchall()
+
+    said = []
+    patient = Heartbeat(record, 7, grace=3600, log=said.append)
+    patient()
+    patient()
+    assert said == []
+    impatient = Heartbeat(record, 7, grace=0, log=said.append)
+    for _ in range(3):
+        impatient()
+        time.sleep(0.01)
+    assert len(said) == 1 and "locked" in said[0]
+    holder.execute("ROLLBACK")
+
+
+def test_optunas_private_parts_the_ledger_uses_work_in_this_version(workdir):
+    """Every private use listed in ablate/ledger.py's docstring, against the installed Optuna."""
+    url = f"sqlite:///{workdir / 'l.db'}"
+    ledger = Ledger(url, "s")
+    ledger.enqueue_cells(_cells(2))
+    [first, second] = ledger.trials(states=(TrialState.WAITING,))
+    # FrozenTrial._trial_id names the trial in storage calls
+    assert ledger.storage.get_trial(first._trial_id).number == first.number
+    # set_trial_state_values(id, RUNNING) succeeds once: the atomic claim
+    assert ledger.storage.set_trial_state_values(second._trial_id, TrialState.RUNNING) is True
+    assert ledger.storage.set_trial_state_values(second._trial_id, TrialState.RUNNING) is False
+    # optuna.Trial(study, id): what claim returns, a usable Trial
+    trial = ledger.claim()
+    assert isinstance(trial, optuna.Trial) and trial.number == first.number and trial._trial_id == first._trial_id
+    assert ledger.storage.get_trial(trial._trial_id).state == TrialState.RUNNING
+    # storage.record_heartbeat(id) writes the record that fail_stale_trials reads
+    ledger._record_heartbeat(trial)
+    with sqlite3.connect(workdir / "l.db") as db:
+        rows = db.execute("SELECT trial_id FROM trial_heartbeats").fetchall()
+    assert (trial._trial_id,) in rows
+    assert trial.user_attrs[WORKER].endswith(f":{os.getpid()}") and trial.user_attrs[WORKER_SPACE] == process_space()

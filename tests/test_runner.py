@@ -163,3 +163,21 @@ train: {{epochs: 2, batch_size: 4, warmup_epochs: 0}}
     [run] = _cell_runs("folder-grid")
     assert run.info.status == "FINISHED" and run.data.tags["ablate.data_loader"] == "folder"
     assert run.data.metrics["skipped_images"] == 1
+
+
+@pytest.mark.slow
+def test_two_specs_sharing_a_name_run_at_once_each_train_their_own_cells(workdir):
+    """One study, two grids: each runner takes its own cells and leaves the other's to it."""
+    a = write_spec(workdir / "A.yaml", name="shared", epochs=1, extra="grid:\n  model.shift: [none, eight]\n")
+    b = write_spec(workdir / "B.yaml", name="shared", epochs=1, extra="grid:\n  train.lr: [1.0e-3, 4.0e-3]\n")
+    procs = [subprocess.Popen(ablate_cmd("run", str(spec)), cwd=workdir, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for spec in (a, b)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert all("2/2 cells finished, 0 failed" in out for out in outputs), outputs
+    keys = [c.key for spec in (a, b) for c in load_spec(spec).cells()]
+    assert len(set(keys)) == 4
+    assert _finished_by_key("shared") == {k: 1 for k in keys}
+    ledger = Ledger(storage_url(), "shared")
+    assert sorted(t.user_attrs["ablate.cell_key"] for t in ledger.trials(states=(TrialState.COMPLETE,))) == sorted(keys)
+    assert not ledger.trials(states=(TrialState.FAIL,))
