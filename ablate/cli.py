@@ -41,12 +41,12 @@ def main():
 # ---- run / search ----------------------------------------------------------------------------
 
 def _devices(value: str | None) -> list[str]:
-    if not value:
+    if value is None:
         return []
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not all(v.isdigit() for v in items):
+    items = [v.strip() for v in value.split(",")]
+    if not all(v.isdigit() for v in items):  # also refuses "", ",,," and "0,,1"
         raise AblateError(f"--devices: {value!r} (allowed: comma-separated CUDA device numbers, e.g. 0,1,2,3)")
-    return [f"cuda:{v}" for v in items]
+    return [f"cuda:{int(v)}" for v in items]
 
 
 _worker_options = [

@@ -54,18 +54,23 @@ def _objective_values(spec, metrics: dict) -> list[float]:
     return [float(metrics[o.metric]) for o in spec.search.objectives]
 
 
-def check_device(name: str) -> None:
-    """Refuse an unusable --device before anything is written."""
+def check_device(name: str, option: str = "--device") -> None:
+    """Refuse an unusable device before anything is written, naming the ``option`` it came from."""
     import torch
+    allowed = "auto, cpu, cuda, cuda:N" if option == "--device" else "GPU numbers of this machine, e.g. 0,1"
     try:
         device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
                               "cpu" if name == "auto" else name)
     except RuntimeError:
-        raise AblateError(f"--device: {name!r} is not a device (allowed: auto, cpu, cuda, cuda:N)") from None
+        raise AblateError(f"{option}: {name!r} is not a device (allowed: {allowed})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise AblateError(f"--device: {name}: CUDA is not available on this machine (allowed: auto, cpu)")
+        raise AblateError(f"{option}: {name}: CUDA is not available on this machine "
+                          f"(allowed: {'auto, cpu' if option == '--device' else 'leave --devices out to train on the CPU'})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise AblateError(f"{option}: {name}: this machine has {torch.cuda.device_count()} GPU(s) "
+                          f"(allowed: cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if device.type not in ("cpu", "cuda"):
-        raise AblateError(f"--device: {name!r} (allowed: auto, cpu, cuda, cuda:N)")
+        raise AblateError(f"{option}: {name!r} (allowed: {allowed})")
 
 
 def _open_ledger(spec, storage: str):
@@ -316,11 +321,31 @@ def _estimated_cost(cell) -> float:
     return model_cost(cell.config.model, num_classes(cell.config.data)).macs * cell.config.train.epochs
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on (a Slurm job or a container may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _worker_count(device: str, devices: list[str], workers: int) -> int:
-    """Check the devices before anything is written; one worker per listed GPU."""
-    for d in devices or [device]:
-        check_device(d)
-    return len(devices) or workers
+    """Check the devices and the number of workers before anything is written; one worker per listed GPU.
+
+    Each worker is a training process with its own data loading, so more workers than CPU cores
+    only make every one of them slower (and a typo such as --workers 100000 would start that many).
+    """
+    if devices:
+        for d in devices:
+            check_device(d, "--devices")
+    else:
+        check_device(device)
+    count, cap = len(devices) or workers, usable_cpus()
+    if count > cap:
+        option = "--devices" if devices else "--workers"
+        raise AblateError(f"{option}: {count} workers, more than the {cap} CPU cores this process may use "
+                          f"(allowed: 1 to {cap} workers)")
+    return count
 
 
 def _run_under_parent(target: Callable[[Context], None], ctx: Context, workers: int, devices: list[str]) -> None:
@@ -355,6 +380,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     from ablate import tracking
     from ablate.ledger import storage_url
     from ablate.spec import load_spec
+    from ablate.stores import check_stores
 
     spec = load_spec(spec_path)  # raises SpecError before anything is written
     if spec.search is not None:
@@ -362,6 +388,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     devices = devices or []
     workers = _worker_count(device, devices, workers)
     url = storage_url(storage)
+    check_stores(url)  # both stores usable, before either is written
     cells = spec.cells()
     ledger = _open_ledger(spec, url)
     enqueued, done = ledger.enqueue_cells(sorted(cells, key=_estimated_cost, reverse=True))
@@ -409,6 +436,7 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
     from ablate.ledger import storage_url
     from ablate.search import counted_trials
     from ablate.spec import load_spec
+    from ablate.stores import check_stores
 
     spec = load_spec(spec_path)
     if spec.search is None:
@@ -418,6 +446,7 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
     devices = devices or []
     workers = _worker_count(device, devices, workers)
     url = storage_url(storage)
+    check_stores(url)  # both stores usable, before either is written
     target = trials or spec.search.trials
     ledger = _open_ledger(spec, url)
     ledger.recover_dead()

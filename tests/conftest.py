@@ -44,3 +44,31 @@ def ablate_cmd(*args: str) -> list[str]:
 def run_ablate(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(ablate_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def pg_secret_stores():
+    """A PostgreSQL role with a password and two databases it owns (ledger, MLflow), dropped afterwards.
+
+    Yields (ledger_url, mlflow_url, password); the URLs carry the password, as a user's would.
+    Skips where no server runs (CI promises one: there it fails instead).
+    """
+    import uuid
+    from test_postgres import ADMIN_URL, _admin
+    conn = _admin()
+    tag = uuid.uuid4().hex[:10]
+    role, password = f"ablate_pw_{tag}", f"Pw{tag}Secret"
+    dbs = [f"ablate_test_{tag}_{kind}" for kind in ("ledger", "mlflow")]
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        for db in dbs:
+            cur.execute(f'CREATE DATABASE "{db}" OWNER {role}')
+    host = ADMIN_URL.split("@", 1)[1].rsplit("/", 1)[0]
+    try:
+        yield [f"postgresql://{role}:{password}@{host}/{db}" for db in dbs] + [password]
+    finally:
+        with conn.cursor() as cur:
+            for db in dbs:
+                cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            cur.execute(f"DROP ROLE IF EXISTS {role}")
+        conn.close()
