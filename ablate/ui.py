@@ -1,16 +1,22 @@
 """``ablate ui``: the MLflow UI (and optionally optuna-dashboard) on the stores the runs use.
 
 The servers run as child processes, each in its own process group so that Ctrl-C or SIGTERM
-reaching ``ablate ui`` stops them and every worker they started, and nothing else.
+reaching ``ablate ui`` stops them and every worker they started, and nothing else. Store URLs
+may hold a database password and every user of the machine can read a process's command line
+(``ps``), so the URLs reach the servers through the environment (MLflow) or a configuration
+file only we can read (optuna-dashboard), never as arguments.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -19,8 +25,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ablate.errors import AblateError
+from ablate.urls import mask_url
 
-INSTALL_DASHBOARD = "pip install 'ablate[dashboard]'"
+INSTALL_DASHBOARD = "pip install optuna-dashboard (in a clone of ablate: pip install -e '.[dashboard]')"
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
@@ -55,26 +62,44 @@ def ledger_store_url(storage: Optional[str] = None) -> str:
     return absolute_store_uri(storage_url(storage))
 
 
-def mlflow_env() -> dict[str, str]:
-    """The server's environment: MLflow's background job runner (GenAI scoring, trace
-    archival) is off unless asked for; browsing runs does not need its worker processes."""
+def mlflow_env(backend_store_uri: str) -> dict[str, str]:
+    """The server's environment: the store (``mlflow server`` reads ``--backend-store-uri``
+    from MLFLOW_BACKEND_STORE_URI), and MLflow's background job runner (GenAI scoring, trace
+    archival) off unless asked for; browsing runs does not need its worker processes."""
     env = dict(os.environ)
+    env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     return env
 
 
-def mlflow_command(backend_store_uri: str, host: str, port: int) -> list[str]:
+def mlflow_command(host: str, port: int) -> list[str]:
     # One worker: a UI for one person needs no more, and each worker is a full Python process.
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
-            "--host", host, "--port", str(port), "--workers", "1"]
+    return [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
 
 
-def dashboard_command(storage: str, host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "optuna_dashboard._cli", storage, "--host", host, "--port", str(port)]
+def dashboard_executable() -> Optional[str]:
+    """optuna-dashboard's console script, preferably the one installed beside this Python."""
+    beside = Path(sys.executable).parent / "optuna-dashboard"
+    return str(beside) if beside.is_file() else shutil.which("optuna-dashboard")
 
 
 def dashboard_installed() -> bool:
-    return importlib.util.find_spec("optuna_dashboard") is not None
+    return importlib.util.find_spec("optuna_dashboard") is not None and dashboard_executable() is not None
+
+
+def write_dashboard_config(storage: str, folder: Path) -> Path:
+    """optuna-dashboard's ``--from-config`` file naming the storage, readable by this user only."""
+    path = Path(folder) / "optuna-dashboard.toml"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        # a JSON string without ASCII escaping is a valid TOML basic string
+        f.write(f"[optuna_dashboard]\nstorage = {json.dumps(storage, ensure_ascii=False)}\n")
+    return path
+
+
+def dashboard_command(config: Path, host: str, port: int) -> list[str]:
+    return [dashboard_executable() or "optuna-dashboard", "--from-config", str(config),
+            "--host", host, "--port", str(port)]
 
 
 def _local_address(host: str) -> str:
@@ -88,8 +113,11 @@ def url(host: str, port: int) -> str:
 
 
 def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on. A port whose last connection is only in
+    TIME-WAIT is free: the servers bind with SO_REUSEADDR, and so does this check."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -161,31 +189,39 @@ def serve(host: str = "127.0.0.1", port: int = 5000, *, optuna: bool = False,
     :class:`AblateError` for a missing extra, a busy port or a server that dies."""
     if optuna and not dashboard_installed():
         raise AblateError(f"--optuna needs optuna-dashboard, which is not installed: {INSTALL_DASHBOARD}")
+    with tempfile.TemporaryDirectory(prefix="ablate-ui-") as private:  # mode 0700
+        servers = _servers(host, port, optuna, storage, optuna_port, Path(private), echo)
+        if servers:
+            _run(servers, echo, ready_timeout)
+
+
+def _servers(host: str, port: int, optuna: bool, storage: Optional[str], optuna_port: Optional[int],
+             private: Path, echo: Callable[[str], None]) -> list[Server]:
     servers: list[Server] = []
     store = tracking_store_uri()
     if store.startswith(REMOTE_SCHEMES):
-        echo(f"runs are tracked on {store}: open it there (no local MLflow UI to start)")
+        echo(f"runs are tracked on {mask_url(store)}: open it there (no local MLflow UI to start)")
     else:
         check_port_free(host, port)
-        servers.append(Server("MLflow UI", mlflow_command(store, host, port), url(host, port), store,
-                              mlflow_env()))
+        servers.append(Server("MLflow UI", mlflow_command(host, port), url(host, port), store, mlflow_env(store)))
     if optuna:
         ledger = ledger_store_url(storage)
         if ledger.startswith("sqlite:///") and not Path(ledger[len("sqlite:///"):]).is_file():
-            raise AblateError(f"no ledger at {ledger} (allowed: the --storage URL of an `ablate run` "
+            raise AblateError(f"no ledger at {mask_url(ledger)} (allowed: the --storage URL of an `ablate run` "
                               "or `ablate search`, or $ABLATE_STORAGE)")
         dport = optuna_port or port + 1
         check_port_free(host, dport)
-        servers.append(Server("optuna-dashboard", dashboard_command(ledger, host, dport), url(host, dport),
-                              ledger))
-    if not servers:
-        return
+        config = write_dashboard_config(ledger, private)
+        servers.append(Server("optuna-dashboard", dashboard_command(config, host, dport), url(host, dport), ledger))
+    return servers
 
+
+def _run(servers: list[Server], echo: Callable[[str], None], ready_timeout: float) -> None:
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         for s in servers:
             s.start()
-            echo(f"starting {s.name} on {s.store}")
+            echo(f"starting {s.name} on {mask_url(s.store)}")
         _wait_ready(servers, echo, ready_timeout)
         echo("Ctrl-C stops " + ("it" if len(servers) == 1 else "them"))
         while True:

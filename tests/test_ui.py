@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from ablate.cli import cli
-from ablate.ui import absolute_store_uri, dashboard_installed, url
+from ablate.ui import _servers, absolute_store_uri, check_port_free, dashboard_installed, url
 
 ABLATE = [sys.executable, "-c", "from ablate.cli import main; main()"]
 
@@ -71,7 +71,7 @@ def test_optuna_without_the_extra_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli, ["ui", "--optuna", "--port", str(_free_port())])
     assert result.exit_code == 2
-    assert "pip install 'ablate[dashboard]'" in result.output
+    assert "pip install optuna-dashboard" in result.output and "pip install -e '.[dashboard]'" in result.output
 
 
 def test_a_busy_port_is_a_user_error(tmp_path, monkeypatch):
@@ -129,6 +129,105 @@ def test_ui_serves_the_runs_store_on_loopback_and_stops_on_sigterm(tmp_path):
         output = (tmp_path / "ui.log").read_text()
         assert f"MLflow UI: {base}/" in output and f"sqlite:///{tmp_path}/mlflow.db" in output
     finally:  # on a failure, end what this test started, by pid
+        if proc.poll() is None:
+            children |= _descendants(proc.pid)
+            proc.kill()
+            proc.wait()
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+
+
+def _time_wait_ports() -> set[int]:
+    """Local ports of IPv4 connections in TIME-WAIT (state 06 in /proc/net/tcp)."""
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "06":
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_a_port_only_in_time_wait_is_free(tmp_path):
+    """A UI stopped a moment ago leaves its port in TIME-WAIT: starting it again must work."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and gunicorn listen
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the side that closes first keeps the connection in TIME-WAIT
+        client.recv(1)
+        client.close()
+    assert port in _time_wait_ports()
+    check_port_free("127.0.0.1", port)  # the servers bind with SO_REUSEADDR: so may we
+
+
+def _cmdlines() -> dict[int, str]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+    return out
+
+
+@pytest.mark.skipif(not dashboard_installed(), reason="optuna-dashboard is not installed")
+def test_store_urls_reach_the_servers_outside_their_command_lines(tmp_path, monkeypatch):
+    password = "Sw0rdfish-in-url"
+    tracking = f"postgresql://ui:{password}@127.0.0.1:5432/mlflow"
+    ledger = f"postgresql://ui:{password}@127.0.0.1:5432/ledger?sslmode=disable"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    said = []
+    mlflow_ui, dashboard = _servers("127.0.0.1", _free_port(), True, ledger, _free_port(), tmp_path, said.append)
+    for server in (mlflow_ui, dashboard):
+        assert not any(password in arg for arg in server.command), server.command
+    assert mlflow_ui.env["MLFLOW_BACKEND_STORE_URI"] == tracking
+    [config] = [Path(a) for a in dashboard.command if a.endswith(".toml")]
+    assert config.parent == tmp_path and (config.stat().st_mode & 0o777) == 0o600
+    import tomllib
+    assert tomllib.loads(config.read_text())["optuna_dashboard"]["storage"] == ledger
+    assert not any(password in line for line in said)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dashboard_installed(), reason="optuna-dashboard is not installed")
+def test_ui_on_password_protected_stores_shows_the_password_nowhere(tmp_path, pg_secret_stores):
+    """`ps` shows every user each process's command line: the database password must not be there."""
+    from ablate.ledger import Ledger
+    ledger_url, mlflow_url, password = pg_secret_stores
+    Ledger(ledger_url, "visible-in-dashboard")
+    # the user gives both URLs through the environment (an option would put it on ablate's own command line)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url, "ABLATE_STORAGE": ledger_url, "PYTHONUNBUFFERED": "1"}
+    port, dport = _free_port(), _free_port()
+    log = open(tmp_path / "ui.log", "w")
+    proc = subprocess.Popen(ABLATE + ["ui", "--port", str(port), "--optuna", "--optuna-port", str(dport)],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    children: set[int] = set()
+    try:
+        for _ in range(360):  # both servers answer (MLflow first creates its tables: slow on a loaded machine)
+            assert proc.poll() is None, (tmp_path / "ui.log").read_text()
+            if "Ctrl-C stops them" in (tmp_path / "ui.log").read_text():
+                break
+            time.sleep(0.5)
+        text = (tmp_path / "ui.log").read_text()
+        assert f"MLflow UI: http://127.0.0.1:{port}/" in text and f"optuna-dashboard: http://127.0.0.1:{dport}/" in text, text
+        with urllib.request.urlopen(f"http://127.0.0.1:{dport}/api/studies", timeout=10) as r:
+            assert "visible-in-dashboard" in r.read().decode()  # the dashboard did open the ledger
+        children = _descendants(proc.pid)
+        assert len(children) >= 2
+        leaks = {pid: cmd for pid, cmd in _cmdlines().items() if password in cmd}
+        assert not leaks, leaks
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        output = (tmp_path / "ui.log").read_text()
+        assert password not in output, output
+        assert ":***@" in output
+    finally:
         if proc.poll() is None:
             children |= _descendants(proc.pid)
             proc.kill()
