@@ -451,6 +451,11 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
     ledger = _open_ledger(spec, url)
     ledger.recover_dead()
     finished, running, waiting = counted_trials(ledger)
+    if finished >= target and not running and not waiting:
+        asked = f"--trials {target}" if trials else f"the {target} of the spec's search.trials"
+        print(f"{spec.name}: the study already has {finished} finished trials"
+              f"{', more than' if finished > target else ', as many as'} {asked}: nothing to do", flush=True)
+        return ledger.counts()
     experiment_id = tracking.ensure_experiment(spec.name)
     parent = tracking.start_parent(experiment_id, "search", str(spec_path))
     print(f"{spec.name}: {finished} trials finished of {target}; sampler {spec.search.sampler}; "

@@ -28,8 +28,17 @@ def make_sampler(search, seed: int = 0) -> optuna.samplers.BaseSampler:
         # CMA-ES handles the numeric parameters; categorical ones fall back to random sampling
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "grid":
-        return optuna.samplers.GridSampler(grid_space(search.space), seed=seed)
+        return AskTellGridSampler(grid_space(search.space), seed=seed)
     raise ValueError(f"unknown sampler {name!r}")
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler for ask and tell: Optuna's calls ``Study.stop`` once the grid is used up,
+    which raises outside ``Study.optimize`` and so would fail the tell of the last trial. Our
+    workers stop by counting the study's trials instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass  # GridSampler.after_trial does nothing but the stop
 
 
 def make_pruner(search, epochs: int) -> optuna.pruners.BasePruner:

@@ -114,3 +114,44 @@ search:
     runs = _runs("repeats")
     assert sorted(r.data.tags["ablate.trial_number"] for r in runs) == ["0", "1", "2"]
     assert sum("ablate.reused_from" in r.data.tags for r in runs) == 2
+
+
+def test_a_search_resumed_past_its_total_says_so_and_trains_nothing(workdir):
+    from click.testing import CliRunner
+
+    from ablate.cli import cli
+    from ablate.runner import _open_ledger
+    from ablate.spec import load_spec
+    spec = write_spec(workdir / "p.yaml", name="past-total", extra=MULTI)
+    ledger = _open_ledger(load_spec(spec), storage_url())
+    for i in range(5):
+        ledger.study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, values=[50.0 + i, 1000.0]))
+    result = CliRunner().invoke(cli, ["search", str(spec), "--trials", "3"])
+    assert result.exit_code == 0, result.output
+    assert "the study already has 5 finished trials, more than --trials 3: nothing to do" in result.output
+    assert "trials finished of" not in result.output and "training on" not in result.output
+    assert MlflowClient().get_experiment_by_name("past-total") is None  # no parent run was started
+
+
+def test_a_grid_sampler_study_can_be_told_its_last_trial(workdir):
+    """Optuna's GridSampler calls Study.stop after the last grid point, which Optuna allows only
+    inside Study.optimize: our workers ask and tell, and must be able to tell that trial."""
+    from ablate.runner import _open_ledger
+    from ablate.search import suggest
+    from ablate.spec import load_spec
+    spec = load_spec(write_spec(workdir / "g.yaml", name="grid-sampled", extra="""\
+search:
+  sampler: grid
+  objectives: [val_top1]
+  trials: 2
+  space:
+    model.shift: {choice: [none, four]}
+"""))
+    ledger = _open_ledger(spec, storage_url())
+    seen = []
+    for _ in range(2):
+        trial = ledger.ask()
+        seen.append(suggest(trial, spec.search.space)["model.shift"])
+        ledger.tell(trial, TrialState.COMPLETE, [50.0])
+    assert sorted(seen) == ["four", "none"]
+    assert [t.state for t in ledger.trials()] == [TrialState.COMPLETE] * 2
