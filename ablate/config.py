@@ -15,10 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 from ablate.models.shift_patterns import resolve_offsets
 
 NUM_CLASSES = {"imagenet100": 100, "digits": 10}
+#: the largest synthetic split: its images are made batch by batch, but an epoch must end
+MAX_SYNTHETIC_IMAGES = 10 ** 8
+#: the largest model trained: far beyond any S²-MLP (the wide one has 7.1e7 parameters and 1.4e10
+#: multiply-adds per image); a setting that exceeds them is a typo, refused before it allocates
+MAX_PARAMS = 10 ** 11
+MAX_MACS = 10 ** 14
+#: the largest seed: the data pipeline derives its seeds from 32 bits of each coordinate
+MAX_SEED = 2 ** 32 - 1
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no inf or nan anywhere: no setting of a training run means anything at infinity
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -27,9 +36,10 @@ class DataConfig(_Section):
         "digits (embedded 8x8 handwritten digits), synthetic (random tensors)")
     root: Optional[str] = Field(None, description="dataset root with train/ and val/ folders "
                                 "(imagenet100, imagefolder); ${VAR} is expanded")
-    num_classes: PositiveInt = Field(10, description="number of classes (synthetic only)")
-    train_size: PositiveInt = Field(1024, description="number of training images (synthetic only)")
-    val_size: PositiveInt = Field(256, description="number of validation images (synthetic only)")
+    num_classes: PositiveInt = Field(10, le=MAX_SYNTHETIC_IMAGES, description="number of classes (synthetic only)")
+    train_size: PositiveInt = Field(1024, le=MAX_SYNTHETIC_IMAGES,
+                                    description="number of training images (synthetic only)")
+    val_size: PositiveInt = Field(256, le=MAX_SYNTHETIC_IMAGES, description="number of validation images (synthetic only)")
     loader: Literal["auto", "cache", "folder"] = Field(
         "auto", description="auto: the uint8 memory-mapped cache when one exists for this size, else "
         "the image-folder loader; cache: require the cache; folder: always decode image files")
@@ -89,6 +99,16 @@ class ModelConfig(_Section):
         if groups and self.width % groups:
             raise ValueError(f"width {self.width} is not divisible by the {groups} channel groups of "
                              f"shift {self.shift!r} (allowed: a multiple of {groups})")
+        if self.hidden < 1:
+            raise ValueError(f"mlp_ratio {self.mlp_ratio:g} x width {self.width} leaves no hidden channel "
+                             "(allowed: mlp_ratio x width >= 1)")
+        from ablate.models.cost import model_cost
+        cost = model_cost(self, 0)
+        if cost.params_paper > MAX_PARAMS or cost.macs > MAX_MACS:
+            raise ValueError(f"width {self.width}, depth {self.depth}, mlp_ratio {self.mlp_ratio:g}, image_size "
+                             f"{self.image_size}, patch_size {self.patch_size}: {cost.params_paper:.3g} parameters "
+                             f"and {cost.macs:.3g} multiply-adds per image (allowed: at most {MAX_PARAMS:.0e} "
+                             f"parameters and {MAX_MACS:.0e} multiply-adds, 1,000 times S2-MLP-wide's)")
         return self
 
     @property
@@ -119,7 +139,15 @@ class TrainConfig(_Section):
     crop_scale: float = Field(0.08, gt=0, le=1, description="smallest area fraction of the random resized crop")
     amp: Literal["bf16", "fp16", "off"] = Field("bf16", description="mixed precision on CUDA (CPU always runs fp32)")
     compile: bool = Field(False, description="torch.compile the model (CUDA; slow to start on CPU)")
-    seed: int = Field(0, ge=0, description="random seed of initialisation, data order and augmentation")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="random seed of initialisation, data order and augmentation")
+
+    @field_validator("randaugment")
+    @classmethod
+    def _known_policy(cls, v):
+        if v is not None:
+            from ablate.augment_policy import check_randaugment
+            check_randaugment(v)  # raises ValueError naming the allowed form
+        return v
 
 
 class CellConfig(_Section):

@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ablate.config import CellConfig, DataConfig
+from ablate.config import CellConfig, DataConfig, flat_params
 from ablate.errors import AblateError
+from ablate.spec.reference import matching_row
+from ablate.units import macs_in, paper_number, params_in
 
 REFERENCE_GPU = "NVIDIA H100 SXM"
 PEAK_BF16_FLOPS = 989e12        # dense bf16 tensor-core peak of an H100 SXM (no sparsity)
@@ -96,25 +98,23 @@ class PlanRow:
 
     @property
     def params_m(self) -> float:
-        return self.params_paper / 1e6
+        return params_in(self.params_paper, "M")
 
     @property
     def params_mi(self) -> float:
-        return self.params_paper / 2 ** 20
+        return params_in(self.params_paper, "Mi")
 
     @property
     def gmacs(self) -> float:
-        return self.macs / 1e9
+        return macs_in(self.macs, "G")
 
     def params_in_paper_units(self) -> float:
         """Paper-convention parameters in the unit the reference row uses (M = 10^6, Mi = 2^20)."""
-        from ablate.spec import PARAMS_UNITS
-        return self.params_paper / PARAMS_UNITS[(self.reference or {}).get("params_unit", "M")]
+        return params_in(self.params_paper, (self.reference or {}).get("params_unit", "M"))
 
     def gmacs_in_paper_units(self) -> float:
         """MACs per image in the unit the reference row uses (G = 10^9, Gi = 2^30)."""
-        from ablate.spec import MACS_UNITS
-        return self.macs / MACS_UNITS[(self.reference or {}).get("macs_unit", "G")]
+        return macs_in(self.macs, (self.reference or {}).get("macs_unit", "G"))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -216,19 +216,6 @@ def _row(cell_config: CellConfig, key: str, seed: int, values: dict, reference: 
                    gpu_hours=hours, reference=reference)
 
 
-def _reference_row(reference: Optional[dict], config: CellConfig) -> Optional[dict]:
-    from ablate.config import flat_params
-    from ablate.spec import _same
-
-    if not reference:
-        return None
-    flat = flat_params(config)
-    for row in reference.get("rows") or []:
-        if all(_same(flat.get(k), v) for k, v in (row.get("when") or {}).items()):
-            return row
-    return None
-
-
 def plan(spec) -> Plan:
     """The plan of a loaded :class:`~ablate.spec.Spec`: rows, totals and a compute estimate."""
     result = Plan(name=spec.name, path=str(spec.path), kind=spec.kind, varied=list(spec.varied),
@@ -236,7 +223,7 @@ def plan(spec) -> Plan:
                   reference_source=(spec.reference or {}).get("source"))
     for cell in spec.cells():
         result.rows.append(_row(cell.config, cell.key, cell.seed, cell.values,
-                                _reference_row(spec.reference, cell.config)))
+                                matching_row(spec.reference, flat_params(cell.config))))
     if spec.search is not None:
         result.search = _search_plan(spec)
     return result
@@ -295,11 +282,6 @@ def _hours(h: Optional[float]) -> str:
     if h < 0.01:
         return "<0.01"
     return f"{h:.3g}" if h < 10 else f"{h:,.1f}"
-
-
-def _num(x: float) -> str:
-    """Two decimals from 1 up (the paper's columns), three significant digits below."""
-    return f"{x:.2f}" if x >= 1 else f"{x:.3g}"
 
 
 def _range(bounds: tuple[float, float], fmt) -> str:
@@ -366,7 +348,7 @@ def format_plan(p: Plan) -> str:
             mi = " Mi" if row.get("params_unit") == "Mi" else ""
             gi = " Gi" if row.get("macs_unit") == "Gi" else ""
             line = [_fmt(r.values[k]) for k in varied] or ["base"]
-            line += [_num(r.params_in_paper_units()) + mi, _num(r.gmacs_in_paper_units()) + gi,
+            line += [paper_number(r.params_in_paper_units()) + mi, paper_number(r.gmacs_in_paper_units()) + gi,
                      str(r.epochs), _hours(r.gpu_hours)]
             if ref:
                 line += [_paper(row.get("top1")), _paper(row.get("top5")),

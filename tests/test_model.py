@@ -6,7 +6,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import ablate  # noqa: F401  (registers the timm variants)
+import ablate.models  # noqa: F401  (registers the timm variants)
 from ablate.config import ModelConfig
 from ablate.models import S2MLP, Affine, build_model, model_cost
 from ablate.models.shift import spatial_shift

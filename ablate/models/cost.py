@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from ablate.errors import AblateError
+from ablate.units import macs_in, paper_number, params_in
 
 if TYPE_CHECKING:
     from ablate.config import ModelConfig
@@ -57,21 +58,17 @@ class Cost:
     @property
     def params_m(self) -> float:
         """Paper-convention parameters in millions (10^6): the unit of the paper's c = 768 rows."""
-        return self.params_paper / 1e6
+        return params_in(self.params_paper, "M")
 
     @property
     def params_mi(self) -> float:
         """Paper-convention parameters in 2^20 units: the unit of the paper's deep and other-width rows."""
-        return self.params_paper / 2**20
+        return params_in(self.params_paper, "Mi")
 
     @property
     def gmacs(self) -> float:
         """Multiply-adds per image in billions (10^9): the paper's "FLOPs" column."""
-        return self.macs / 1e9
-
-    @property
-    def gflops(self) -> float:
-        return self.flops / 1e9
+        return macs_in(self.macs, "G")
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -105,8 +102,8 @@ def cost_row(name: str, model_cfg: "ModelConfig", num_classes: int) -> dict[str,
     return {"name": name, "width": model_cfg.width, "depth": model_cfg.depth,
             "patch": model_cfg.patch_size, "image": model_cfg.image_size,
             "ratio": f"{model_cfg.mlp_ratio:g}", "norm": model_cfg.norm,
-            "params_M": f"{cost.params_m:.2f}", "params_Mi": f"{cost.params_mi:.2f}",
-            "GMACs": f"{cost.gmacs:.2f}"}
+            "params_M": paper_number(cost.params_m), "params_Mi": paper_number(cost.params_mi),
+            "GMACs": paper_number(cost.gmacs)}
 
 
 def variant_rows(num_classes: int = 1000) -> list[dict[str, object]]:

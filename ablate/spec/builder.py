@@ -1,0 +1,529 @@
+"""Building a :class:`Spec`: sections, seeds, grid, zip, exclude, cells; ``--set`` and ``--name``.
+
+Every check adds to one :class:`~ablate.spec.problems.Problems` and goes on, so that a spec's
+problems are reported all at once. Sizes are bounded before anything large is built: a grid is
+counted before its product is (``max_cells``).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pydantic import ValidationError
+
+from ablate.config import MACHINE_LOCAL, MAX_SEED, SECTIONS, CellConfig, cell_key, flat_params
+from ablate.errors import SpecError
+from ablate.spec.files import DESIGN_KEYS, SPEC_KEYS, SpecFiles
+from ablate.spec.overrides import Override, experiment_suffix, parse_overrides
+from ablate.spec.problems import (Problems, Where, did_you_mean, format_value, format_values, location,
+                                      option_where, validate_cell)
+from ablate.spec.reference import check_reference, read_reference, rows_for_overrides, same_value
+from ablate.spec.space import read_search
+from ablate.spec.types import SETTINGS, Cell, SearchSpec, Spec
+from ablate.spec.yaml_source import expand_env
+
+#: the most cells (configurations x seeds) a grid may have unless the caller raises the cap
+MAX_CELLS = 10_000
+#: the longest spec or experiment name (it names folders too)
+MAX_NAME = 200
+#: settings whose ${VAR} may be unset when planning (where the data is on this machine)
+DATA_PATHS = (("data", "root"), ("data", "cache_dir"))
+
+
+@dataclass(frozen=True)
+class SpecArgs:
+    """What a command line says about a spec besides its path (``--set``, ``--name``,
+    ``--max-cells``): picklable, so that worker processes load the very same spec."""
+    overrides: tuple[str, ...] = ()
+    name: Optional[str] = None
+    max_cells: int = MAX_CELLS
+
+    def load(self, path: str | Path, *, check_paths: bool = True) -> Spec:
+        return load_spec(path, overrides=self.overrides, name=self.name, check_paths=check_paths,
+                         max_cells=self.max_cells)
+
+
+def load_spec(path: str | Path, *, overrides: Sequence[str] = (), name: Optional[str] = None,
+              check_paths: bool = True, max_cells: int = MAX_CELLS) -> Spec:
+    """Read, merge (``extends``), expand (``${VAR}``), override (``--set``) and validate a spec file.
+
+    Raises :class:`SpecError` listing every problem found, each ``file:line: field: problem``
+    (or ``--set KEY=VALUE: problem`` for an override). ``name`` replaces the experiment name
+    (``--name``). ``check_paths=False`` plans without the data: a dataset root that is missing,
+    or whose ``${VAR}`` is unset, is reported in ``Spec.data_problems`` instead of refused.
+    ``max_cells`` caps the number of cells of a grid, counted before any is built.
+    """
+    return SpecBuilder(Path(path), check_paths=check_paths, overrides=tuple(overrides), name=name,
+                       max_cells=max_cells).build()
+
+
+def name_problem(name: Any, given: bool = True) -> Optional[str]:
+    """Why ``name`` cannot name an experiment, or ``None``. Any printable text of up to
+    :data:`MAX_NAME` characters with a letter or digit will do: the folders named after it use
+    its :attr:`~ablate.spec.Spec.slug`, which stays inside them whatever the name."""
+    example = "(allowed: e.g. name: my-ablation)"
+    if not isinstance(name, str) or not name.strip():
+        got = format_value(name) if given else "nothing"
+        return f"expected a non-empty string (the MLflow experiment name), got {got} {example}"
+    if len(name) > MAX_NAME:
+        return f"{len(name)} characters (allowed: at most {MAX_NAME})"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"contains control characters (allowed: printable text) {example}"
+    if not re.search(r"[A-Za-z0-9]", name):
+        return f"{name!r} has no letter or digit {example}"
+    return None
+
+
+class SpecBuilder:
+    """Reads, merges, overrides and checks one spec; every check adds to ``problems`` and goes on."""
+
+    def __init__(self, path: Path, *, check_paths: bool = True, overrides: tuple[str, ...] = (),
+                 name: Optional[str] = None, max_cells: int = MAX_CELLS):
+        self.path = path
+        self.shown = str(path)
+        self.check_paths = check_paths
+        self.override_items = overrides
+        self.name_option = name
+        self.max_cells = max_cells
+        self.problems = Problems(self.shown)
+        self.files = SpecFiles(self.problems)
+        self.origins = self.files.origins       # path in the merged spec -> where it was written
+        self.zip_paths: dict[str, tuple] = {}   # zip key -> its path in the spec, for line numbers
+        self.bad_keys: set[str] = set()         # settings whose grid/zip/search entry is invalid
+        self.fixed: dict[str, Override] = {}    # settings fixed by --set
+        self.spec_values: dict[str, Any] = {}   # what the spec itself said for each of them (or the default)
+        self.varied_by_spec: set[str] = set()   # of them, those the spec's grid, zip or search varied
+        self.unset_data: list[tuple[tuple, str]] = []   # (path, variable) of an unset ${VAR} in a data path
+        self.data_problems: list[str] = []
+
+    # -- where a value was written --
+
+    def where(self, *path) -> Where:
+        """Line of the most specific written part of ``path`` (a key, a list item, or its parent)."""
+        path = tuple(path)
+        while path:
+            if path in self.origins:
+                return self.origins[path]
+            path = path[:-1]
+        return (self.shown, 1)
+
+    def add(self, path: tuple, problem: str, field_name: Optional[str] = None) -> None:
+        where = self.where(*path)
+        if not where[1]:  # an override: the option names the setting already
+            field_name = None
+        else:
+            field_name = field_name or ".".join(str(p) for p in path)
+        self.problems.add(where, field_name, problem)
+
+    # -- the whole spec --
+
+    def build(self) -> Spec:
+        if not self.path.is_file():
+            raise SpecError([f"{self.shown}: no such spec file (allowed: a path to a YAML spec)"])
+        overrides = parse_overrides(self.override_items, self.problems)
+        raw = self.files.read(self.path, self.shown)
+        if self.files.unreadable:  # a file that could not be parsed or extended: the rest would mislead
+            self.problems.raise_if_any()
+        raw = expand_env(raw, (), self._unset_variable)
+        self._apply(overrides, raw)
+
+        for key in raw:
+            if key not in SPEC_KEYS:
+                self.add((key,), f"unknown key{did_you_mean(key, SPEC_KEYS)} (allowed: {', '.join(SPEC_KEYS)})")
+        spec_name = raw.get("name")
+        problem = name_problem(spec_name, given="name" in raw)
+        if problem:
+            self.add(("name",), problem, "name")
+        if self.name_option is not None and name_problem(self.name_option):
+            self.problems.add(option_where("--name"), None, name_problem(self.name_option))
+        description = raw.get("description") or ""
+        if not isinstance(description, str):
+            self.add(("description",), "expected a string (allowed: one line of text)")
+            description = ""
+
+        for key in DESIGN_KEYS:
+            if key in raw and raw[key] is None:
+                self.add((key,), "is empty (allowed: leave the key out, or give it a value; see docs/specs.md)")
+        base = self._sections(raw)
+        seeds = self._seeds(raw.get("seeds", [0]))
+        grid = self._grid(raw.get("grid"))
+        zips = self._zips(raw.get("zip"))
+        search = self._search(raw.get("search"), base) if raw.get("search") is not None else None
+        if search is not None and (grid or zips):
+            self.add(("search",), "a spec has either a grid (with zip) or a search, not both "
+                     "(allowed: remove grid/zip, or search)")
+        varied = self._varied(grid, zips, search)
+        exclude = self._exclude(raw.get("exclude"), varied)
+        reference = read_reference(raw.get("reference"), self)
+        reference = rows_for_overrides(reference, {k: o.value for k, o in self.fixed.items()})
+
+        cells = []
+        base_config = self._base_config(base, set(varied) | self.bad_keys)
+        if not self.problems and search is None and self._count_fits(grid, zips, seeds):
+            combos = self._combinations(grid, zips, exclude)
+            cells = self._cells(base, combos, seeds, varied)
+        if not self.problems and search is None:
+            self._check_unique(cells)
+            check_reference(reference, cells, self)
+        if not self.problems:
+            self._check_data(search, cells, base_config)
+        self.problems.raise_if_any()
+
+        if len(seeds) > 1:
+            varied = varied + ["train.seed"]
+            cells = [Cell(c.config, c.key, {**c.values, "train.seed": c.seed}, c.seed) for c in cells]
+        given = {o.key: o.value for o in overrides}
+        name = self.name_option or spec_name + experiment_suffix(self._effective(overrides, base_config, seeds))
+        return Spec(name=name, description=description, path=self.path, base=base_config, seeds=seeds,
+                    grid=grid, zip=zips, exclude=exclude, search=search, reference=reference,
+                    varied=varied, _cells=cells, spec_name=spec_name, overrides=given,
+                    data_problems=self.data_problems)
+
+    # -- environment variables and overrides --
+
+    def _unset_variable(self, path: tuple, variable: str) -> None:
+        if path in DATA_PATHS:  # where the data is: refused by `run` (check_data), only noted by `plan`
+            self.unset_data.append((path, variable))
+            return
+        self.add(path, f"environment variable {variable} is not set (allowed: set it, or write "
+                 f"${{{variable}:-default}})")
+
+    def _apply(self, overrides: list[Override], raw: dict) -> None:
+        """Write each override into the merged spec, as if the spec said so, located at its option."""
+        for o in overrides:
+            if o.key == "seeds":
+                self.spec_values["seeds"] = raw.get("seeds", [0])
+                raw["seeds"] = o.value
+                self.files.forget("seeds")
+                self.origins[("seeds",)] = o.where
+                continue
+            section, name = o.key.split(".", 1)
+            if raw.get(section) is None:
+                raw[section] = {}
+            default = SECTIONS[section].model_fields[name].get_default(call_default_factory=True)
+            written = raw[section] if isinstance(raw[section], dict) else {}
+            self.spec_values[o.key] = written.get(name, default)
+            if isinstance(raw[section], dict):
+                raw[section] = {**raw[section], name: o.value}
+                self.files.forget(section, name)
+                self.origins[(section, name)] = o.where
+                self.unset_data = [(p, v) for p, v in self.unset_data if p != (section, name)]
+            self.fixed[o.key] = o
+
+    def _effective(self, overrides: list[Override], config: CellConfig, seeds: list[int]) -> dict[str, Any]:
+        """The overrides that change what the spec trains, with their resolved values: a setting
+        the spec varied, or whose value differs from the spec's (or its default); the seeds."""
+        flat = flat_params(config)
+        out: dict[str, Any] = {}
+        for o in overrides:
+            if o.key == "seeds":
+                if self.spec_values["seeds"] != seeds:
+                    out["seeds"] = seeds
+            elif o.key in self.varied_by_spec or not same_value(self.spec_values[o.key], flat[o.key]):
+                out[o.key] = flat[o.key]
+        return out
+
+    # -- sections --
+
+    def _sections(self, raw: dict) -> dict[str, dict]:
+        base = {}
+        for section in SECTIONS:
+            value = raw.get(section)
+            if value is None:
+                base[section] = {}
+            elif not isinstance(value, dict):
+                self.add((section,), f"expected a mapping of settings, got {format_value(value)} "
+                         f"(allowed: {', '.join(SECTIONS[section].model_fields)})")
+                base[section] = {}
+            else:
+                base[section] = value
+        if "seed" in base["train"]:
+            self.add(("train", "seed"), "set seeds with the top-level `seeds:` list (allowed: seeds: [0, 1, 2])")
+        return base
+
+    def _base_config(self, base: dict, varied: set[str]) -> CellConfig:
+        """The base alone; its problems on settings the grid or search sets are left to the cells."""
+        config, errors = validate_cell(base, {})
+        for dotted, involved, message in errors:
+            if not varied.intersection(involved):
+                self.problems.add(self._setting_where(involved), self._field(dotted, involved), message)
+        if config is not None:
+            return config
+        sections = {}
+        for section, model in SECTIONS.items():
+            try:
+                sections[section] = model.model_validate(base[section])
+            except ValidationError:
+                sections[section] = model.model_construct(**base[section])
+        return CellConfig.model_construct(**sections)
+
+    def _setting_where(self, involved) -> Where:
+        """The line of the first involved setting the spec writes, else of its section."""
+        for dotted in involved:
+            parts = tuple(dotted.split(".", 1))
+            if parts in self.origins:
+                return self.origins[parts]
+        return self.where(involved[0].split(".")[0])
+
+    def _field(self, dotted: str, involved) -> Optional[str]:
+        """The field to name beside a location: none for an override of that very setting."""
+        where = self._setting_where(involved)
+        if not where[1] and where[0].startswith(f"--set {dotted}="):
+            return None
+        return dotted
+
+    def setting_key(self, key: Any, path: tuple) -> bool:
+        """Whether a grid/zip/search/exclude key names a setting; adds the problem if not."""
+        if key in SETTINGS:
+            if key == "train.seed":
+                self.add(path, "vary seeds with the top-level `seeds:` list (allowed: seeds: [0, 1, 2])")
+                return False
+            return True
+        key = str(key)
+        hint = did_you_mean(key, SETTINGS)
+        if not hint and "." not in key:
+            matches = [s for s in SETTINGS if s.endswith("." + key)]
+            hint = f"; did you mean {matches[0]}?" if matches else ""
+        self.add(path, f"names no setting{hint} (allowed: a dotted setting such as model.width; "
+                 "see `ablate spec-help`)")
+        return False
+
+    # -- seeds, grid, zip, exclude --
+
+    def _seeds(self, seeds: Any) -> list[int]:
+        ok = (isinstance(seeds, list) and seeds
+              and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds))
+        if not ok:
+            self.add(("seeds",), f"expected a non-empty list of integers >= 0, got {format_value(seeds)} "
+                     "(allowed: e.g. seeds: [0, 1, 2])", "seeds")
+            return [0]
+        if max(seeds) > MAX_SEED:
+            self.add(("seeds",), f"seed {max(seeds)} is too large (allowed: integers from 0 to {MAX_SEED})", "seeds")
+            return [0]
+        if len(set(seeds)) != len(seeds):
+            self.add(("seeds",), f"repeated seed in {format_value(seeds)} (allowed: distinct seeds)", "seeds")
+        return list(dict.fromkeys(seeds))
+
+    def values_list(self, value: Any, path: tuple) -> bool:
+        if not isinstance(value, list):
+            self.add(path, f"expected a list of values, got {format_value(value)} (allowed: e.g. [a, b])")
+            return False
+        if not value:
+            self.add(path, "empty list (allowed: at least one value)")
+            return False
+        return True
+
+    def _grid(self, grid: Any) -> dict[str, list]:
+        if grid is None:
+            return {}
+        if not isinstance(grid, dict) or not grid:
+            self.add(("grid",), f"expected a mapping of dotted settings to lists, got {format_value(grid)} "
+                     "(allowed: e.g. grid: {model.shift: [none, four]})")
+            return {}
+        out = {}
+        for key, values in grid.items():
+            if self.setting_key(key, ("grid", key)):
+                if key in self.fixed:  # --set replaces this axis by its one value
+                    self.varied_by_spec.add(key)
+                elif self.values_list(values, ("grid", key)):
+                    out[key] = values
+                else:
+                    self.bad_keys.add(key)
+        return out
+
+    def _zips(self, zips: Any) -> list[dict[str, list]]:
+        """``zip`` is one group (a mapping) or a list of groups; each group's lists have one length."""
+        if zips is None:
+            return []
+        groups = [(zips, ("zip",))] if isinstance(zips, dict) else (
+            [(g, ("zip", i)) for i, g in enumerate(zips)] if isinstance(zips, list) else None)
+        if not groups:
+            self.add(("zip",), "expected a mapping of dotted settings to equal-length lists, or a list of such "
+                     "mappings (allowed: e.g. zip: {model.image_size: [112, 224], train.batch_size: [256, 128]})")
+            return []
+        out = []
+        for group, path in groups:
+            if not isinstance(group, dict) or not group:
+                self.add(path, "expected a mapping of dotted settings to equal-length lists "
+                         "(allowed: e.g. {model.image_size: [112, 224], train.batch_size: [256, 128]})")
+                continue
+            self.varied_by_spec.update(k for k in group if k in self.fixed)
+            group = {k: v for k, v in group.items() if k not in self.fixed}
+            if not group:
+                continue  # every setting of the group is fixed by --set
+            good = {k: v for k, v in group.items()
+                    if self.setting_key(k, path + (k,)) and self.values_list(v, path + (k,))}
+            self.bad_keys.update(k for k in group if k in SETTINGS)
+            lengths = {k: len(v) for k, v in good.items()}
+            if len(set(lengths.values())) > 1:
+                self.add(path, "lists of unequal length " + ", ".join(f"{k}: {n}" for k, n in lengths.items())
+                         + " (allowed: lists of one length, varied together)", ".".join(map(str, path)))
+            elif good and len(good) == len(group):
+                out.append(good)
+                for k in good:
+                    self.zip_paths.setdefault(k, path + (k,))
+        return out
+
+    def _search(self, search: Any, base: dict) -> Optional[SearchSpec]:
+        if isinstance(search, dict) and isinstance(search.get("space"), dict) and self.fixed:
+            space = search["space"]
+            self.varied_by_spec.update(k for k in space if k in self.fixed)
+            if space and all(k in self.fixed for k in space):
+                where = self.fixed[next(iter(space))].where
+                self.problems.add(where, None, "fixes every setting the search varies (allowed: --set settings "
+                                  "the search space leaves out, or at most all but one of it)")
+                return None
+            search = {**search, "space": {k: v for k, v in space.items() if k not in self.fixed}}
+        return read_search(search, base, self)
+
+    def _varied(self, grid: dict, zips: list[dict], search: Optional[SearchSpec]) -> list[str]:
+        """Grid keys, zip keys and search keys in the order written; each may appear once."""
+        sources = [(k, ("grid", k)) for k in grid] + [(k, self.zip_paths[k]) for group in zips for k in group]
+        sources += [(k, ("search", "space", k)) for k in (search.space if search else {})]
+        varied, seen = [], {}
+        for key, path in sources:
+            if key in seen:
+                self.add(path, f"varied twice (also at {seen[key]}) (allowed: each setting in one place: the "
+                         "grid, one zip group, or the search space)", ".".join(map(str, path)))
+                continue
+            seen[key] = ".".join(map(str, path))
+            varied.append(key)
+        return varied
+
+    def _exclude(self, rules: Any, varied: list[str]) -> list[dict[str, Any]]:
+        """The rules, with the settings --set fixes taken out: a rule that wants the fixed value
+        keeps its other conditions; a rule that wants another value can match no cell and is dropped."""
+        if rules is None:
+            return []
+        if not isinstance(rules, list):
+            rules = [rules]
+        out = []
+        for i, rule in enumerate(rules):
+            path = ("exclude", i)
+            if not isinstance(rule, dict) or not rule:
+                self.add(path, "expected a mapping of varied settings to values (allowed: e.g. "
+                         "- {model.shift: none, model.patch_size: 4})", f"exclude[{i}]")
+                continue
+            if any(k in self.fixed and not same_value(self.fixed[k].value, v) for k, v in rule.items()):
+                continue
+            rule = {k: v for k, v in rule.items() if k not in self.fixed}
+            bad = [k for k in rule if k not in varied]
+            for k in bad:
+                self.add(path + (k,), f"not a varied setting (allowed: {', '.join(varied) or 'grid or zip keys'})",
+                         f"exclude[{i}].{k}")
+            if not bad:
+                out.append((i, rule))
+        self._exclude_index = [i for i, _ in out]
+        return [rule for _, rule in out]
+
+    def _count_fits(self, grid: dict, zips: list[dict], seeds: list[int]) -> bool:
+        """Whether the grid's cells (before exclude) fit under ``max_cells``: counted, not built."""
+        count = math.prod(len(v) for v in grid.values()) * math.prod(len(next(iter(g.values()))) for g in zips)
+        count *= len(seeds)
+        if count > self.max_cells:
+            path = ("grid",) if grid else ("zip",) if zips else ("seeds",)
+            self.add(path, f"{count:,} cells (allowed: at most {self.max_cells:,}; raise the cap with "
+                     "--max-cells if you mean it)", path[0])
+            return False
+        return True
+
+    def _combinations(self, grid: dict, zips: list[dict], exclude: list[dict]) -> list[dict[str, Any]]:
+        """The varied values of every cell before seeds; each rule of ``exclude`` must drop some."""
+        factors = [[{k: v} for v in values] for k, values in grid.items()]
+        factors += [[dict(zip(group, row)) for row in zip(*group.values())] for group in zips]
+        combos = [dict(kv for part in parts for kv in part.items()) for parts in itertools.product(*factors)]
+        kept = []
+        used = [False] * len(exclude)
+        for combo in combos:
+            hits = [i for i, rule in enumerate(exclude) if all(same_value(combo[k], v) for k, v in rule.items())]
+            for i in hits:
+                used[i] = True
+            if not hits:
+                kept.append(combo)
+        for i, rule in enumerate(exclude):
+            if not used[i]:
+                self.add(("exclude", self._exclude_index[i]), f"matches no cell: {format_values(rule)} (allowed: "
+                         "values the grid or zip lists hold)", f"exclude[{self._exclude_index[i]}]")
+        if combos and not kept:
+            self.add(("exclude",), "excludes every cell (allowed: rules that leave at least one)")
+        return kept
+
+    # -- cells --
+
+    def _cells(self, base: dict, combos: list[dict], seeds: list[int], varied: list[str]) -> list[Cell]:
+        resolved = []
+        for combo in combos:
+            config, errors = validate_cell(base, combo)
+            for dotted, involved, message in errors:
+                mine = [k for k in involved if k in combo]
+                if not mine:
+                    continue  # a base problem: reported once, by _base_config
+                shown = {k: combo[k] for k in mine}
+                path = self._varied_path(mine[0])
+                self.add(path, f"cell {format_values(shown)}: {message}", ".".join(map(str, path)))
+            resolved.append((combo, config))
+        if self.problems:
+            return []
+        cells = []
+        for seed in seeds:
+            for combo, config in resolved:
+                config = config.model_copy(update={"train": config.train.model_copy(update={"seed": seed})})
+                flat = flat_params(config)
+                values = {k: flat[k] for k in varied}
+                cells.append(Cell(config=config, key=cell_key(config), values=values, seed=seed))
+        return cells
+
+    def _varied_path(self, key: str) -> tuple:
+        return ("grid", key) if ("grid", key) in self.origins else self.zip_paths.get(key, ("grid",))
+
+    def _check_unique(self, cells: list[Cell]) -> None:
+        first: dict[str, Cell] = {}
+        for cell in cells:
+            if cell.key in first:
+                other = first[cell.key]
+                local = ", ".join(sorted(MACHINE_LOCAL))
+                self.add(("grid",) if ("grid",) in self.origins else ("zip",),
+                         f"cells {format_values(other.values) or 'base'} and {format_values(cell.values)} are "
+                         f"the same configuration (allowed: distinct values; {local} are machine-local and "
+                         "not part of a cell's identity)", "grid")
+                return
+            first[cell.key] = cell
+
+    # -- data --
+
+    def _check_data(self, search: Optional[SearchSpec], cells: list[Cell], base: CellConfig) -> None:
+        """Dataset roots: a dataset that needs one must name it (always); the folder must exist
+        and its ${VAR} be set to train (``check_paths``), else planning notes why it is not ready."""
+        not_ready: list[tuple[Where, str, str]] = []
+        unset = dict(self.unset_data)
+        for path, variable in self.unset_data:
+            not_ready.append((self.where(*path), ".".join(path), f"environment variable {variable} is not set "
+                              f"(allowed: set it, or write ${{{variable}:-default}})"))
+        seen = set()
+        for config in [c.config for c in cells] or [base]:
+            data = config.data
+            if not data.needs_root or (data.name, data.root) in seen:
+                continue
+            seen.add((data.name, data.root))
+            where = self.where("data", "root") if ("data", "root") in self.origins else self.where("data", "name")
+            if not data.root:
+                self.problems.add(where, "data.root", f"{data.name} needs a dataset root (allowed: a folder with "
+                                  "train/ and val/, e.g. root: ${IMAGENET100_ROOT})")
+            elif ("data", "root") in unset:
+                continue
+            elif not Path(data.root).is_dir():
+                not_ready.append((where, "data.root", f"no such directory {data.root} (allowed: an existing folder "
+                                  "with train/ and val/; relative paths start at the working directory)"))
+            elif data.name == "imagefolder" and not (Path(data.root) / "train").is_dir():
+                not_ready.append((where, "data.root", f"{data.root} has no train/ folder (allowed: "
+                                  "root/train/<class>/<image> and root/val/<class>/<image>)"))
+        for where, field_name, problem in not_ready:
+            if self.check_paths:
+                self.problems.add(where, None if not where[1] else field_name, problem)
+            else:
+                self.data_problems.append(f"{location(where)}: {field_name}: {problem}")
+

@@ -1,0 +1,100 @@
+"""A spec file and the chain of files it ``extends``, merged into one mapping with the line of every value.
+
+``extends: base.yaml`` (relative to the extending file) starts from another spec: the sections
+``data``, ``model`` and ``train`` merge setting by setting, any other key is replaced whole, and a
+spec that sets one of ``grid``/``zip``/``search`` replaces all of the design keys it inherits.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ablate.config import SECTIONS
+from ablate.spec.problems import Problems, Where, format_value
+from ablate.spec.yaml_source import read_yaml_file
+
+SPEC_KEYS = ("name", "description", "extends", "data", "model", "train", "grid", "zip", "exclude",
+             "search", "seeds", "reference")
+#: keys that describe what a spec varies: a spec that sets one of grid/zip/search replaces all
+#: of these from the spec it extends (an inherited exclude or reference would describe another grid)
+DESIGN_KEYS = ("grid", "zip", "exclude", "search", "reference")
+#: the longest chain of extends followed
+MAX_EXTENDS = 32
+
+
+class SpecFiles:
+    """Reads a spec and what it extends; ``origins`` maps each path in the merged mapping
+    (``("model", "width")``, ``("grid", "model.shift", 2)``) to where it was written."""
+
+    def __init__(self, problems: Problems):
+        self.problems = problems
+        self.origins: dict[tuple, Where] = {}
+        self.unreadable = False   # a file failed to parse, or an extends failed
+
+    def read(self, path: Path, shown: str, chain: tuple[Path, ...] = ()) -> dict:
+        chain = chain or (path.resolve(),)
+        before = len(self.problems)
+        data, lines = read_yaml_file(path, shown, self.problems)
+        if data is None and len(self.problems) > before:
+            self.unreadable = True
+            return {}
+        origins = {p: (shown, line) for p, line in lines.items()}
+        if not isinstance(data, dict):
+            self.problems.add((shown, 1), "spec", f"expected a mapping of keys, got {type(data).__name__} "
+                              f"(allowed: {', '.join(SPEC_KEYS)})")
+            self.unreadable = True
+            return {}
+        extends = data.pop("extends", None)
+        if "extends" in (p[0] for p in origins if p):
+            self.unreadable = True  # until the extended file is read
+            where = origins[("extends",)]
+            if not isinstance(extends, str) or not extends:
+                self.problems.add(where, "extends", f"expected a relative file path, got "
+                                  f"{format_value(extends)} (allowed: a path relative to this file)")
+            else:
+                parent = (path.parent / extends).resolve()
+                parent_shown = os.path.normpath(os.path.join(os.path.dirname(shown), extends))
+                if parent in chain:
+                    self.problems.add(where, "extends", f"{extends} extends this file again "
+                                      "(allowed: a chain of extends without cycles)")
+                elif len(chain) >= MAX_EXTENDS:
+                    self.problems.add(where, "extends", f"a chain of more than {MAX_EXTENDS} files "
+                                      f"(allowed: at most {MAX_EXTENDS} specs, each extending the next)")
+                elif not parent.is_file():
+                    self.problems.add(where, "extends", f"no such file {extends} (looked for "
+                                      f"{parent}) (allowed: an existing spec, relative to this file)")
+                else:
+                    self.unreadable = False
+                    inherited = self.read(parent, parent_shown, chain + (parent,))
+                    data = self._merge(inherited, data)
+        origins.pop(("extends",), None)
+        for p, where in origins.items():
+            if p and p[0] != "extends":
+                self.origins[p] = where
+        return data
+
+    def _merge(self, inherited: dict, own: dict) -> dict:
+        """``own`` over ``inherited``: sections setting by setting, other keys whole.
+
+        The origins of replaced values are dropped so that problems point at the winning line.
+        """
+        merged = dict(inherited)
+        if any(k in own for k in ("grid", "zip", "search")):
+            for k in DESIGN_KEYS:
+                if k not in own:
+                    merged.pop(k, None)
+                    self.forget(k)
+        for key, value in own.items():
+            if key in SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+                for name in value:
+                    self.forget(key, name)
+            else:
+                merged[key] = value
+                self.forget(key)
+        return merged
+
+    def forget(self, *prefix) -> None:
+        for p in [p for p in self.origins if p[:len(prefix)] == prefix]:
+            del self.origins[p]

@@ -1,0 +1,131 @@
+"""The objects a loaded spec is made of: :class:`Spec`, its :class:`Cell` s and its search."""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from ablate.config import SECTIONS, CellConfig
+from ablate.errors import AblateError
+from ablate.spec.problems import did_you_mean, format_values, section_dicts, validate_cell
+
+#: every dotted setting a grid, zip, search, exclude or ``--set`` can name
+SETTINGS = tuple(f"{section}.{name}" for section, model in SECTIONS.items() for name in model.model_fields)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One search objective: a final MLflow metric and whether to maximize or minimize it."""
+    metric: str
+    direction: Literal["maximize", "minimize"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search-space parameter over a dotted setting.
+
+    ``kind`` int: ``[low, high]`` inclusive, optional ``step`` and ``log``; float: ``[low, high]``,
+    optional ``step`` or ``log``; choice: ``choices``, any values the setting accepts.
+    """
+    kind: Literal["int", "float", "choice"]
+    low: Optional[Union[int, float]] = None
+    high: Optional[Union[int, float]] = None
+    step: Optional[Union[int, float]] = None
+    log: bool = False
+    choices: Optional[list] = None
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """An Optuna search: sampler, objectives (one, or several for a Pareto front), trials, pruner, space."""
+    sampler: str
+    objectives: list[Objective]
+    trials: int
+    pruner: str
+    space: dict[str, Param]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fully resolved training configuration of a spec, with its stable key."""
+    config: CellConfig
+    key: str                    # ablate.config.cell_key(config)
+    values: dict[str, Any]      # the spec's varied dotted keys -> this cell's value
+    seed: int
+
+
+@dataclass
+class Spec:
+    """A validated experiment spec. Build it with :func:`~ablate.spec.load_spec`.
+
+    ``name`` is the MLflow experiment (and ledger study) this spec records into: the spec's own
+    ``name``, with ``+<hash>`` appended when command-line overrides change it, or what ``--name``
+    says. ``overrides`` are those ``--set`` values, dotted setting (or ``seeds``) -> value.
+    ``data_problems`` say why the dataset is not ready (loaded with ``check_paths=False``).
+    """
+    name: str
+    description: str
+    path: Path
+    base: CellConfig
+    seeds: list[int]
+    grid: dict[str, list]
+    zip: list[dict[str, list]]
+    exclude: list[dict[str, Any]]
+    search: Optional[SearchSpec]
+    reference: Optional[dict]
+    varied: list[str]
+    _cells: list[Cell] = field(default_factory=list, repr=False)
+    spec_name: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    data_problems: list[str] = field(default_factory=list)
+
+    @property
+    def slug(self) -> str:
+        """``name`` as one safe path component: the folder of its checkpoints and reports."""
+        return path_slug(self.name)
+
+    @property
+    def kind(self) -> str:
+        """``search`` for a search spec, else ``grid`` (a spec without a grid is a grid of one cell)."""
+        return "search" if self.search is not None else "grid"
+
+    def cells(self) -> list[Cell]:
+        """Every cell in run order: seeds outermost, then the grid keys and zip groups as written.
+
+        A search has no cells before it samples them (:meth:`resolve`); this returns ``[]`` there.
+        """
+        return list(self._cells)
+
+    def resolve(self, values: dict[str, Any]) -> CellConfig:
+        """The base configuration with dotted ``values`` applied and validated.
+
+        Raises :class:`AblateError` naming the values and the problem when the combination is
+        invalid (e.g. a sampled width not divisible by the shift's channel groups).
+        """
+        unknown = [k for k in values if k not in SETTINGS]
+        if unknown:
+            raise AblateError(f"{self.path}: {unknown[0]}: not a setting{did_you_mean(unknown[0], SETTINGS)} "
+                              "(allowed: data.*, model.*, train.* settings; see `ablate spec-help`)")
+        config, errors = validate_cell(section_dicts(self.base), values)
+        if errors:
+            what = format_values(values) or "base"
+            raise AblateError(f"{self.path}: {what}: " + "; ".join(f"{f}: {msg}" for f, _, msg in errors))
+        return config
+
+
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def path_slug(name: str) -> str:
+    """``name`` as one path component that stays inside the folder it is joined to.
+
+    A name of letters, digits, ``.``, ``_``, ``+`` and ``-`` (not starting with ``.`` or ``-``)
+    is its own slug. Any other name is reduced to those characters and given 8 hex digits of
+    its hash, so that two names never share a folder (``../../x`` -> ``x-1b2c3d4e``).
+    """
+    if _SAFE.fullmatch(name) and len(name) <= 200:
+        return name
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip(".-")[:150] or "unnamed"
+    return f"{cleaned}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
