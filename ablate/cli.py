@@ -6,6 +6,7 @@ exit status 2.
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import click
@@ -36,6 +37,35 @@ def main():
 
 
 # ---- commands (one section each; keep each command's logic in its own module) ----
+
+
+# ---- spec options (plan, run, search, status, report) ---------------------------------------
+
+def spec_options(command):
+    """``--set KEY=VALUE`` (repeatable), ``--name`` and ``--max-cells`` for a command that loads a
+    spec; the command receives them as one ``spec_args`` (:class:`ablate.spec.SpecArgs`) and loads
+    its spec with ``spec_args.load(path)``, so that every command reads the same spec alike."""
+    @functools.wraps(command)
+    def with_spec_args(*args, overrides, experiment_name, max_cells, **kwargs):
+        from ablate.spec import MAX_CELLS, SpecArgs
+        spec_args = SpecArgs(tuple(overrides), experiment_name, max_cells or MAX_CELLS)
+        return command(*args, spec_args=spec_args, **kwargs)
+
+    for option in reversed([
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="override a setting of the spec, e.g. --set model.width=64 --set train.epochs=1 "
+                     "(repeatable; any data.*, model.*, train.* setting or seeds; YAML values: "
+                     "\"model.shift=[[0,1],[0,-1]]\", train.randaugment=null). Runs with overrides record "
+                     "into their own experiment, <name>+<hash of the overrides>"),
+        click.option("--name", "experiment_name", default=None,
+                     help="MLflow experiment (and ledger study) to record into instead of the spec's name "
+                     "(or of <name>+<hash> with --set)"),
+        click.option("--max-cells", type=click.IntRange(min=1), default=None,
+                     help="refuse a grid of more cells than this (default 10,000), counted before any is built"),
+    ]):
+        with_spec_args = option(with_spec_args)
+    return with_spec_args
+
 
 
 # ---- run / search ----------------------------------------------------------------------------
@@ -70,11 +100,12 @@ def _with_worker_options(f):
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @_with_worker_options
-def run(spec, workers, storage, device, devices, checkpoints):
+@spec_options
+def run(spec, workers, storage, device, devices, checkpoints, spec_args):
     """Train every cell of SPEC's grid once; re-running resumes and skips finished cells."""
     from ablate.runner import print_summary, run_grid
     summary = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
-                       checkpoints=checkpoints)
+                       checkpoints=checkpoints, spec_args=spec_args)
     print_summary(summary)
     sys.exit(0 if summary.ok else 1)
 
@@ -83,11 +114,12 @@ def run(spec, workers, storage, device, devices, checkpoints):
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--trials", default=None, type=int, help="total trials the study should hold (default: the spec's)")
 @_with_worker_options
-def search(spec, trials, workers, storage, device, devices, checkpoints):
+@spec_options
+def search(spec, trials, workers, storage, device, devices, checkpoints, spec_args):
     """Run SPEC's Optuna search up to its number of trials; re-running continues the same study."""
     from ablate.runner import run_search
     counts = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
-                        devices=_devices(devices), checkpoints=checkpoints)
+                        devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args)
     click.echo("trials: " + ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())))
 
 
@@ -97,11 +129,15 @@ def search(spec, trials, workers, storage, device, devices, checkpoints):
 @click.argument("target", metavar="SPEC_OR_EXPERIMENT")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="output folder (default: results/<name>)")
-def report(target, out):
-    """Tables and plots of an experiment's finished runs, read from MLflow, into results/<name>/."""
+@spec_options
+def report(target, out, spec_args):
+    """Tables and plots of an experiment's finished runs, read from MLflow, into results/<name>/.
+
+    With --set (or --name), the report of the runs made with those same options."""
     from ablate.report import write_report
-    command = "ablate report " + target + (f" --out {out}" if out else "")
-    rep = write_report(target, out, command=command)
+    command = " ".join(["ablate report", target, *(f"--set {o}" for o in spec_args.overrides)]
+                       + ([f"--name {spec_args.name}"] if spec_args.name else []) + ([f"--out {out}"] if out else []))
+    rep = write_report(target, out, command=command, spec_args=spec_args)
     runs = rep.counts["COMPLETE"]
     click.echo(f"{rep.experiment}: {runs} runs in {len(rep.rows)} configurations -> "
                + ", ".join(str(p) for p in rep.files))
@@ -213,7 +249,7 @@ def data_cache(source, size, out, workers, force):
     \b
     Examples:
       ablate data cache /data/imagenet100 --size 256
-      ablate data cache experiments/paper/table7-shift.yaml
+      ablate data cache experiments/paper/shift-patterns.yaml
     """
     from ablate.data.cache import build_cache, cache_targets
     for target in cache_targets(source, size=size, cache_dir=out):
@@ -231,16 +267,18 @@ def data_cache(source, size, out, workers, force):
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-@click.option("--no-data-check", is_flag=True,
-              help="do not check that dataset roots exist (plan before the data is in place; ${VAR}s must still be set)")
-def plan(spec, as_json, no_data_check):
+@click.option("--no-data-check", is_flag=True, hidden=True,
+              help="accepted for old scripts: plan never needs the data in place")
+@spec_options
+def plan(spec, as_json, no_data_check, spec_args):
     """Validate SPEC and show its cells, params, GMACs and an estimated GPU-hours cost.
 
-    Reads no dataset, trains nothing and writes nothing.
+    Reads no dataset, trains nothing and writes nothing. The data need not be in place yet: a
+    dataset root that does not exist, or whose ${VAR} is unset, is named in the plan (ablate
+    run refuses it).
     """
     from ablate.plan import plan as make_plan
-    from ablate.spec import load_spec
-    result = make_plan(load_spec(spec, check_paths=not no_data_check))
+    result = make_plan(spec_args.load(spec, check_paths=False))
     click.echo(result.to_json() if as_json else result.to_text())
 
 

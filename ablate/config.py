@@ -108,7 +108,7 @@ class ModelConfig(_Section):
             raise ValueError(f"width {self.width}, depth {self.depth}, mlp_ratio {self.mlp_ratio:g}, image_size "
                              f"{self.image_size}, patch_size {self.patch_size}: {cost.params_paper:.3g} parameters "
                              f"and {cost.macs:.3g} multiply-adds per image (allowed: at most {MAX_PARAMS:.0e} "
-                             f"parameters and {MAX_MACS:.0e} multiply-adds, 1,000 times S2-MLP-wide's)")
+                             f"parameters and {MAX_MACS:.0e} multiply-adds per image)")
         return self
 
     @property

@@ -20,6 +20,8 @@ N_TRAIN = "ablate.n_train"        # training images the loader found
 N_VAL = "ablate.n_val"            # validation images the loader found
 TRIAL_NUMBER = "ablate.trial_number"  # the ledger trial a cell run belongs to
 REUSED_FROM = "ablate.reused_from"    # a search trial that repeated a trained configuration: the run it copies
+OVERRIDES = "ablate.overrides"    # parent and cell runs started with --set: JSON of setting (or seeds) -> value
+SPEC_NAME = "ablate.spec_name"    # parent and cell runs whose experiment is not named as the spec (--set, --name)
 
 # ---- tags of MLflow and attributes of Optuna trials alike -----------------------------------
 CELL_KEY = "ablate.cell_key"      # the cell's stable key (ablate.config.cell_key)

@@ -158,6 +158,10 @@ class Plan:
     rows: list[PlanRow] = field(default_factory=list)
     search: Optional[SearchPlan] = None
     reference_source: Optional[str] = None
+    spec_name: str = ""                 # the spec's own name (``name`` is the experiment)
+    origin: str = ""                    # Spec.origin(): the spec and --set behind another experiment name
+    overrides: dict[str, Any] = field(default_factory=dict)
+    data_problems: list[str] = field(default_factory=list)   # why `ablate run` would refuse the data now
 
     @property
     def configurations(self) -> int:
@@ -188,10 +192,12 @@ class Plan:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "spec": self.path, "kind": self.kind, "varied": self.varied,
+        return {"name": self.name, "spec": self.path, "spec_name": self.spec_name, "overrides": self.overrides,
+                "kind": self.kind, "varied": self.varied,
                 "seeds": self.seeds, "reference_source": self.reference_source,
                 "data": {"name": self.data, "train_images": self.images[0] if self.images else None,
                          "val_images": self.images[1] if self.images else None},
+                "data_problems": self.data_problems,
                 "rows": [r.to_dict() for r in self.rows],
                 "search": None if self.search is None else {**asdict(self.search), "gpu_hours": self.search.gpu_hours},
                 "totals": self.totals(), "assumptions": assumptions()}
@@ -220,7 +226,8 @@ def plan(spec) -> Plan:
     """The plan of a loaded :class:`~ablate.spec.Spec`: rows, totals and a compute estimate."""
     result = Plan(name=spec.name, path=str(spec.path), kind=spec.kind, varied=list(spec.varied),
                   seeds=list(spec.seeds), data=spec.base.data.name, images=dataset_sizes(spec.base.data),
-                  reference_source=(spec.reference or {}).get("source"))
+                  reference_source=(spec.reference or {}).get("source"), spec_name=spec.spec_name,
+                  origin=spec.origin(), overrides=dict(spec.overrides), data_problems=list(spec.data_problems))
     for cell in spec.cells():
         result.rows.append(_row(cell.config, cell.key, cell.seed, cell.values,
                                 matching_row(spec.reference, flat_params(cell.config))))
@@ -319,6 +326,8 @@ def format_plan(p: Plan) -> str:
     data = f"{p.data} (" + (f"{p.images[0]:,} train / {p.images[1]:,} val images" if p.images
                             else "image counts unknown") + ")"
     lines = [f"plan: {p.name} ({p.path})"]
+    if p.origin:
+        lines += [f"experiment: {p.name} ({p.origin}; --name to choose another)"]
     if p.search is not None:
         s = p.search
         objectives = ", ".join(f"{o['direction']} {o['metric']}" for o in s.objectives)
@@ -362,6 +371,9 @@ def format_plan(p: Plan) -> str:
                 f"{g} GPU{'s' if g > 1 else ''} {_hours(p.wall_hours(g))} h" for g in WALL_GPUS)]
         if p.reference_source:
             lines += ["", f"paper: {p.reference_source}"]
+    if p.data_problems:
+        lines += ["", "data not in place yet (`ablate run` refuses to start until it is):"]
+        lines += [f"  {problem}" for problem in p.data_problems]
     lines += ["",
               "params: the paper's convention (patch FC + blocks; classifier and norms excluded), in 10^6 "
               "(Mi: 2^20, where the paper's row uses it);",

@@ -14,9 +14,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from ablate.pareto import pareto_front
+from ablate.units import count_unit
 
 FRONT_COLOR = "tab:red"
-UNITS = (("G", 1e9), ("M", 1e6), ("k", 1e3))
 
 
 def _figure(width: float = 7.0, height: float = 4.8) -> Figure:
@@ -85,17 +85,6 @@ def plot_top1_vs_macs(macs: Sequence[float | None], top1: Sequence[float | None]
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.savefig(path)
-
-
-def count_unit(values: Sequence[float | None]) -> tuple[str, float]:
-    """(prefix, divisor) for counts such as MACs or parameters: the largest of G, M, k in
-    which the largest value reads at least 0.1. ImageNet models read in G like the paper
-    (0.9 to 31 GMACs); a 16x16 digits model reads 6.3 MMACs rather than 0.0063 GMACs."""
-    top = max((abs(v) for v in values if _finite(v)), default=0.0)
-    for prefix, divisor in UNITS:
-        if top / divisor >= 0.1:
-            return prefix, divisor
-    return "", 1.0
 
 
 def metric_axis(metric: str, values: Sequence[float | None] = ()) -> tuple[str, float]:

@@ -35,6 +35,8 @@ from ablate import names
 from ablate.config import MACHINE_LOCAL
 from ablate.errors import AblateError
 from ablate.pareto import pareto_front
+from ablate.spec.types import path_slug
+from ablate.units import macs_in, params_in
 
 SEED = "train.seed"
 ARTIFACT_DIR = "report"
@@ -88,11 +90,11 @@ class ConfigRow:
     def params_m(self) -> float:
         """Parameters in millions, paper convention (classifier and norms excluded) when logged."""
         paper = self.mean("params_paper")
-        return (paper if math.isfinite(paper) else self.mean("params")) / 1e6
+        return params_in(paper if math.isfinite(paper) else self.mean("params"), "M")
 
     @property
     def gmacs(self) -> float:
-        return self.mean("macs") / 1e9
+        return macs_in(self.mean("macs"), "G")
 
 
 @dataclass
@@ -147,12 +149,12 @@ def _looks_like_spec(target: str) -> bool:
     return Path(target).suffix.lower() in (".yaml", ".yml") or Path(target).is_file()
 
 
-def _load_spec(path: str):
+def _load_spec(path: str, spec_args: Any = None):
     if not Path(path).is_file():
         raise AblateError(f"{path}: spec file not found (allowed: a spec YAML file or an MLflow "
                           "experiment name)")
-    from ablate.spec import load_spec
-    return load_spec(path)
+    from ablate.spec import SpecArgs
+    return (spec_args or SpecArgs()).load(path, check_paths=False)  # a report reads MLflow, not the data
 
 
 def _all_runs(client, experiment_id: str) -> list:
@@ -221,35 +223,28 @@ def group_by_config(cells: Sequence[CellResult], varied: Sequence[str]) -> list[
 # ---------------------------------------------------------------- the paper's numbers
 
 
-def _parse(value: str) -> Any:
+_PYTHON_WORDS = {"True": True, "False": False, "None": None}
+
+
+def param_value(text: str) -> Any:
+    """A setting's value from its MLflow param: lists and numbers are JSON, booleans and None
+    Python's words (``str(value)``), anything else the string itself."""
+    if text in _PYTHON_WORDS:
+        return _PYTHON_WORDS[text]
     try:
-        return json.loads(value)
-    except (TypeError, ValueError):
-        return value
-
-
-def _same_value(param: Optional[str], wanted: Any) -> bool:
-    """MLflow params are strings (lists as JSON); spec values are YAML-typed."""
-    if param is None:
-        return False
-    got = _parse(param)
-    if isinstance(got, bool) or isinstance(wanted, bool):
-        return str(got).lower() == str(wanted).lower()
-    if isinstance(got, (int, float)) and isinstance(wanted, (int, float)):
-        return math.isclose(got, wanted, rel_tol=1e-9, abs_tol=1e-12)
-    return got == wanted or str(got) == str(wanted)
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def attach_reference(rows: Sequence[ConfigRow], reference: Any) -> None:
-    """Set each row's paper top-1/top-5 from the first reference row whose ``when`` matches
-    the row's params (every key of ``when`` equal)."""
+    """Set each row's paper top-1/top-5 from the first reference row that describes the row's
+    configuration (:func:`ablate.spec.matching_row`, on the params read back as values)."""
+    from ablate.spec import matching_row
     for row in rows:
-        params = row.runs[0].params
-        for ref in _get(reference, "rows", []) or []:
-            when = _get(ref, "when", {}) or {}
-            if all(_same_value(params.get(k), v) for k, v in when.items()):
-                row.paper_top1, row.paper_top5 = _get(ref, "top1"), _get(ref, "top5")
-                break
+        ref = matching_row(reference, {k: param_value(v) for k, v in row.runs[0].params.items()})
+        if ref is not None:
+            row.paper_top1, row.paper_top5 = _get(ref, "top1"), _get(ref, "top5")
 
 
 # ---------------------------------------------------------------- search
@@ -325,7 +320,7 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
     header = list(report.varied) + ["seeds", "top-1 (%)", "top-5 (%)"]
     if _has_reference(report):
         header += ["paper top-1", "paper top-5"]
-    from ablate.plots import count_unit
+    from ablate.units import count_unit
     p_prefix, p_div = count_unit([r.params_m * 1e6 for r in report.rows])
     m_prefix, m_div = count_unit([r.gmacs * 1e9 for r in report.rows])
     header += [f"params ({p_prefix})" if p_prefix else "params", f"{m_prefix}MACs", "train (s)"]
@@ -470,12 +465,19 @@ def _write_atomically(report: Report, command: str, spec_path: Optional[str]) ->
 
 
 def write_report(target: str, out: Optional[str | Path] = None, *, command: Optional[str] = None,
-                 log_artifacts: bool = True) -> Report:
+                 log_artifacts: bool = True, spec_args: Any = None) -> Report:
     """Write ``results/<name>/`` (or ``out``) for a spec file or an MLflow experiment name.
 
-    Raises :class:`AblateError` when the experiment does not exist or has no finished runs.
+    ``spec_args`` (:class:`ablate.spec.SpecArgs`: ``--set``, ``--name``) select the experiment of
+    a spec run with those options. Raises :class:`AblateError` when the experiment does not exist
+    or has no finished runs.
     """
-    spec = _load_spec(target) if _looks_like_spec(target) else None
+    is_spec = _looks_like_spec(target)
+    if not is_spec and spec_args is not None and (spec_args.overrides or spec_args.name):
+        option = "--set" if spec_args.overrides else "--name"
+        raise AblateError(f"{option}: {target} is an experiment name, not a spec file (allowed: {option} "
+                          "with a spec file; an experiment name is reported as recorded)")
+    spec = _load_spec(target, spec_args) if is_spec else None
     command = command or f"ablate report {target}" + (f" --out {out}" if out is not None else "")
     return report_experiment(_get(spec, "name") if spec is not None else target, spec=spec,
                              spec_path=target if spec is not None else None, out=out,
@@ -520,7 +522,7 @@ def report_experiment(name: str, *, spec: Any = None, spec_path: Optional[str] =
 
     report = Report(
         experiment=name, tracking_uri=uri, varied=varied, rows=rows, counts=counts,
-        out_dir=Path(out) if out is not None else Path("results") / name, search=search,
+        out_dir=Path(out) if out is not None else Path("results") / path_slug(name), search=search,
         parent_run_id=parent.info.run_id if parent else None,
         reference_source=(_get(reference, "source") or "reference") if reference is not None else None)
     command = command or f"ablate report {name}" + (f" --out {out}" if out is not None else "")

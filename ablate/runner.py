@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 from ablate import names
 from ablate.errors import AblateError
+from ablate.spec.builder import SpecArgs
+from ablate.tracking import spec_tags
 from ablate.urls import display_url
 
 POLL_SECONDS = 2.0
@@ -39,6 +41,7 @@ class Context:
     trials: int = 0  # search only: the study's target number of trials
     workers: int = 1  # how many workers share this invocation (for the ETA)
     index: int = 0  # this worker's number among them
+    spec_args: SpecArgs = SpecArgs()  # --set, --name, --max-cells: every worker loads the same spec
 
     def log(self, msg: str) -> None:
         print(f"{self.prefix}{msg}", flush=True)
@@ -107,7 +110,7 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
     run = tracking.CellRun.open(ctx.experiment_id, ctx.parent_run_id, cfg, key, varied=spec.varied,
                                 spec_file=ctx.spec_path, device=str(device),
                                 trial_number=trial.number,
-                                run_name=_run_name(spec, cfg, trial.number))
+                                run_name=_run_name(spec, cfg, trial.number), tags=spec_tags(spec))
     ctx.log(f"cell {key} ({_run_name(spec, cfg, trial.number)}): "
             f"{'resuming' if run.resumed else 'training'} on {device}")
 
@@ -155,6 +158,11 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
     return "COMPLETE"
 
 
+def _overrides_note(spec) -> str:
+    """`` (spec quickstart, --set train.epochs=1)`` after an experiment name that is not the spec's own."""
+    return f" ({spec.origin()})" if spec.origin() else ""
+
+
 def _run_name(spec, cfg, number: int) -> str:
     from ablate.config import flat_params
     flat = flat_params(cfg)
@@ -189,9 +197,8 @@ def _wait_for_others(ctx: Context, what: str, said: bool) -> bool:
 
 def grid_worker(ctx: Context) -> None:
     """Claim and train cells until none is waiting or running anywhere."""
-    from ablate.spec import load_spec
     _setup_worker(ctx)
-    spec = load_spec(ctx.spec_path)
+    spec = ctx.spec_args.load(ctx.spec_path)
     ledger = _open_ledger(spec, ctx.storage)
     cells = {c.key: c for c in spec.cells()}
     started, trained, waited = time.time(), 0, False
@@ -242,9 +249,8 @@ def search_worker(ctx: Context) -> None:
 
     from ablate.config import cell_key
     from ablate.search import counted_trials, make_sampler, suggest
-    from ablate.spec import load_spec
     _setup_worker(ctx)
-    spec = load_spec(ctx.spec_path)
+    spec = ctx.spec_args.load(ctx.spec_path)
     ledger = _open_ledger(spec, ctx.storage)
     # Seeded from the study's size and the worker's number: one worker on the same study state
     # samples the same trials again, while parallel workers and resumed searches do not propose
@@ -375,14 +381,13 @@ class Summary:
 
 def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None, device: str = "auto",
              devices: Optional[list[str]] = None, checkpoints: Optional[str] = None,
-             progress: Optional[bool] = None) -> Summary:
+             progress: Optional[bool] = None, spec_args: SpecArgs = SpecArgs()) -> Summary:
     """``ablate run``: every cell of the spec's grid trained once, recorded in MLflow."""
     from ablate import tracking
     from ablate.ledger import storage_url
-    from ablate.spec import load_spec
     from ablate.stores import check_stores
 
-    spec = load_spec(spec_path)  # raises SpecError before anything is written
+    spec = spec_args.load(spec_path)  # raises SpecError before anything is written
     if spec.search is not None:
         raise AblateError(f"{spec_path}: search: this spec describes a search (allowed: `ablate search {spec_path}`)")
     devices = devices or []
@@ -393,12 +398,12 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     ledger = _open_ledger(spec, url)
     enqueued, done = ledger.enqueue_cells(sorted(cells, key=_estimated_cost, reverse=True))
     experiment_id = tracking.ensure_experiment(spec.name)
-    parent = tracking.start_parent(experiment_id, "grid", str(spec_path))
-    print(f"{spec.name}: {len(cells)} cells, {done} already finished, {enqueued} queued; "
+    parent = tracking.start_parent(experiment_id, "grid", str(spec_path), tags=spec_tags(spec))
+    print(f"{spec.name}{_overrides_note(spec)}: {len(cells)} cells, {done} already finished, {enqueued} queued; "
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=checkpoint_root(checkpoints), device=device, progress=progress,
-                  workers=workers)
+                  workers=workers, spec_args=spec_args)
     _run_under_parent(grid_worker, ctx, workers, devices)
     summary = summarize_grid(spec, ledger)
     if not summary.ok:
@@ -430,15 +435,14 @@ def summarize_grid(spec, ledger) -> Summary:
 
 def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1, storage: Optional[str] = None,
                device: str = "auto", devices: Optional[list[str]] = None, checkpoints: Optional[str] = None,
-               progress: Optional[bool] = None) -> dict[str, int]:
+               progress: Optional[bool] = None, spec_args: SpecArgs = SpecArgs()) -> dict[str, int]:
     """``ablate search``: continue the spec's study until it holds ``trials`` finished trials."""
     from ablate import tracking
     from ablate.ledger import storage_url
     from ablate.search import counted_trials
-    from ablate.spec import load_spec
     from ablate.stores import check_stores
 
-    spec = load_spec(spec_path)
+    spec = spec_args.load(spec_path)
     if spec.search is None:
         raise AblateError(f"{spec_path}: search: this spec has no search section (allowed: `ablate run {spec_path}` for a grid)")
     if trials is not None and trials < 1:
@@ -457,12 +461,12 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
               f"{', more than' if finished > target else ', as many as'} {asked}: nothing to do", flush=True)
         return ledger.counts()
     experiment_id = tracking.ensure_experiment(spec.name)
-    parent = tracking.start_parent(experiment_id, "search", str(spec_path))
-    print(f"{spec.name}: {finished} trials finished of {target}; sampler {spec.search.sampler}; "
+    parent = tracking.start_parent(experiment_id, "search", str(spec_path), tags=spec_tags(spec))
+    print(f"{spec.name}{_overrides_note(spec)}: {finished} trials finished of {target}; sampler {spec.search.sampler}; "
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=checkpoint_root(checkpoints), device=device, progress=progress, trials=target,
-                  workers=workers)
+                  workers=workers, spec_args=spec_args)
     _run_under_parent(search_worker, ctx, workers, devices)
     return ledger.counts()
 

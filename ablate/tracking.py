@@ -50,9 +50,20 @@ def ensure_experiment(name: str) -> str:
         return exp.experiment_id if exp is not None else _retry(c.create_experiment, name)
 
 
-def start_parent(experiment_id: str, kind: str, spec_file: str) -> str:
+def spec_tags(spec) -> dict[str, str]:
+    """What a run records of how its spec was given: the ``--set`` overrides, and the spec's own
+    name when the experiment carries another (overrides, ``--name``)."""
+    tags = {}
+    if spec.overrides:
+        tags[names.OVERRIDES] = json.dumps(spec.overrides, sort_keys=True)
+    if spec.name != spec.spec_name:
+        tags[names.SPEC_NAME] = spec.spec_name
+    return tags
+
+
+def start_parent(experiment_id: str, kind: str, spec_file: str, tags: Optional[dict[str, str]] = None) -> str:
     tags = {names.ROLE: "parent", names.KIND: kind, names.SPEC_FILE: spec_file, names.GIT_COMMIT: git_commit(),
-            names.HOST: socket.gethostname()}
+            names.HOST: socket.gethostname(), **(tags or {})}
     run = _retry(client().create_run, experiment_id, tags=tags,
                  run_name=f"{kind} {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return run.info.run_id
@@ -82,7 +93,7 @@ class CellRun:
     @classmethod
     def open(cls, experiment_id: str, parent_id: str, cfg: CellConfig, key: str, *,
              varied: Iterable[str], spec_file: str, device: str, trial_number: Optional[int] = None,
-             run_name: Optional[str] = None) -> "CellRun":
+             run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None) -> "CellRun":
         """Continue this cell's interrupted (RUNNING) run if there is one, else start a new one.
 
         The ledger hands a cell to one worker at a time, so a RUNNING run found here belongs to
@@ -98,7 +109,7 @@ class CellRun:
         tags = {names.ROLE: "cell", names.CELL_KEY: key, names.STATE: "RUNNING", names.PARENT_ID: parent_id,
                 names.VARIED: json.dumps(sorted(varied)), names.SPEC_FILE: spec_file,
                 names.GIT_COMMIT: git_commit(), names.DEVICE: device,
-                names.HOST: socket.gethostname()}
+                names.HOST: socket.gethostname(), **(tags or {})}
         if trial_number is not None:
             tags[names.TRIAL_NUMBER] = str(trial_number)
         run = _retry(c.create_run, experiment_id, tags=tags, run_name=run_name or key)

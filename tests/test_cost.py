@@ -129,9 +129,11 @@ def test_cli_models_table_and_config():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "model.colour=3"], "unknown model setting 'model.colour' (allowed: model.image_size"),
-    (["--set", "width=abc"], "model.width: Input should be a valid integer"),
-    (["--set", "width=100", "--set", "shift=eight"], "not divisible by the 8 channel groups"),
+    (["--set", "model.colour=3"], "--set model.colour=3: unknown setting model.colour (allowed: model.image_size"),
+    (["--set", "model.widht=384"], "--set model.widht=384: unknown setting model.widht; did you mean model.width?"),
+    (["--set", "width=abc"], "--set width=abc: expected an integer, got abc (allowed: int > 0)"),
+    (["--set", "depth='3'"], "--set depth='3': expected an integer, got the string \"3\""),
+    (["--set", "width=100", "--set", "shift=eight"], "--set width=100: width 100 is not divisible by the 8 channel groups"),
     (["--set", "width"], "expected KEY=VALUE"),
 ])
 def test_cli_models_bad_input(args, message):

@@ -138,13 +138,30 @@ def test_dataset_sizes_without_decoding(tmp_path):
     assert dataset_sizes(DataConfig(name="imagefolder", root=str(tmp_path / "missing"))) is None
 
 
-def test_no_data_check_plans_without_the_dataset(tmp_path, monkeypatch):
-    monkeypatch.setenv("IMAGENET100_ROOT", str(tmp_path / "not-here-yet"))
+@pytest.mark.parametrize("root", [None, "not-here-yet"], ids=["variable-unset", "folder-missing"])
+def test_plan_works_before_the_data_exists_and_run_refuses(root, tmp_path, monkeypatch):
+    """A paper spec is planned in full (cells, GPU-hours, the paper's columns) before its data is
+    in place, the plan saying what is missing; `ablate run` refuses it in one line, writing nothing."""
+    if root is None:
+        monkeypatch.delenv("IMAGENET100_ROOT", raising=False)
+        missing = "data.root: environment variable IMAGENET100_ROOT is not set"
+    else:
+        monkeypatch.setenv("IMAGENET100_ROOT", str(tmp_path / root))
+        missing = f"data.root: no such directory {tmp_path / root}"
     monkeypatch.chdir(tmp_path)
     path = str(PAPER / "depth.yaml")
-    assert CliRunner().invoke(cli, ["plan", path]).exit_code == 2
-    result = CliRunner().invoke(cli, ["plan", path, "--no-data-check"])
-    assert result.exit_code == 0 and "S2-MLP paper" in result.output
+    for args in (["plan", path], ["plan", path, "--no-data-check"]):  # the old flag is still accepted
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        assert "S2-MLP paper" in result.output and "| paper top-1" in result.output
+        assert "total" in result.output and "GPU-h" in result.output
+        assert "data not in place yet" in result.output and f"base-wide.yaml:16: {missing}" in result.output
+    as_json = json.loads(CliRunner().invoke(cli, ["plan", path, "--json"]).output)
+    assert as_json["totals"]["gpu_hours"] > 0 and len(as_json["data_problems"]) == 1
+    run = CliRunner().invoke(cli, ["run", path])
+    assert run.exit_code == 2 and "Traceback" not in run.output
+    assert run.stderr.splitlines() == [f"error: {PAPER / 'base-wide.yaml'}:16: {missing} (allowed: "
+                                       + run.stderr.split("(allowed: ", 1)[1].rstrip("\n")]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 from ablate.cli import cli
 from ablate.pareto import dominates, pareto_front
-from ablate.report import _same_value, report_experiment, write_report
+from ablate.report import param_value, report_experiment, write_report
+from ablate.spec import same_value
 
 # ---------------------------------------------------------------- pareto_front
 
@@ -69,10 +70,13 @@ def test_cost_units_read_like_the_paper_for_big_models_and_stay_readable_for_tin
 
 
 def test_reference_values_compare_across_types():
-    assert _same_value("four", "four")
-    assert _same_value("16", 16) and _same_value("4.0", 4) and not _same_value("16", 32)
-    assert _same_value("[[0, 1], [1, 0]]", [[0, 1], [1, 0]])
-    assert _same_value("True", True) and not _same_value(None, "four")
+    """MLflow params are strings; read back as values they match a spec's YAML values."""
+    def same(param, wanted):
+        return same_value(param_value(param), wanted)
+    assert same("four", "four")
+    assert same("16", 16) and same("4.0", 4) and not same("16", 32)
+    assert same("[[0, 1], [1, 0]]", [[0, 1], [1, 0]])
+    assert same("True", True) and not same("True", 1) and same("None", None) and not same("None", "four")
 
 
 # ---------------------------------------------------------------- a real MLflow store

@@ -315,6 +315,13 @@ def expectations(path: Path) -> list[str]:
             if line.startswith("# expect: ")]
 
 
+def command_of(path: Path) -> str:
+    """The command that must refuse the spec: ``plan`` unless the file says ``# command: run``
+    (a dataset that is not in place yet is planned, and refused by run)."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("# command: ")]
+    return lines[0].removeprefix("# command: ") if lines else "plan"
+
+
 def test_corpus_is_large_and_specific():
     assert len(BAD_SPECS) >= 25
     assert all(expectations(p) for p in BAD_SPECS), "every bad spec names the message it must produce"
@@ -328,7 +335,7 @@ def test_bad_spec_fails_with_its_message_exit_2_and_writes_nothing(bad, tmp_path
     shutil.copy(bad, specs / bad.name)
     monkeypatch.chdir(cwd)
     monkeypatch.delenv("ABLATE_TEST_UNSET_ROOT", raising=False)
-    result = CliRunner().invoke(cli, ["plan", str(specs / bad.name)])
+    result = CliRunner().invoke(cli, [command_of(bad), str(specs / bad.name)])
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit), "a user error must not raise"
     for expected in expectations(bad):

@@ -130,35 +130,26 @@ def model_config_from_overrides(assignments: Iterable[str], base: str = "s2mlp_w
     """A :class:`ModelConfig` from a registered variant's settings and ``key=value`` overrides.
 
     Keys are model settings, with or without the ``model.`` prefix; values are YAML
-    (``shift=[[0,1],[0,-1]]``). Raises :class:`AblateError` with one line naming the problem.
+    (``shift=[[0,1],[0,-1]]``), read and checked as a spec's ``--set`` is. Raises
+    :class:`AblateError` with one line per problem, each naming its option.
     """
-    import yaml
-    from pydantic import ValidationError
-
     from ablate.config import ModelConfig
     from ablate.models.s2mlp import VARIANTS
+    from ablate.spec.overrides import parse_overrides
+    from ablate.spec.problems import Problems, option_where, validate_cell
 
     if base not in VARIANTS:
         raise AblateError(f"--base {base}: unknown variant (allowed: {', '.join(VARIANTS)})")
-    allowed = list(ModelConfig.model_fields)
-    values = dict(VARIANTS[base])
-    for item in assignments:
-        key, sep, raw = item.partition("=")
-        name = key.strip().removeprefix("model.")
-        if not sep or not raw.strip():
-            raise AblateError(f"--set {item}: expected KEY=VALUE, e.g. model.width=384")
-        if name not in allowed:
-            raise AblateError(f"--set {item}: unknown model setting {key.strip()!r} "
-                              f"(allowed: {', '.join('model.' + a for a in allowed)})")
-        try:
-            values[name] = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise AblateError(f"--set {item}: value is not valid YAML ({str(e).splitlines()[0]})") from None
-    try:
-        return ModelConfig(**values)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(part) for part in err["loc"]) or "model"
-        where = f"model.{field}" if err["loc"] else "model"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise AblateError(f"--set: {where}: {msg}") from None
+    settings = [f"model.{name}" for name in ModelConfig.model_fields]
+    problems = Problems("--set")
+    overrides = parse_overrides(assignments, problems, settings=settings, extra=(), bare_prefix="model.",
+                                allowed=", ".join(settings))
+    problems.raise_if_any()
+    given = {o.key: o for o in overrides}
+    values = {f"model.{k}": v for k, v in VARIANTS[base].items()} | {k: o.value for k, o in given.items()}
+    config, errors = validate_cell({}, values)
+    for dotted, involved, message in errors:
+        mine = [k for k in involved if k in given]
+        problems.add(given[mine[0]].where if mine else option_where(f"--base {base}"), None, message)
+    problems.raise_if_any()
+    return config.model

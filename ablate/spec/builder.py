@@ -20,7 +20,7 @@ from ablate.errors import SpecError
 from ablate.spec.files import DESIGN_KEYS, SPEC_KEYS, SpecFiles
 from ablate.spec.overrides import Override, experiment_suffix, parse_overrides
 from ablate.spec.problems import (Problems, Where, did_you_mean, format_value, format_values, location,
-                                      option_where, validate_cell)
+                                      option_where, setting_hint, validate_cell)
 from ablate.spec.reference import check_reference, read_reference, rows_for_overrides, same_value
 from ablate.spec.space import read_search
 from ablate.spec.types import SETTINGS, Cell, SearchSpec, Spec
@@ -283,12 +283,7 @@ class SpecBuilder:
                 self.add(path, "vary seeds with the top-level `seeds:` list (allowed: seeds: [0, 1, 2])")
                 return False
             return True
-        key = str(key)
-        hint = did_you_mean(key, SETTINGS)
-        if not hint and "." not in key:
-            matches = [s for s in SETTINGS if s.endswith("." + key)]
-            hint = f"; did you mean {matches[0]}?" if matches else ""
-        self.add(path, f"names no setting{hint} (allowed: a dotted setting such as model.width; "
+        self.add(path, f"names no setting{setting_hint(key, SETTINGS)} (allowed: a dotted setting such as model.width; "
                  "see `ablate spec-help`)")
         return False
 

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from ablate.spec.problems import Problems, Where, did_you_mean, option_where
+from ablate.spec.problems import Problems, Where, option_where, setting_hint
 from ablate.spec.types import SETTINGS
 from ablate.spec.yaml_source import read_yaml_text
 
@@ -57,7 +57,7 @@ def parse_overrides(items: Iterable[str], problems: Problems, *, settings: Itera
         if bare_prefix and "." not in key and bare_prefix + key in settings:
             key = bare_prefix + key
         if key not in known:
-            problems.add(where, None, f"unknown setting {key}{_hint(key, settings)} (allowed: {allowed})")
+            problems.add(where, None, f"unknown setting {key}{setting_hint(key, settings)} (allowed: {allowed})")
             continue
         if key == "train.seed":
             problems.add(where, None, "set seeds with --set seeds=[0, 1, 2] (allowed: a list of seeds)")
@@ -75,14 +75,6 @@ def parse_overrides(items: Iterable[str], problems: Problems, *, settings: Itera
             continue
         out[key] = Override(key, value, item)
     return list(out.values())
-
-
-def _hint(key: str, settings: tuple[str, ...]) -> str:
-    hint = did_you_mean(key, settings)
-    if not hint and "." not in key:
-        matches = [s for s in settings if s.endswith("." + key)]
-        hint = f"; did you mean {matches[0]}?" if matches else ""
-    return hint
 
 
 def experiment_suffix(effective: dict[str, Any]) -> str:

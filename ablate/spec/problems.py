@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from typing import Annotated, Any, Literal, Optional, Protocol, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, Protocol, Sequence, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -58,6 +58,22 @@ def did_you_mean(word: Any, choices) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
+def setting_hint(key: Any, settings: Sequence[str]) -> str:
+    """``; did you mean model.width?`` for a misspelled dotted setting: the name is compared
+    within its section (``model.colour`` is not ``model.norm``); a bare name (``width``) finds
+    the setting it ends."""
+    key = str(key)
+    section, _, name = key.rpartition(".")
+    if section:
+        in_section = {s.rpartition(".")[2]: s for s in settings if s.rpartition(".")[0] == section}
+        if in_section:
+            close = difflib.get_close_matches(name, list(in_section), n=1, cutoff=0.7)
+            return f"; did you mean {in_section[close[0]]}?" if close else ""
+        return did_you_mean(key, settings)
+    matches = [s for s in settings if s.endswith("." + key)]
+    return f"; did you mean {matches[0]}?" if matches else did_you_mean(key, settings)
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -81,9 +97,10 @@ def type_label(info) -> str:
 
 
 def _constraint_labels(metadata) -> list[str]:
+    """`` > 0``, `` <= 1``: lower bounds first, however the field declares them."""
     out = []
-    for m in metadata:
-        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+    for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        for m in metadata:
             if getattr(m, attr, None) is not None:
                 out.append(f" {op} {getattr(m, attr)}")
     return out

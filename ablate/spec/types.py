@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 
 from ablate.config import SECTIONS, CellConfig
 from ablate.errors import AblateError
-from ablate.spec.problems import did_you_mean, format_values, section_dicts, validate_cell
+from ablate.spec.problems import format_value, format_values, section_dicts, setting_hint, validate_cell
 
 #: every dotted setting a grid, zip, search, exclude or ``--set`` can name
 SETTINGS = tuple(f"{section}.{name}" for section, model in SECTIONS.items() for name in model.model_fields)
@@ -98,6 +98,14 @@ class Spec:
         """
         return list(self._cells)
 
+    def origin(self) -> str:
+        """Where the experiment name comes from, when it is not the spec's own:
+        ``spec quickstart, --set train.epochs=1 --set model.width=32``; else ``""``."""
+        if self.name == self.spec_name and not self.overrides:
+            return ""
+        sets = " ".join(f"--set {k}={format_value(v)}" for k, v in self.overrides.items())
+        return f"spec {self.spec_name}" + (f", {sets}" if sets else "")
+
     def resolve(self, values: dict[str, Any]) -> CellConfig:
         """The base configuration with dotted ``values`` applied and validated.
 
@@ -106,7 +114,7 @@ class Spec:
         """
         unknown = [k for k in values if k not in SETTINGS]
         if unknown:
-            raise AblateError(f"{self.path}: {unknown[0]}: not a setting{did_you_mean(unknown[0], SETTINGS)} "
+            raise AblateError(f"{self.path}: {unknown[0]}: not a setting{setting_hint(unknown[0], SETTINGS)} "
                               "(allowed: data.*, model.*, train.* settings; see `ablate spec-help`)")
         config, errors = validate_cell(section_dicts(self.base), values)
         if errors:

@@ -42,6 +42,10 @@ _Loader.add_implicit_resolver(
 class _TooLarge(Exception):
     """Raised inside the construction of a document that exceeds a bound; reported as a problem."""
 
+    def __init__(self, message: str, path: tuple):
+        super().__init__(message)
+        self.path = path
+
 
 def read_yaml_file(path: Path, shown: str, problems: Problems) -> tuple[Any, dict[tuple, int]]:
     """The document's plain Python value and the line of every key and list item in it.
@@ -90,8 +94,9 @@ def read_yaml_text(text: str, shown: str, problems: Problems, line_of: Callable[
         builder = _Builder(loader, shown, problems, line_of)
         try:
             return builder.construct(node, (), lines), lines
-        except _TooLarge as e:
-            problems.add(line_of(builder.line), "yaml", str(e))
+        except _TooLarge as e:  # reported at the top-level key whose value grew too large
+            top = e.path[:1]
+            problems.add(line_of(lines.get(top, 1)), str(top[0]) if top else "yaml", str(e))
             return None, {}
     finally:
         loader.dispose()
@@ -103,18 +108,16 @@ class _Builder:
     def __init__(self, loader: _Loader, shown: str, problems: Problems, line_of: Callable[[int], Where]):
         self.loader, self.shown, self.problems, self.line_of = loader, shown, problems, line_of
         self.count = 0
-        self.line = 1
 
     def construct(self, node: yaml.Node, path: tuple, lines: dict) -> Any:
         line = node.start_mark.line + 1
-        self.line = line
         self.count += 1
         if self.count > MAX_VALUES:
             raise _TooLarge(f"more than {MAX_VALUES:,} values once aliases are expanded (allowed: a spec "
-                            f"of at most {MAX_VALUES:,} values; an alias repeats every value of its anchor)")
+                            f"of at most {MAX_VALUES:,} values; an alias repeats every value of its anchor)", path)
         if len(path) > MAX_DEPTH:
             raise _TooLarge(f"nested more than {MAX_DEPTH} levels deep (allowed: at most {MAX_DEPTH}; "
-                            "an alias inside its own anchor nests without end)")
+                            "an alias inside its own anchor nests without end)", path)
         lines.setdefault(path, line)
         dotted = ".".join(str(p) for p in path) or "spec"
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
