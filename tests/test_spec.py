@@ -335,14 +335,16 @@ def test_bad_spec_fails_with_its_message_exit_2_and_writes_nothing(bad, tmp_path
     shutil.copy(bad, specs / bad.name)
     monkeypatch.chdir(cwd)
     monkeypatch.delenv("ABLATE_TEST_UNSET_ROOT", raising=False)
-    result = CliRunner().invoke(cli, [command_of(bad), str(specs / bad.name)])
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit), "a user error must not raise"
-    for expected in expectations(bad):
-        expected = expected.replace(f"{bad.name}:", f"{specs / bad.name}:")
-        assert f"error: {expected}" in result.stderr, result.stderr
-    assert "Traceback" not in result.output
-    assert list(cwd.iterdir()) == [] and [p.name for p in specs.iterdir()] == [bad.name]
+    # what plan refuses, run refuses alike (run loads the spec the same way, and also needs the data)
+    for command in ["plan", "run"] if command_of(bad) == "plan" else [command_of(bad)]:
+        result = CliRunner().invoke(cli, [command, str(specs / bad.name)])
+        assert result.exit_code == 2, result.output
+        assert isinstance(result.exception, SystemExit), "a user error must not raise"
+        for expected in expectations(bad):
+            expected = expected.replace(f"{bad.name}:", f"{specs / bad.name}:")
+            assert f"error: {expected}" in result.stderr, result.stderr
+        assert "Traceback" not in result.output
+        assert list(cwd.iterdir()) == [] and [p.name for p in specs.iterdir()] == [bad.name]
 
 
 @pytest.mark.slow

@@ -112,12 +112,7 @@ class SpecBuilder:
         return (self.shown, 1)
 
     def add(self, path: tuple, problem: str, field_name: Optional[str] = None) -> None:
-        where = self.where(*path)
-        if not where[1]:  # an override: the option names the setting already
-            field_name = None
-        else:
-            field_name = field_name or ".".join(str(p) for p in path)
-        self.problems.add(where, field_name, problem)
+        self.problems.add(self.where(*path), field_name or ".".join(str(p) for p in path), problem)
 
     # -- the whole spec --
 
@@ -250,7 +245,7 @@ class SpecBuilder:
         config, errors = validate_cell(base, {})
         for dotted, involved, message in errors:
             if not varied.intersection(involved):
-                self.problems.add(self._setting_where(involved), self._field(dotted, involved), message)
+                self.problems.add(self._setting_where(involved), dotted, message)
         if config is not None:
             return config
         sections = {}
@@ -268,13 +263,6 @@ class SpecBuilder:
             if parts in self.origins:
                 return self.origins[parts]
         return self.where(involved[0].split(".")[0])
-
-    def _field(self, dotted: str, involved) -> Optional[str]:
-        """The field to name beside a location: none for an override of that very setting."""
-        where = self._setting_where(involved)
-        if not where[1] and where[0].startswith(f"--set {dotted}="):
-            return None
-        return dotted
 
     def setting_key(self, key: Any, path: tuple) -> bool:
         """Whether a grid/zip/search/exclude key names a setting; adds the problem if not."""
@@ -518,7 +506,7 @@ class SpecBuilder:
                                   "root/train/<class>/<image> and root/val/<class>/<image>)"))
         for where, field_name, problem in not_ready:
             if self.check_paths:
-                self.problems.add(where, None if not where[1] else field_name, problem)
+                self.problems.add(where, field_name, problem)
             else:
                 self.data_problems.append(f"{location(where)}: {field_name}: {problem}")
 

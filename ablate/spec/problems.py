@@ -39,7 +39,8 @@ class Problems:
         self._items: dict[str, Where] = {}   # text -> where, in the order found
 
     def add(self, where: Where, field_name: Optional[str], problem: str) -> None:
-        prefix = location(where) + (f": {field_name}" if field_name else "")
+        """``file:line: field: problem``; an option (``--set model.width=0``) names its setting itself."""
+        prefix = location(where) + (f": {field_name}" if field_name and where[1] else "")
         self._items.setdefault(f"{prefix}: {problem}", where)
 
     def __len__(self) -> int:

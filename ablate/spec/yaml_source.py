@@ -73,6 +73,11 @@ def read_yaml_text(text: str, shown: str, problems: Problems, line_of: Callable[
     loader = _Loader(text)
     try:
         try:
+            too_deep = _too_deep(text)
+            if too_deep:
+                problems.add(line_of(too_deep), "yaml", f"nested more than {MAX_DEPTH} levels deep "
+                             f"(allowed: at most {MAX_DEPTH})")
+                return None, {}
             node = loader.get_single_node()
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
@@ -83,9 +88,6 @@ def read_yaml_text(text: str, shown: str, problems: Problems, line_of: Callable[
             return None, {}
         except yaml.YAMLError as e:
             problems.add(line_of(1), "yaml", f"syntax error: {e} (allowed: valid YAML)")
-            return None, {}
-        except RecursionError:  # PyYAML composes nested collections recursively
-            problems.add(line_of(1), "yaml", f"nested too deeply (allowed: at most {MAX_DEPTH} levels)")
             return None, {}
         if node is None:
             problems.add(line_of(1), *empty)
@@ -100,6 +102,26 @@ def read_yaml_text(text: str, shown: str, problems: Problems, line_of: Callable[
             return None, {}
     finally:
         loader.dispose()
+
+
+_OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+         yaml.FlowSequenceStartToken)
+_CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def _too_deep(text: str) -> int:
+    """The line where collections first nest deeper than :data:`MAX_DEPTH`, else 0. PyYAML's
+    composer recurses once per level, so a document of thousands of ``[`` would exhaust the
+    stack; its scanner does not, and counts the levels first."""
+    depth = 0
+    for token in yaml.scan(text, Loader=_Loader):
+        if isinstance(token, _OPEN):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return token.start_mark.line + 1
+        elif isinstance(token, _CLOSE):
+            depth -= 1
+    return 0
 
 
 class _Builder:
