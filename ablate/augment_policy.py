@@ -31,7 +31,7 @@ def _timm_auto_augment() -> ModuleType:
         return loaded
     timm = importlib.util.find_spec("timm")
     if timm is None or not timm.submodule_search_locations:
-        raise ValueError("timm is not installed (allowed: pip install -e . in a clone of ablate)")
+        raise ValueError("timm is not installed (allowed: pip install -e . in the ablate clone)")
     path = os.path.join(list(timm.submodule_search_locations)[0], "data", "auto_augment.py")
     spec = importlib.util.spec_from_file_location("_ablate_timm_auto_augment", path)
     module = importlib.util.module_from_spec(spec)

@@ -184,7 +184,8 @@ def models(assignments, base, classes):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="interface to listen on (0.0.0.0 exposes the UI to the network)")
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535), help="MLflow UI port")
-@click.option("--optuna", is_flag=True, help="also start optuna-dashboard on the ledger (needs ablate[dashboard])")
+@click.option("--optuna", is_flag=True, help="also start optuna-dashboard on the ledger (needs the dashboard "
+              "extra: pip install -e '.[dashboard]')")
 @click.option("--optuna-port", default=None, type=click.IntRange(1, 65535),
               help="optuna-dashboard port (default: --port + 1)")
 @click.option("--storage", default=None, help="ledger storage URL for --optuna (default: $ABLATE_STORAGE "

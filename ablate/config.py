@@ -39,7 +39,8 @@ class DataConfig(_Section):
     num_classes: PositiveInt = Field(10, le=MAX_SYNTHETIC_IMAGES, description="number of classes (synthetic only)")
     train_size: PositiveInt = Field(1024, le=MAX_SYNTHETIC_IMAGES,
                                     description="number of training images (synthetic only)")
-    val_size: PositiveInt = Field(256, le=MAX_SYNTHETIC_IMAGES, description="number of validation images (synthetic only)")
+    val_size: PositiveInt = Field(256, le=MAX_SYNTHETIC_IMAGES,
+                                  description="number of validation images (synthetic only)")
     loader: Literal["auto", "cache", "folder"] = Field(
         "auto", description="auto: the uint8 memory-mapped cache when one exists for this size, else "
         "the image-folder loader; cache: require the cache; folder: always decode image files")
