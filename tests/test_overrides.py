@@ -228,3 +228,39 @@ def test_run_with_overrides_is_recorded_and_kept_apart(workdir):
     assert named.exit_code == 0 and "rehearsal (spec tiny," in named.output
     runs = client.search_runs([client.get_experiment_by_name("rehearsal").experiment_id])
     assert {r.data.tags[names.SPEC_NAME] for r in runs} == {"tiny"}
+
+
+# ---- the paper specs' rehearsal commands ---------------------------------------------------------
+
+def rehearsal_args(spec: Path) -> list[str]:
+    """The ``--set`` options of the ``ablate run`` command in a paper spec's header comment."""
+    lines = [line.removeprefix("#").strip().rstrip("\\").strip() for line in spec.read_text().splitlines()
+             if line.startswith("#   ablate run") or line.startswith("#     --set")]
+    words = " ".join(lines).split()
+    assert words[:3] == ["ablate", "run", f"experiments/paper/{spec.name}"], words
+    return words[3:]
+
+
+@pytest.mark.parametrize("spec", sorted(PAPER.glob("*.yaml")), ids=lambda p: p.stem)
+def test_paper_specs_say_how_to_rehearse_them(spec, tmp_path, monkeypatch):
+    """Each paper spec's comment rehearses every cell of its grid with a smaller model and schedule,
+    the image size, patch size and recipe untouched, into an experiment of its own."""
+    monkeypatch.delenv("IMAGENET100_ROOT", raising=False)
+    args = rehearsal_args(spec)
+    assert args[:2] == ["--device", "cpu"]
+    sets = [args[i + 1].replace("SMALL_TREE", str(tmp_path)) for i, a in enumerate(args) if a == "--set"]
+    real = load_spec(spec, check_paths=False)
+    rehearsal = load_spec(spec, overrides=sets, check_paths=False)
+    assert rehearsal.name.startswith(real.name + "+") and len(rehearsal.cells()) == len(real.cells())
+    for cell, original in zip(rehearsal.cells(), real.cells()):
+        assert cell.values == original.values
+        assert cell.config.train.epochs == 1 and cell.config.train.batch_size <= 32
+        small, full = cell.config, original.config
+        assert small.model.width * small.model.depth < full.model.width * full.model.depth
+        for section, keep in (("model", ("image_size", "patch_size", "shift", "mlp_ratio", "drop_path", "norm")),
+                              ("train", ("randaugment", "mixup", "cutmix", "random_erasing", "label_smoothing",
+                                         "warmup_epochs", "lr", "amp", "crop_scale", "hflip"))):
+            for name in keep:
+                assert getattr(getattr(small, section), name) == getattr(getattr(full, section), name), name
+    result = CliRunner().invoke(cli, ["plan", str(spec), *[a for s in sets for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output

@@ -131,7 +131,7 @@ def path_slug(name: str) -> str:
 
     A name of letters, digits, ``.``, ``_``, ``+`` and ``-`` (not starting with ``.`` or ``-``)
     is its own slug. Any other name is reduced to those characters and given 8 hex digits of
-    its hash, so that two names never share a folder (``../../x`` -> ``x-1b2c3d4e``).
+    its hash, so that two names never share a folder (``../../x`` -> ``x-9cdf6a50``).
     """
     if _SAFE.fullmatch(name) and len(name) <= 200:
         return name
