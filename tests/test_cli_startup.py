@@ -53,3 +53,28 @@ def test_timm_names_are_registered_after_import_ablate_models(code):
     proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["S2MLP", "['s2mlp_deep_16_224',", "'s2mlp_wide_16_224']"]
+
+
+def test_help_examples_name_specs_that_exist():
+    """Every spec a command's help cites is in the repository (ablate data cache once cited a
+    spec that was never written)."""
+    import re
+
+    import click
+    from click.testing import CliRunner
+
+    from ablate.cli import cli
+
+    def commands(group: click.Group, path: tuple[str, ...] = ()):
+        for name, command in group.commands.items():
+            yield path + (name,)
+            if isinstance(command, click.Group):
+                yield from commands(command, path + (name,))
+
+    cited = set()
+    for path in commands(cli):
+        result = CliRunner().invoke(cli, [*path, "--help"])
+        assert result.exit_code == 0, result.output
+        cited.update(re.findall(r"experiments/[\w./-]+\.yaml", result.output))
+    assert "experiments/paper/shift-patterns.yaml" in cited
+    assert [p for p in sorted(cited) if not (ROOT / p).is_file()] == []
