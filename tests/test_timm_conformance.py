@@ -11,7 +11,7 @@ from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import create_feature_extractor, get_graph_node_names
 from timm.optim import create_optimizer_v2
 
-import ablate  # noqa: F401  (registers the timm variants)
+import ablate.models  # noqa: F401  (registers the timm variants)
 from ablate.models import VARIANTS, S2MLP
 from ablate.models.s2mlp import PreNormS2Block, S2Block
 
