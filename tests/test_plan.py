@@ -150,17 +150,19 @@ def test_plan_works_before_the_data_exists_and_run_refuses(root, tmp_path, monke
         missing = f"data.root: no such directory {tmp_path / root}"
     monkeypatch.chdir(tmp_path)
     path = str(PAPER / "depth.yaml")
+    line = next(i for i, text in enumerate((PAPER / "base-wide.yaml").read_text().splitlines(), 1)
+                if text.strip().startswith("root:"))
     for args in (["plan", path], ["plan", path, "--no-data-check"]):  # the old flag is still accepted
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, result.output
         assert "S2-MLP paper" in result.output and "| paper top-1" in result.output
         assert "total" in result.output and "GPU-h" in result.output
-        assert "data not in place yet" in result.output and f"base-wide.yaml:16: {missing}" in result.output
+        assert "data not in place yet" in result.output and f"base-wide.yaml:{line}: {missing}" in result.output
     as_json = json.loads(CliRunner().invoke(cli, ["plan", path, "--json"]).output)
     assert as_json["totals"]["gpu_hours"] > 0 and len(as_json["data_problems"]) == 1
     run = CliRunner().invoke(cli, ["run", path])
     assert run.exit_code == 2 and "Traceback" not in run.output
-    assert run.stderr.splitlines() == [f"error: {PAPER / 'base-wide.yaml'}:16: {missing} (allowed: "
+    assert run.stderr.splitlines() == [f"error: {PAPER / 'base-wide.yaml'}:{line}: {missing} (allowed: "
                                        + run.stderr.split("(allowed: ", 1)[1].rstrip("\n")]
     assert list(tmp_path.iterdir()) == []
 
