@@ -134,7 +134,9 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the cross-entropy loss")
     mixup: float = Field(0.0, ge=0, description="Mixup alpha (0 = off); DeiT uses 0.8")
     cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off); DeiT uses 1.0")
-    randaugment: Optional[str] = Field(None, description="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (None = off)")
+    randaugment: Optional[str] = Field(
+        None, description="timm augmentation policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment; also augmix-..., "
+        "original, v0, ...: the image-folder loader only) (None = off)")
     random_erasing: float = Field(0.0, ge=0, le=1, description="random erasing probability; DeiT uses 0.25")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (0 for digits)")
     crop_scale: float = Field(0.08, gt=0, le=1, description="smallest area fraction of the random resized crop")
@@ -146,8 +148,8 @@ class TrainConfig(_Section):
     @classmethod
     def _known_policy(cls, v):
         if v is not None:
-            from ablate.augment_policy import check_randaugment
-            check_randaugment(v)  # raises ValueError naming the allowed form
+            from ablate.augment_policy import check_policy
+            check_policy(v)  # timm's own parser; raises ValueError naming the allowed forms
         return v
 
 
