@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +32,6 @@ TRAIN_PASS_FACTOR = 3           # forward + backward (about twice the forward) p
 #: (train, val) images. imagenet100: the CMC class list (PAPER.md); digits: a fixed stratified
 #: 80/20 split of scikit-learn's 1,797 digits.
 DATASET_SIZES = {"imagenet100": (126_689, 5_000), "digits": (1_437, 360)}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 #: at most this many corner combinations of a search space are costed
 MAX_SEARCH_CORNERS = 4096
 
@@ -51,15 +49,8 @@ def dataset_sizes(data: DataConfig) -> Optional[tuple[int, int]]:
     root = Path(data.root or "")
     if not data.root or not (root / "train").is_dir():
         return None
-    return _count_images(root / "train"), _count_images(root / "val")
-
-
-def _count_images(folder: Path) -> int:
-    """Image files in ``folder/<class>/`` (any depth), by name only."""
-    count = 0
-    for dirpath, _, files in os.walk(folder):
-        count += sum(1 for f in files if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)
-    return count
+    from ablate.data.scan import count_images  # the files training reads, listed the same way
+    return count_images(root)
 
 
 def estimate_gpu_hours(macs: int, epochs: int, train_images: int, val_images: int) -> float:
