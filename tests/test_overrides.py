@@ -15,7 +15,7 @@ from ablate.cli import cli
 from ablate.config import cell_key
 from ablate.errors import SpecError
 from ablate.ledger import Ledger, storage_url
-from ablate.spec import SpecArgs, load_spec
+from ablate.spec import MAX_CELLS, SpecArgs, load_spec
 from conftest import ROOT, write_spec
 
 QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
@@ -194,6 +194,10 @@ def test_max_cells_is_settable(tmp_path):
     assert result.exit_code == 2 and f"{spec}:5: grid: 6 cells (allowed: at most 5;" in result.stderr
     assert CliRunner().invoke(cli, ["plan", str(spec), "--max-cells", "6"]).exit_code == 0
     assert len(SpecArgs(max_cells=6).load(spec).cells()) == 6
+    for command in ("plan", "run", "search", "report"):  # one decorator gives every command the same options
+        help_text = " ".join(CliRunner().invoke(cli, [command, "--help"]).output.split())
+        assert "--set KEY=VALUE" in help_text and "--name TEXT" in help_text
+        assert f"(default {MAX_CELLS:,})" in help_text
 
 
 # ---- a real run with overrides -------------------------------------------------------------------
