@@ -67,6 +67,109 @@ def spec_options(command):
     return with_spec_args
 
 
+# ---- launchers (--launcher slurm), status, cancel ---------------------------------------------
+
+_launcher_options = [
+    click.option("--launcher", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+                 help="where the workers run: processes on this machine, or the tasks of one Slurm job "
+                 "array (one task per worker; returns once submitted)"),
+    click.option("--slurm", multiple=True, metavar="KEY=VALUE",
+                 help="a Slurm setting, over the profile's (repeatable): partition, account, qos, time, "
+                 "gpus_per_task, cpus_per_task, mem, constraint, nodelist, exclude, max_running, sbatch, "
+                 "setup, logs; see docs/scaling.md"),
+    click.option("--slurm-profile", type=click.Path(dir_okay=False), default=None,
+                 help="a cluster profile: YAML of the --slurm keys that a lab writes once "
+                 "(default: $ABLATE_SLURM_PROFILE)"),
+    click.option("--follow", is_flag=True,
+                 help="with --launcher slurm: stay and show progress until every cell is done "
+                 "(Ctrl-C stops following, never the jobs)"),
+]
+
+
+def _with_launcher_options(f):
+    for option in reversed(_launcher_options):
+        f = option(f)
+    return f
+
+
+def _launcher(launcher, slurm, slurm_profile, follow, devices) -> bool:
+    """True for --launcher slurm; refuses the Slurm options without it."""
+    if launcher == "slurm":
+        if devices:
+            raise AblateError("--devices: not with --launcher slurm (allowed: --slurm gpus_per_task=N, one "
+                              "worker per GPU of each task)")
+        return True
+    for name, given in (("--slurm", slurm), ("--slurm-profile", slurm_profile), ("--follow", follow)):
+        if given:
+            raise AblateError(f"{name}: only with --launcher slurm (allowed: add --launcher slurm)")
+    return False
+
+
+def _launch_slurm(spec, kind, *, workers, storage, device, checkpoints, slurm, slurm_profile, follow, spec_args,
+                  trials=None):
+    from ablate.launch.settings import load_settings
+    from ablate.launch.slurm import launch
+    from ablate.urls import display_url
+    settings = load_settings(slurm, slurm_profile)
+    done = launch(spec, kind=kind, workers=workers, storage=storage, checkpoints=checkpoints, device=device,
+                  settings=settings, trials=trials, spec_args=spec_args)
+    job, stores = done.launch, done.stores
+    status = f"ablate status {spec}" + (f" --storage {display_url(storage)}" if storage else "")
+    click.echo(f"{done.spec_name}: {done.queued}; ledger {display_url(stores.ledger)}; "
+               f"MLflow {display_url(stores.tracking)}; checkpoints {stores.checkpoints}")
+    if job is None:
+        click.echo(f"nothing to launch: every {'cell' if kind == 'grid' else 'trial'} has finished ({status})")
+        return
+    click.echo(f"submitted Slurm job {job.job}: {job.tasks} task(s), {done.request}")
+    click.echo(f"logs: {job.logs}")
+    click.echo(f"follow: {status}    stop: ablate cancel {spec}")
+    if not follow:
+        return
+    from ablate.status import follow as follow_status
+    try:
+        final = follow_status(spec, job, storage=storage, echo=click.echo, spec_args=spec_args)
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; Slurm job {job.job} goes on: {status}")
+        return
+    click.echo(final.to_text())
+    sys.exit(0 if final.done and not final.counts["failed"] else 1)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the status as JSON")
+@click.option("--storage", default=None, help="ledger storage URL (default: $ABLATE_STORAGE or "
+              "sqlite:///ablate-ledger.db)")
+@spec_options
+def status(spec, as_json, storage, spec_args):
+    """Where SPEC's grid or search stands: every cell's state, counts, elapsed time, ETA and its
+    Slurm jobs. Reads the ledger, MLflow and Slurm; writes nothing."""
+    from ablate.status import collect
+    result = collect(spec, storage, spec_args=spec_args)
+    click.echo(result.to_json() if as_json else result.to_text())
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--storage", default=None, help="ledger storage URL (default: $ABLATE_STORAGE or "
+              "sqlite:///ablate-ledger.db)")
+@spec_options
+def cancel(spec, storage, spec_args):
+    """Cancel SPEC's Slurm jobs (scancel); unfinished cells resume from their checkpoints at the next launch."""
+    from ablate.launch.cancel import cancel as cancel_spec
+    result = cancel_spec(spec, storage, spec_args=spec_args)
+    if not result.launches:
+        click.echo(f"{spec}: no Slurm job of this spec is queued or running")
+        return
+    jobs = ", ".join(f"{r.job} ({r.tasks} task(s))" for r in result.launches)
+    click.echo(f"cancelled Slurm job(s) {jobs}")
+    if result.still_ending:
+        click.echo(f"still ending: {', '.join(result.still_ending)} (Slurm has not stopped them yet)")
+    if result.released:
+        click.echo(f"{len(result.released)} running cell(s) queued again, to resume from their checkpoints")
+    click.echo(f"the next launch finishes the rest: ablate {'search' if result.launches[-1].kind == 'search' else 'run'} "
+               f"{spec} --launcher slurm")
+
 
 # ---- run / search ----------------------------------------------------------------------------
 
@@ -101,8 +204,17 @@ def _with_worker_options(f):
 @click.argument("spec", type=click.Path(dir_okay=False))
 @_with_worker_options
 @spec_options
-def run(spec, workers, storage, device, devices, checkpoints, spec_args):
-    """Train every cell of SPEC's grid once; re-running resumes and skips finished cells."""
+@_with_launcher_options
+def run(spec, workers, storage, device, devices, checkpoints, spec_args, launcher, slurm, slurm_profile, follow):
+    """Train every cell of SPEC's grid once; re-running resumes and skips finished cells.
+
+    With --launcher slurm the workers are the tasks of one Slurm job array (--workers N tasks)
+    and the command returns once it is submitted (or, with --follow, once every cell is done).
+    """
+    if _launcher(launcher, slurm, slurm_profile, follow, devices):
+        _launch_slurm(spec, "grid", workers=workers, storage=storage, device=device, checkpoints=checkpoints,
+                      slurm=slurm, slurm_profile=slurm_profile, follow=follow, spec_args=spec_args)
+        return
     from ablate.runner import print_summary, run_grid
     summary = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
                        checkpoints=checkpoints, spec_args=spec_args)
@@ -115,8 +227,14 @@ def run(spec, workers, storage, device, devices, checkpoints, spec_args):
 @click.option("--trials", default=None, type=int, help="total trials the study should hold (default: the spec's)")
 @_with_worker_options
 @spec_options
-def search(spec, trials, workers, storage, device, devices, checkpoints, spec_args):
+@_with_launcher_options
+def search(spec, trials, workers, storage, device, devices, checkpoints, spec_args, launcher, slurm, slurm_profile,
+           follow):
     """Run SPEC's Optuna search up to its number of trials; re-running continues the same study."""
+    if _launcher(launcher, slurm, slurm_profile, follow, devices):
+        _launch_slurm(spec, "search", workers=workers, storage=storage, device=device, checkpoints=checkpoints,
+                      slurm=slurm, slurm_profile=slurm_profile, follow=follow, trials=trials, spec_args=spec_args)
+        return
     from ablate.runner import run_search
     counts = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
                         devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args)

@@ -46,7 +46,8 @@ from optuna.trial import TrialState
 
 from ablate import names
 from ablate.errors import AblateError
-from ablate.locks import is_transient, pid_alive, retry_busy as _retry, store_lock
+from ablate.launch.jobs import slurm_task
+from ablate.locks import is_transient, pid_alive, retry_busy as _retry, sqlite_path, store_lock
 from ablate.urls import display_url, mask_text
 
 DEFAULT_STORAGE = "sqlite:///ablate-ledger.db"
@@ -83,6 +84,25 @@ def open_storage(url: str) -> RDBStorage:
         raise AblateError(f"ledger storage {display_url(url)}: cannot open ({mask_text(first, url)})") from None
 
 
+class NoLedger(AblateError):
+    """The ledger store, or the spec's study in it, does not exist (nothing was launched there yet)."""
+
+
+def open_existing_storage(url: str) -> RDBStorage:
+    """The ledger store at ``url`` if it exists, for readers: creates no file, no table and no lock file."""
+    path = sqlite_path(url)
+    if path is not None and not os.path.exists(path):
+        raise NoLedger(f"no ledger at {display_url(url)}")
+    interval, grace = heartbeat_settings()
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True, heartbeat_interval=interval,
+                          grace_period=grace, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    except Exception as e:  # bad URL, server down, missing driver, not a ledger
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise AblateError(f"ledger storage {display_url(url)}: cannot open ({mask_text(first, url)})") from None
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -111,28 +131,40 @@ class Ledger:
 
     def __init__(self, url: str, study_name: str, directions: Iterable[str] = ("maximize",),
                  sampler: Optional[optuna.samplers.BaseSampler] = None,
-                 pruner: Optional[optuna.pruners.BasePruner] = None, kind: Optional[str] = None):
-        self.url, self.storage = url, open_storage(url)
+                 pruner: Optional[optuna.pruners.BasePruner] = None, kind: Optional[str] = None, *,
+                 create: bool = True):
+        """``create=False`` opens only an existing store and study (raising :class:`NoLedger`) and writes nothing."""
+        self.url, self.storage = url, open_storage(url) if create else open_existing_storage(url)
         directions = list(directions)
         try:
-            self.study = _retry(optuna.create_study, storage=self.storage, study_name=study_name,
-                                directions=directions, sampler=sampler, pruner=pruner, load_if_exists=True)
+            if not create:
+                self.study = _retry(optuna.load_study, study_name=study_name, storage=self.storage, sampler=sampler,
+                                    pruner=pruner)
+            else:
+                self.study = _retry(optuna.create_study, storage=self.storage, study_name=study_name,
+                                    directions=directions, sampler=sampler, pruner=pruner, load_if_exists=True)
         except optuna.exceptions.DuplicatedStudyError:  # created by a racing worker just now
             self.study = optuna.load_study(study_name=study_name, storage=self.storage, sampler=sampler, pruner=pruner)
+        except KeyError:  # load_study: no such study
+            raise NoLedger(f"no study {study_name!r} in the ledger at {display_url(url)}") from None
         got = [d.name.lower() for d in self.study.directions]
         if got != directions:
             raise AblateError(f"ledger {display_url(url)}: study {study_name!r} exists with objectives {got}, "
                               f"the spec asks for {directions} (allowed: rename the spec or use another --storage)")
         if kind is not None:
-            self._check_kind(kind)
+            self._check_kind(kind, record=create)
 
-    def _check_kind(self, kind: str) -> None:
+    def _check_kind(self, kind: str, record: bool = True) -> None:
         """A grid's study holds cells, a search's trials: a search worker would take a grid's
-        waiting cell for a retry of its own, so one name cannot serve both."""
-        with store_lock(self.url):  # a grid and a search opening a new study at once: one kind wins
+        waiting cell for a retry of its own, so one name cannot serve both. ``record=False``
+        (readers) checks without recording the kind of a study that has none yet."""
+        if not record:
             found = _retry(lambda: self.study.user_attrs).get(names.STUDY_KIND)
-            if found is None:
-                _retry(self.study.set_user_attr, names.STUDY_KIND, kind)
+        else:
+            with store_lock(self.url):  # a grid and a search opening a new study at once: one kind wins
+                found = _retry(lambda: self.study.user_attrs).get(names.STUDY_KIND)
+                if found is None:
+                    _retry(self.study.set_user_attr, names.STUDY_KIND, kind)
         if found not in (None, kind):
             raise AblateError(f"ledger {display_url(self.url)}: study {self.study.study_name!r} is a {found}'s, "
                               f"this spec describes a {kind} (allowed: another spec name, or another --storage)")
@@ -183,6 +215,12 @@ class Ledger:
         for frozen in self.trials(states=(TrialState.WAITING,)):
             if keys is not None and frozen.user_attrs.get(names.CELL_KEY) not in keys:
                 continue
+            # private Optuna: the trial as Study.ask would return it
+            trial = optuna.Trial(self.study, _trial_id(frozen))
+            # marked before it is claimed: a worker killed in between (scancel, preemption, kill -9)
+            # leaves a waiting trial whose stale mark the next claim overwrites, never a running
+            # trial with no worker and no heartbeat, which nothing would ever take back
+            self._mark_mine(trial)
             try:
                 # private Optuna: the conditional update Study.ask pops a waiting trial with; its
                 # public form pops any waiting trial, and we must pick ours
@@ -190,9 +228,6 @@ class Ledger:
                     continue  # another worker took it first
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # ... and has already finished it
-            # private Optuna: the claimed trial as Study.ask would return it
-            trial = optuna.Trial(self.study, _trial_id(frozen))
-            self._mark_mine(trial)
             winner = self._first_claim(frozen)
             if winner is not None:  # two runners enqueued the same cell at once: keep the first
                 _retry(trial.set_user_attr, names.DUPLICATE, winner)
@@ -214,6 +249,8 @@ class Ledger:
         """Record which worker runs the trial and start its heartbeat record."""
         _retry(trial.set_user_attr, names.WORKER, worker_id())
         _retry(trial.set_user_attr, names.WORKER_SPACE, process_space())
+        # always written: a retried trial inherits its dead worker's attributes
+        _retry(trial.set_user_attr, names.SLURM_TASK, slurm_task() or "")
         _retry(self._record_heartbeat, trial)
 
     def _record_heartbeat(self, trial: optuna.Trial) -> None:
@@ -252,6 +289,22 @@ class Ledger:
                 RetryHeartbeatStaleTrialCallback()(self.study, failed)
         after = {t.number for t in self.trials(states=(TrialState.RUNNING,))}
         return sorted(before - after - {t.number for t in self.trials(states=(TrialState.COMPLETE,))})
+
+    def release_gone(self, gone: Callable[[optuna.trial.FrozenTrial], bool]) -> list[int]:
+        """Fail the RUNNING trials whose worker is known to be gone (``gone(trial)``, e.g. its Slurm
+        task was cancelled or requeued) and enqueue them again, to resume from their checkpoints
+        without waiting for their heartbeats to go stale. Returns the released trial numbers."""
+        released = []
+        for t in self.trials(states=(TrialState.RUNNING,)):
+            if not gone(t):
+                continue
+            try:
+                failed = _retry(self.study.tell, t.number, state=TrialState.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # finished, or failed by another worker's recovery, since we read it
+            RetryHeartbeatStaleTrialCallback()(self.study, failed)
+            released.append(t.number)
+        return released
 
     @contextmanager
     def heartbeat(self, trial: optuna.Trial):

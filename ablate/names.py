@@ -22,6 +22,9 @@ TRIAL_NUMBER = "ablate.trial_number"  # the ledger trial a cell run belongs to
 REUSED_FROM = "ablate.reused_from"    # a search trial that repeated a trained configuration: the run it copies
 OVERRIDES = "ablate.overrides"    # parent and cell runs started with --set: JSON of setting (or seeds) -> value
 SPEC_NAME = "ablate.spec_name"    # parent and cell runs whose experiment is not named as the spec (--set, --name)
+LAUNCHER = "ablate.launcher"      # parent runs: "slurm" when its workers are a Slurm job array (else absent: local)
+SLURM_JOB = "ablate.slurm_job"    # parent runs of a Slurm launch: the Slurm job id of its array
+SLURM_LOGS = "ablate.slurm_logs"  # parent runs of a Slurm launch: the folder of its tasks' logs
 
 # ---- tags of MLflow and attributes of Optuna trials alike -----------------------------------
 CELL_KEY = "ablate.cell_key"      # the cell's stable key (ablate.config.cell_key)
@@ -33,6 +36,8 @@ WORKER_SPACE = "ablate.worker_space"  # boot id and pid namespace of that worker
 VALUES = "ablate.values"          # grid trials: JSON of the cell's varied values
 DUPLICATE = "ablate.duplicate_of" # a second enqueue of the same cell: the number of the trial that runs it
 STUDY_KIND = "ablate.study_kind"  # study user attribute: "grid" or "search", so one name cannot serve both
+SLURM_TASK = "ablate.slurm_task"  # the Slurm job ("JOB" or "ARRAYJOB_TASK") of the worker that claimed the trial
+SLURM_LAUNCHES = "ablate.slurm_launches"  # study user attribute: JSON list of the Slurm launches of this spec
 
 # ---- MLflow's own tag names that ablate sets ------------------------------------------------
 PARENT_ID = "mlflow.parentRunId"

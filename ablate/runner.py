@@ -76,14 +76,15 @@ def check_device(name: str, option: str = "--device") -> None:
         raise AblateError(f"{option}: {name!r} (allowed: {allowed})")
 
 
-def _open_ledger(spec, storage: str):
+def _open_ledger(spec, storage: str, *, create: bool = True):
+    """The spec's ledger; ``create=False`` for readers: only an existing one (else ``NoLedger``), nothing written."""
     from ablate.ledger import Ledger
     from ablate.search import make_pruner, make_sampler
     if spec.search is None:
-        return Ledger(storage, spec.name, kind="grid")
+        return Ledger(storage, spec.name, kind="grid", create=create)
     return Ledger(storage, spec.name, [o.direction for o in spec.search.objectives],
                   sampler=make_sampler(spec.search), pruner=make_pruner(spec.search, spec.base.train.epochs),
-                  kind="search")
+                  kind="search", create=create)
 
 
 def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = False) -> str:

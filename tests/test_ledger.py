@@ -222,3 +222,29 @@ def test_optunas_private_parts_the_ledger_uses_work_in_this_version(workdir):
         rows = db.execute("SELECT trial_id FROM trial_heartbeats").fetchall()
     assert (trial._trial_id,) in rows
     assert trial.user_attrs[WORKER].endswith(f":{os.getpid()}") and trial.user_attrs[WORKER_SPACE] == process_space()
+
+
+def test_a_worker_killed_as_it_claims_leaves_a_cell_that_is_taken_back(tmp_path):
+    """A kill right after the claim's state change (scancel, preemption and kill -9 come at any
+    moment) leaves a running trial that names its dead worker: it is recovered, not stuck."""
+    import subprocess
+    import sys
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = Ledger(url, "killed-claim")
+    ledger.enqueue_cells([type("Cell", (), {"key": "k1", "values": {}})()])
+    code = f"""
+import os
+from ablate.ledger import Ledger
+ledger = Ledger({url!r}, "killed-claim")
+flip = ledger.storage.set_trial_state_values
+def flip_then_die(*args, **kwargs):
+    flip(*args, **kwargs)
+    os._exit(9)  # killed the moment the trial became RUNNING
+ledger.storage.set_trial_state_values = flip_then_die
+ledger.claim()
+"""
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    [orphan] = ledger.trials()
+    assert orphan.state == TrialState.RUNNING and "ablate.worker" in orphan.user_attrs
+    assert ledger.recover_dead() == [orphan.number]
+    assert ledger.claim().user_attrs["ablate.cell_key"] == "k1"

@@ -1,0 +1,115 @@
+"""`ablate status` on real stores, without Slurm: every state a cell can be in, and nothing written."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from click.testing import CliRunner
+from optuna.trial import TrialState
+
+from ablate import tracking
+from ablate.cli import cli
+from ablate.ledger import storage_url
+from ablate.runner import _open_ledger
+from ablate.spec import load_spec
+from ablate.status import collect
+from conftest import ROOT, write_spec
+
+
+def _files(root):
+    """Every file and folder under ``root``, with each file's time and content."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) if p.is_file() else None
+            for p in root.rglob("*")}
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_status_shows_every_state_and_writes_nothing(workdir):
+    spec_path = write_spec(workdir / "g.yaml", name="st-grid", epochs=4,
+                           extra="grid:\n  model.shift: [none, four, eight, up, down]\n")
+    # never launched: said so, and no store is created by asking
+    before = collect(str(spec_path))
+    assert not before.launched and before.counts["new"] == 5 and before.elapsed is None
+    assert "nothing launched yet" in before.to_text()
+    assert sorted(p.name for p in workdir.iterdir()) == ["g.yaml"]
+
+    spec = load_spec(spec_path)
+    cells = {c.values["model.shift"]: c for c in spec.cells()}
+    ledger = _open_ledger(spec, storage_url())
+    ledger.enqueue_cells([cells[s] for s in ("none", "four", "eight", "up", "down")])
+    experiment = tracking.ensure_experiment(spec.name)
+    parent = tracking.start_parent(experiment, "grid", str(spec_path))
+
+    def claim_and_open(shift):
+        trial = ledger.claim()
+        assert trial.user_attrs[tracking.names.CELL_KEY] == cells[shift].key
+        run = tracking.CellRun.open(experiment, parent, cells[shift].config, cells[shift].key, varied=spec.varied,
+                                    spec_file=str(spec_path), device="cpu", trial_number=trial.number)
+        return trial, run
+
+    trial, run = claim_and_open("none")          # finished
+    run.log_metrics({"train_loss": 1.0, "val_top1": 61.5}, step=4)
+    run.close("COMPLETE")
+    ledger.tell(trial, TrialState.COMPLETE, [61.5])
+    trial, run = claim_and_open("four")          # running here, two epochs done
+    run.log_metrics({"train_loss": 2.0}, step=1)
+    run.log_metrics({"train_loss": 1.5}, step=2)
+    trial, run = claim_and_open("eight")         # its worker died after one epoch
+    run.log_metrics({"train_loss": 2.0}, step=1)
+    ledger.storage.set_trial_user_attr(trial._trial_id, tracking.names.WORKER,
+                                       f"{socket.gethostname()}:{_dead_pid()}")
+    trial, run = claim_and_open("up")            # failed
+    run.close("FAIL", "non-finite loss (nan) at epoch 1, step 3")
+    ledger.tell(trial, TrialState.FAIL, reason="non-finite loss (nan) at epoch 1, step 3")
+    # "down" stays waiting
+
+    files = _files(workdir)
+    status = collect(str(spec_path))
+    assert _files(workdir) == files  # nothing written, no lock file left
+    rows = {r.values["model.shift"]: r for r in status.rows}
+    assert {s: r.state for s, r in rows.items()} == {"none": "finished", "four": "running", "eight": "interrupted",
+                                                     "up": "failed", "down": "waiting"}
+    assert rows["none"].top1 == 61.5 and rows["none"].epoch == 4
+    assert rows["four"].epoch == 2 and rows["four"].epochs == 4
+    assert rows["four"].worker == f"{socket.gethostname()}:{os.getpid()}" and rows["four"].host == socket.gethostname()
+    assert rows["eight"].epoch == 1 and "is gone; resumes from its checkpoint" in rows["eight"].reason
+    assert rows["up"].reason == "non-finite loss (nan) at epoch 1, step 3"
+    assert status.counts == {"finished": 1, "running": 1, "interrupted": 1, "waiting": 1, "new": 0, "failed": 1,
+                             "pruned": 0}
+    assert not status.done and status.elapsed >= 0 and status.eta is not None and status.eta > 0
+    text = status.to_text()
+    assert text.startswith("st-grid: grid of 5 cells: 1 finished, 1 running, 1 interrupted, 1 waiting, 1 failed; "
+                           "elapsed ")
+    assert "running      four   2/4" in text and "finished     none   4/4    61.50" in text
+
+    result = CliRunner().invoke(cli, ["status", str(spec_path), "--json"])
+    assert result.exit_code == 0, result.output
+    as_json = json.loads(result.stdout)
+    assert as_json["counts"]["failed"] == 1 and as_json["done"] is False and as_json["launches"] == []
+    assert _files(workdir) == files
+
+
+def test_status_imports_neither_torch_nor_timm(workdir):
+    """`ablate status` runs on login nodes and laptops: its own imports stay light. (The package's
+    __init__ registers the timm models; it is kept out here so that only status's imports count.)"""
+    spec = write_spec(workdir / "s.yaml", name="st-light")
+    code = f"""
+import sys, types
+models = types.ModuleType("ablate.models")  # the package, without its __init__ (the timm registry)
+models.__path__ = [{str(ROOT / "ablate" / "models")!r}]
+sys.modules["ablate.models"] = models
+from ablate.status import collect
+from ablate.launch import cancel, jobs, placement, settings
+print(collect({str(spec)!r}).summary())
+print(sorted({{n.split(".")[0] for n in sys.modules}} & {{"torch", "timm", "torchvision", "submitit"}}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["st-light: grid of 1 cells: 0 finished, 0 running, 1 new; ETA unknown", "[]"]
