@@ -16,6 +16,7 @@ GIT_COMMIT = "ablate.git_commit"  # the commit of the code that ran
 HOST = "ablate.host"              # the machine that ran it
 DEVICE = "ablate.device"          # cpu, cuda:0, ...
 DATA_LOADER = "ablate.data_loader"  # which data path trained the cell: cache, folder, memory
+PRECISION = "ablate.precision"    # what training computed in: bf16, fp16 (CUDA autocast) or fp32
 N_TRAIN = "ablate.n_train"        # training images the loader found
 N_VAL = "ablate.n_val"            # validation images the loader found
 TRIAL_NUMBER = "ablate.trial_number"  # the ledger trial a cell run belongs to

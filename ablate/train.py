@@ -2,7 +2,8 @@
 
 The recipe is DeiT's as the S²-MLP paper uses it (PAPER.md, "Training recipe"): AdamW,
 linear warm-up then cosine decay per step, label smoothing, DropPath, Mixup/CutMix when set.
-bf16 autocast (and optionally torch.compile) on CUDA, fp32 on CPU.
+bf16 autocast on CUDA, fp32 on CPU (recorded as ``ablate.precision``); optionally torch.compile
+(inductor), on CUDA or CPU.
 
 A checkpoint is written after every epoch; an interrupted cell resumes from it and, because
 every epoch's randomness is derived from (seed, epoch) alone, ends with the result it would
@@ -59,10 +60,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def precision(device: torch.device, amp: str) -> str:
+    """What a training step computes in: ``train.amp`` on CUDA, fp32 on a CPU.
+
+    CPU autocast exists, but on a CPU it would change the numbers of every existing CPU run
+    and is slower than fp32 wherever the CPU lacks bf16 units; the bf16 path itself is
+    exercised on CPU by the tests. The run records what it used (``ablate.precision``).
+    """
+    return amp if device.type == "cuda" and amp != "off" else "fp32"
+
+
 def _autocast(device: torch.device, amp: str):
-    if device.type != "cuda" or amp == "off":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(device, amp))
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -132,9 +142,12 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
     forward = torch.compile(model) if t.compile else model
     log(f"data: {cfg.data.name} via the {loaders.kind} loader ({loaders.n_train} train / {loaders.n_val} val "
         f"images); model: {cost.params / 1e6:.3g}M params, {cost.macs / 1e9:.3g} GMACs per image")
+    used = precision(device, t.amp)
+    if used != t.amp and t.amp != "off":
+        log(f"precision: {used} (train.amp {t.amp} applies on CUDA only)")
     if on_start is not None:
         on_start({names.DATA_LOADER: loaders.kind, names.N_TRAIN: loaders.n_train,
-                  names.N_VAL: loaders.n_val, names.DEVICE: str(device)})
+                  names.N_VAL: loaders.n_val, names.DEVICE: str(device), names.PRECISION: used})
 
     # resume
     checkpoint_dir.mkdir(parents=True, exist_ok=True)

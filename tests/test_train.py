@@ -61,3 +61,42 @@ def test_final_metrics_carry_cost(tmp_path):
     cost = model_cost(_cfg().model, 10)
     assert (m["macs"], m["flops"], m["params"]) == (cost.macs, 2 * cost.macs, cost.params)
     assert m["images_per_second"] > 0 and m["train_seconds"] > 0 and m["skipped_images"] == 0
+
+
+def test_cpu_trains_in_fp32_and_says_so(tmp_path):
+    tags, lines = {}, []
+    train_cell(_cfg(epochs=1, amp="bf16"), device=CPU, checkpoint_dir=tmp_path, on_start=tags.update,
+               log=lines.append)
+    assert tags["ablate.precision"] == "fp32"
+    assert any("precision: fp32 (train.amp bf16 applies on CUDA only)" in line for line in lines)
+
+
+def test_bf16_autocast_path_runs_on_cpu():
+    """The step CUDA runs under bf16 autocast (shift's custom backward included), run on a CPU."""
+    from ablate.models import build_model
+    cfg = _cfg().model.model_copy(update={"width": 32, "depth": 2, "shift": "eight"})
+    torch.manual_seed(0)
+    model = build_model(cfg, 10)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    grads = {}
+    for dtype in (None, torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        assert logits.dtype == (dtype or torch.float32)
+        loss.backward()
+        grads[dtype] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.isfinite(grads[torch.bfloat16]).all()
+    cos = torch.nn.functional.cosine_similarity(grads[None], grads[torch.bfloat16], dim=0)
+    assert cos > 0.99, cos  # bf16 keeps 8 bits of mantissa: same direction, not the same digits
+
+
+@pytest.mark.slow  # inductor compiles the model on a CPU: tens of seconds
+def test_compiled_cell_matches_eager(tmp_path):
+    eager = train_cell(_cfg(epochs=2, mixup=0.0), device=CPU, checkpoint_dir=tmp_path / "eager", log=lambda m: None)
+    compiled = train_cell(_cfg(epochs=2, mixup=0.0, compile=True), device=CPU, checkpoint_dir=tmp_path / "compiled",
+                          log=lambda m: None)
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=2e-3)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=2e-3)
+    assert abs(compiled["val_top1"] - eager["val_top1"]) <= 1.0  # a few of 360 images may flip
