@@ -268,6 +268,9 @@ def _search_rows(spec, trials, runs: dict[str, list], gone) -> list[Row]:
 
 def _finished(row: Row, trial, runs: list) -> None:
     row.state, row.trial, row.epoch = "finished", trial.number, row.epochs
+    row.worker = str(trial.user_attrs.get(names.WORKER, ""))  # who finished it
+    row.host = row.worker.rpartition(":")[0]
+    row.slurm_task = str(trial.user_attrs.get(names.SLURM_TASK) or "")
     done = [r for r in runs if r.status == "FINISHED" and r.top1 is not None]
     if done:
         row.top1 = done[-1].top1
