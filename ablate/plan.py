@@ -21,7 +21,7 @@ from typing import Any, Optional
 from ablate.config import CellConfig, DataConfig, flat_params
 from ablate.errors import AblateError
 from ablate.spec.reference import matching_row
-from ablate.units import macs_in, paper_number, params_in
+from ablate.units import PaperUnits, macs_in, paper_number, params_in
 
 REFERENCE_GPU = "NVIDIA H100 SXM"
 PEAK_BF16_FLOPS = 989e12        # dense bf16 tensor-core peak of an H100 SXM (no sparsity)
@@ -72,7 +72,7 @@ def assumptions() -> dict[str, Any]:
 
 
 @dataclass
-class PlanRow:
+class PlanRow(PaperUnits):
     """One cell: what varies, its analytic cost and the estimated compute."""
     key: str
     seed: int
@@ -86,18 +86,6 @@ class PlanRow:
     val_images: Optional[int]
     gpu_hours: Optional[float]
     reference: Optional[dict] = None   # the spec's matching reference row (the paper's numbers)
-
-    @property
-    def params_m(self) -> float:
-        return params_in(self.params_paper, "M")
-
-    @property
-    def params_mi(self) -> float:
-        return params_in(self.params_paper, "Mi")
-
-    @property
-    def gmacs(self) -> float:
-        return macs_in(self.macs, "G")
 
     def params_in_paper_units(self) -> float:
         """Paper-convention parameters in the unit the reference row uses (M = 10^6, Mi = 2^20)."""

@@ -28,6 +28,28 @@ def macs_in(count: float, unit: str = "G") -> float:
     return count / MACS_UNITS[unit]
 
 
+class PaperUnits:
+    """``params_m``, ``params_mi`` and ``gmacs`` of anything with ``params_paper`` and ``macs`` counts
+    (a model's cost, a plan's row): the paper's columns in the paper's units."""
+    params_paper: int
+    macs: int
+
+    @property
+    def params_m(self) -> float:
+        """Paper-convention parameters in millions (10^6): the unit of the paper's c = 768 rows."""
+        return params_in(self.params_paper, "M")
+
+    @property
+    def params_mi(self) -> float:
+        """Paper-convention parameters in 2^20 units: the unit of the paper's deep and other-width rows."""
+        return params_in(self.params_paper, "Mi")
+
+    @property
+    def gmacs(self) -> float:
+        """Multiply-adds per image in billions (10^9): the paper's "FLOPs" column."""
+        return macs_in(self.macs, "G")
+
+
 def count_unit(values: Sequence[Optional[float]]) -> tuple[str, float]:
     """(prefix, divisor) for counts such as MACs or parameters: the largest of G, M, k in
     which the largest value reads at least 0.1. ImageNet models read in G like the paper

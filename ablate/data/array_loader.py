@@ -15,21 +15,13 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-from ablate.data.batch_transforms import PackedBatch
+from ablate.data.batch_transforms import PackedBatch, PackedRows
 from ablate.data.folder import usable_cpus
 from ablate.data.seeding import derive_seed, epoch_permutation
 
 
-class PackedImages:
-    """Uint8 images of any sizes, stored as :class:`PackedBatch` stores a batch.
-
-    ``pixels`` ``(T, W, C)`` (in memory or memory-mapped), image ``i`` at rows
-    ``start[i]:start[i] + length[i]``, transposed when ``transposed[i]`` (see
-    :class:`~ablate.data.batch_transforms.PackedBatch`).
-    """
-
-    def __init__(self, pixels: torch.Tensor, start: torch.Tensor, length: torch.Tensor, transposed: torch.Tensor):
-        self.pixels, self.start, self.length, self.transposed = pixels, start, length, transposed
+class PackedImages(PackedRows):
+    """A whole split's images (in memory or memory-mapped), laid out as :class:`PackedRows`."""
 
     @classmethod
     def from_fixed(cls, images: torch.Tensor) -> "PackedImages":
@@ -37,18 +29,6 @@ class PackedImages:
         n, h, w, c = images.shape
         return cls(images.reshape(n * h, w, c), torch.arange(n) * h, torch.full((n,), h),
                    torch.zeros(n, dtype=torch.bool))
-
-    def __len__(self) -> int:
-        return len(self.start)
-
-    @property
-    def heights(self) -> torch.Tensor:
-        """Each image's height in its own orientation."""
-        return torch.where(self.transposed, self.pixels.shape[1], self.length)
-
-    @property
-    def widths(self) -> torch.Tensor:
-        return torch.where(self.transposed, self.length, self.pixels.shape[1])
 
     def gather(self, rows: torch.Tensor, *, pin: bool = False, threads: int = 1) -> PackedBatch:
         """The images ``rows`` as one packed batch (``pin``: in pinned memory, for CUDA).

@@ -52,8 +52,8 @@ _ATTEMPTS = 10
 # ---- packed batches ---------------------------------------------------------------------
 
 @dataclass
-class PackedBatch:
-    """``B`` images of different sizes in one uint8 tensor.
+class PackedRows:
+    """Uint8 images of different sizes in one tensor.
 
     ``pixels`` is ``(T, W, C)``: rows of a common width ``W``, image ``i`` being rows
     ``start[i]:start[i] + length[i]``. An image whose ``transposed[i]`` is set is stored
@@ -77,6 +77,11 @@ class PackedBatch:
     @property
     def widths(self) -> torch.Tensor:
         return torch.where(self.transposed, self.length, self.pixels.shape[1])
+
+
+@dataclass
+class PackedBatch(PackedRows):
+    """``B`` images of different sizes, as :class:`PackedRows` lays them out: one batch."""
 
     @property
     def canvas(self) -> torch.Tensor:

@@ -36,14 +36,14 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from ablate.errors import AblateError
-from ablate.units import macs_in, paper_number, params_in
+from ablate.units import PaperUnits, macs_in, paper_number, params_in
 
 if TYPE_CHECKING:
     from ablate.config import ModelConfig
 
 
 @dataclass(frozen=True)
-class Cost:
+class Cost(PaperUnits):
     """Parameter and multiply-add counts of one S²-MLP configuration (all plain ints)."""
 
     params_patch: int   # patch FC (conv) weight and bias
@@ -54,21 +54,6 @@ class Cost:
     params_paper: int   # paper convention: patch FC + blocks (classifier and norms excluded)
     macs: int           # multiply-adds per image: patch FC + blocks + head
     flops: int          # 2 * macs (what torch.utils.flop_counter counts)
-
-    @property
-    def params_m(self) -> float:
-        """Paper-convention parameters in millions (10^6): the unit of the paper's c = 768 rows."""
-        return params_in(self.params_paper, "M")
-
-    @property
-    def params_mi(self) -> float:
-        """Paper-convention parameters in 2^20 units: the unit of the paper's deep and other-width rows."""
-        return params_in(self.params_paper, "Mi")
-
-    @property
-    def gmacs(self) -> float:
-        """Multiply-adds per image in billions (10^9): the paper's "FLOPs" column."""
-        return macs_in(self.macs, "G")
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
