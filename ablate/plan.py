@@ -29,7 +29,7 @@ ASSUMED_MFU = 0.40              # achieved / peak: typical of large-matmul train
 ACHIEVED_FLOPS = PEAK_BF16_FLOPS * ASSUMED_MFU
 TRAIN_PASS_FACTOR = 3           # forward + backward (about twice the forward) per training image
 
-#: (train, val) images. imagenet100: the CMC class list (PAPER.md); digits: a fixed stratified
+#: (train, val) images. imagenet100: the CMC class list (docs/paper.md); digits: a fixed stratified
 #: 80/20 split of scikit-learn's 1,797 digits.
 DATASET_SIZES = {"imagenet100": (126_689, 5_000), "digits": (1_437, 360)}
 #: at most this many corner combinations of a search space are costed

@@ -1,6 +1,6 @@
 """Train and evaluate one cell, top to bottom.
 
-The recipe is DeiT's as the S²-MLP paper uses it (PAPER.md, "Training recipe"): AdamW,
+The recipe is DeiT's as the S²-MLP paper uses it (docs/paper.md, "Training recipe"): AdamW,
 linear warm-up then cosine decay per step, label smoothing, DropPath, Mixup/CutMix when set.
 bf16 autocast on CUDA, fp32 on CPU (recorded as ``ablate.precision``); optionally torch.compile
 (inductor), on CUDA or CPU.

@@ -40,7 +40,7 @@ def test_counts_match_the_module(overrides, num_classes):
     assert counter.get_total_flops() == batch * cost.flops
 
 
-# The paper's rows (PAPER.md). Values are written as printed, so the tolerance can allow for the
+# The paper's rows (docs/paper.md). Values are written as printed, so the tolerance can allow for the
 # paper's rounding: |ours - paper| <= max(2% of paper, half a unit of the last printed digit).
 # Parameter unit: "M" = 10^6 for every width-768 row, 2^20 for the deep model and the other widths
 # (see ablate/models/cost.py: no single unit fits all rows).

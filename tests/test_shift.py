@@ -95,7 +95,7 @@ def test_paper_pseudocode_on_a_w_h_c_tensor():
 
 
 def test_in_place_pseudocode_would_smear():
-    # Why the shift is out of place (PAPER.md pitfall 1): the naive in-place copy smears row 0.
+    # Why the shift is out of place (docs/paper.md, "Pitfall 1"): the naive in-place copy smears row 0.
     x = torch.arange(6.0)
     smeared = x.clone()
     for i in range(1, 6):  # what an overlapping forward copy does element by element
@@ -126,7 +126,7 @@ def test_no_offsets_is_identity_and_bad_width_is_an_error():
 
 @pytest.mark.slow  # inductor's first compile on a CPU takes tens of seconds
 def test_compiled_equals_eager():
-    # PAPER.md pitfall 2: torch.compile has dropped clones in shift code; compare values and gradients.
+    # docs/paper.md, "Pitfall 2": torch.compile has dropped clones in shift code; compare values and gradients.
     torch.manual_seed(0)
     shift = SpatialShift([[0, 1], [-1, 0], [1, -1], [2, 0]], "keep")
     x = torch.randn(2, 4, 4, 8, requires_grad=True)

@@ -15,7 +15,7 @@ from the shifted input; the rest is
 * ``zero``: zero, as a fixed depthwise convolution with one-hot kernels would give.
 
 Out of place, always. Running the paper's pseudo-code in place on a PyTorch tensor copies
-over overlapping memory and smears the first row across the whole axis (PAPER.md pitfall 1),
+over overlapping memory and smears the first row across the whole axis (docs/paper.md, "Pitfall 1"),
 and torch.compile may drop the defensive ``clone()`` of in-place versions (pitfall 2). Here
 the input is only read and one freshly allocated output is written, once per element: a
 single read and a single write of the activation, no roll and no concatenation. The backward
