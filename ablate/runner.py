@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ablate import names
+from ablate.checkpoint import DEFAULT_ROOT
 from ablate.errors import AblateError
 from ablate.spec.builder import SpecArgs
 from ablate.tracking import spec_tags
@@ -48,7 +48,7 @@ class Context:
 
 
 def checkpoint_root(option: Optional[str] = None) -> str:
-    return option or os.environ.get("ABLATE_CHECKPOINTS") or "checkpoints"
+    return option or os.environ.get("ABLATE_CHECKPOINTS") or DEFAULT_ROOT
 
 
 def _objective_values(spec, metrics: dict) -> list[float]:
@@ -92,9 +92,10 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
     import optuna
     from optuna.trial import TrialState
 
-    from ablate import tracking
+    from ablate import checkpoint, tracking
     from ablate.train import CellFailed, describe_failure, is_out_of_memory, resolve_device, train_cell
 
+    ckpt_dir = Path(ctx.checkpoints) / spec.slug / key
     done = tracking.finished_run(ctx.experiment_id, key)
     if done is not None:
         # A grid: the worker that trained it died before telling the ledger. A search: the sampler
@@ -104,6 +105,7 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
             tracking.CellRun.copy_of(done, ctx.parent_run_id, trial.number)
         metrics = done.data.metrics
         ledger.tell(trial, TrialState.COMPLETE, _objective_values(spec, metrics))
+        _remove_checkpoints(ckpt_dir, ctx)
         ctx.log(f"cell {key}: already finished in MLflow (top-1 {metrics.get('val_top1', float('nan')):.2f})")
         return "COMPLETE"
 
@@ -124,7 +126,6 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {step} (top-1 {stats.val_top1:.2f})")
 
-    ckpt_dir = Path(ctx.checkpoints) / spec.slug / key
     try:
         with ledger.heartbeat(trial):
             metrics = train_cell(cfg, device=device, checkpoint_dir=ckpt_dir, on_epoch=on_epoch,
@@ -136,6 +137,14 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
         return "PRUNED"
     except (KeyboardInterrupt, SystemExit):
         raise  # leave the cell RUNNING: the next run notices the dead worker and resumes it
+    except checkpoint.CheckpointWriteFailed as e:
+        # not this cell's fault and every next cell would meet it too: stop, and hand the cell
+        # back to the queue (its MLflow run stays RUNNING) to resume once the disk has room
+        ledger.release_gone(lambda t: t.number == trial.number)
+        ctx.log(f"cell {key}: stopped: {e}")
+        if mp.parent_process() is not None:
+            raise SystemExit(f"error: {e}") from None  # a spawned worker: one line, no traceback
+        raise
     except Exception as e:
         reason = describe_failure(e)
         if is_out_of_memory(e) and device.type == "cuda":
@@ -153,10 +162,17 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
     run.log_metrics({k: v for k, v in metrics.items() if k not in per_epoch}, step=metrics["epochs"])
     run.close("COMPLETE")
     ledger.tell(trial, TrialState.COMPLETE, _objective_values(spec, metrics))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the MLflow run is the record now
+    _remove_checkpoints(ckpt_dir, ctx)  # finished: the MLflow run is the record now
     ctx.log(f"cell {key}: done, top-1 {metrics['val_top1']:.2f}  top-5 {metrics['val_top5']:.2f}  "
             f"{metrics['train_seconds']:.0f}s")
     return "COMPLETE"
+
+
+def _remove_checkpoints(ckpt_dir: Path, ctx: Context) -> None:
+    """A finished cell's checkpoint folder, and the folders above it once empty (the root only
+    where it is the default one in the working directory, which a run creates)."""
+    from ablate.checkpoint import remove
+    remove(ckpt_dir, Path(ctx.checkpoints), remove_root=ctx.checkpoints == DEFAULT_ROOT)
 
 
 def _overrides_note(spec) -> str:

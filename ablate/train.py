@@ -5,14 +5,14 @@ linear warm-up then cosine decay per step, label smoothing, DropPath, Mixup/CutM
 bf16 autocast on CUDA, fp32 on CPU (recorded as ``ablate.precision``); optionally torch.compile
 (inductor), on CUDA or CPU.
 
-A checkpoint is written after every epoch; an interrupted cell resumes from it and, because
-every epoch's randomness is derived from (seed, epoch) alone, ends with the result it would
-have had uninterrupted. Failures (non-finite loss, out of memory, anything else) raise
+A checkpoint is written after every epoch (:mod:`ablate.checkpoint`: verified, tensors and plain
+data only); an interrupted cell resumes from it and, because every epoch's randomness is derived
+from (seed, epoch) alone, ends with the result it would have had uninterrupted: no random
+generator state needs saving. Failures (non-finite loss, out of memory, anything else) raise
 :class:`CellFailed` with a reason for the runner to record.
 """
 from __future__ import annotations
 
-import os
 import random
 import sys
 import time
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ablate import names
+from ablate import checkpoint, names
 from ablate.config import CellConfig
 
 
@@ -75,10 +75,14 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill during the save leaves the previous checkpoint intact
+def determinism_settings() -> dict[str, object]:
+    """What a run's numbers depend on besides its key and device: the same cell on the same
+    device gives identical results only with the same CPU thread count (reductions split by
+    thread) and the same deterministic-algorithm settings."""
+    return {names.THREADS: torch.get_num_threads(),
+            names.DETERMINISTIC: torch.are_deterministic_algorithms_enabled(),
+            names.CUDNN_DETERMINISTIC: torch.backends.cudnn.deterministic,
+            names.CUDNN_BENCHMARK: torch.backends.cudnn.benchmark}
 
 
 @torch.no_grad()
@@ -147,20 +151,27 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
         log(f"precision: {used} (train.amp {t.amp} applies on CUDA only)")
     if on_start is not None:
         on_start({names.DATA_LOADER: loaders.kind, names.N_TRAIN: loaders.n_train,
-                  names.N_VAL: loaders.n_val, names.DEVICE: str(device), names.PRECISION: used})
+                  names.N_VAL: loaders.n_val, names.DEVICE: str(device), names.PRECISION: used,
+                  **determinism_settings()})
 
     # resume
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = checkpoint_dir / "last.pt"
     start_epoch, history, elapsed, train_images, train_time = 0, [], 0.0, 0, 0.0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"], state["history"]
-        elapsed, train_images, train_time = state["elapsed"], state["train_images"], state["train_time"]
+    state = checkpoint.load(ckpt_path, map_location=device, log=log)
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch, history = state["epoch"], state["history"]
+            elapsed, train_images, train_time = state["elapsed"], state["train_images"], state["train_time"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            # intact and inert, yet not this cell's: the model may now hold part of it, so start over
+            checkpoint.set_aside(ckpt_path, f"does not fit this cell ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})", log)
+            return train_cell(cfg, device=device, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch,
+                              on_start=on_start, log=log, progress=progress)
         log(f"resuming from {ckpt_path} after epoch {start_epoch}/{t.epochs}")
 
     show_bar = sys.stderr.isatty() if progress is None else progress
@@ -210,12 +221,10 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
         # the same values) rather than leaving it unreported
         if on_epoch is not None:
             on_epoch(stats)
-        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                      "epoch": epoch + 1, "history": history, "elapsed": elapsed,
-                      "train_images": train_images, "train_time": train_time,
-                      "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                              "python": random.getstate()}}, ckpt_path)
+        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "epoch": epoch + 1, "history": history, "elapsed": elapsed,
+                         "train_images": train_images, "train_time": train_time}, ckpt_path)
 
     last = history[-1]
     return {"val_top1": last["val_top1"], "val_top5": last["val_top5"], "val_loss": last["val_loss"],
