@@ -120,7 +120,10 @@ def _write_temp(path: Path, write: Callable) -> tuple[Path, str]:
 def save(state: dict, path: Path) -> None:
     """Write ``state`` (tensors and plain data only) to ``path``, then list it in its integrity record."""
     import torch
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_failed(path, e) from e
     tmp, digest = _write_temp(path, lambda w: torch.save(state, w))
     try:
         # the newest first; the earlier ones stay listed because one of them may still be in place

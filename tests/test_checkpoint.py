@@ -184,7 +184,8 @@ class _FullDisk:
 
     def write(self, data):
         if len(data) > self.disk["room"]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            code = self.disk.get("errno", errno.ENOSPC)
+            raise OSError(code, os.strerror(code))
         self.disk["room"] -= len(data)
         return self.file.write(data)
 
@@ -198,8 +199,8 @@ class _FullDisk:
         self.file.close()
 
 
-def _fill_disk(monkeypatch, room=1000):
-    disk = {"room": room}
+def _fill_disk(monkeypatch, room=1000, code=errno.ENOSPC):
+    disk = {"room": room, "errno": code}
     monkeypatch.setattr(checkpoint, "open", lambda path, mode="r": _FullDisk(path, disk) if "w" in mode
                         else open(path, mode), raising=False)
 
@@ -221,6 +222,21 @@ def test_full_disk_says_so_and_leaves_the_previous_checkpoint(tmp_path, monkeypa
     with pytest.raises(checkpoint.CheckpointWriteFailed, match="no space left on device writing .*last.pt.sha256"):
         checkpoint.save(state, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
+    # another write failure says what it was
+    _fill_disk(monkeypatch, room=0, code=errno.EROFS)
+    with pytest.raises(checkpoint.CheckpointWriteFailed, match=f"^cannot write {path}: Read-only file system "):
+        checkpoint.save(state, path)
+
+
+def test_full_disk_in_a_spawned_worker_ends_it_in_one_line(workdir, monkeypatch):
+    import multiprocessing
+    spec_path = write_spec(workdir / "w.yaml", name="full-disk-worker", epochs=1)
+    _fill_disk(monkeypatch, room=100)
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())  # as in a spawned worker
+    with pytest.raises(SystemExit) as stop:  # the process ends with this line and no traceback
+        run_grid(str(spec_path), progress=False)
+    assert re.match(r"error: no space left on device writing \S+/last\.pt \(", str(stop.value.code))
+    assert Ledger(storage_url(), "full-disk-worker").counts()["WAITING"] == 1
 
 
 def test_full_disk_stops_the_grid_in_one_line_and_the_cells_resume(workdir, monkeypatch):
