@@ -246,10 +246,10 @@ def search(spec, trials, workers, storage, device, devices, checkpoints, spec_ar
 @cli.command()
 @click.argument("target", metavar="SPEC_OR_EXPERIMENT")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="output folder (default: results/<name>)")
+              help="output folder (default: reports/<name> under the working directory)")
 @spec_options
 def report(target, out, spec_args):
-    """Tables and plots of an experiment's finished runs, read from MLflow, into results/<name>/.
+    """Tables and plots of an experiment's finished runs, read from MLflow, into reports/<name>/.
 
     With --set (or --name), the report of the runs made with those same options."""
     from ablate.report import write_report
@@ -260,7 +260,7 @@ def report(target, out, spec_args):
     click.echo(f"{rep.experiment}: {runs} runs in {len(rep.rows)} configurations -> "
                + ", ".join(str(p) for p in rep.files))
     if rep.parent_run_id:
-        click.echo(f"logged under report/ of MLflow run {rep.parent_run_id} ({rep.tracking_uri})")
+        click.echo(f"logged under report/ of MLflow run {rep.parent_run_id} ({rep.store})")
 
 
 # ---- models ----------------------------------------------------------------------------------

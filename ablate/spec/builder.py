@@ -22,6 +22,7 @@ from ablate.spec.overrides import Override, experiment_suffix, parse_overrides
 from ablate.spec.problems import (Problems, Where, did_you_mean, format_value, format_values, location,
                                       option_where, setting_hint, validate_cell)
 from ablate.spec.reference import check_reference, read_reference, rows_for_overrides, same_value
+from ablate.spec.report_options import check_baseline, read_report
 from ablate.spec.space import read_search
 from ablate.spec.types import SETTINGS, Cell, SearchSpec, Spec
 from ablate.spec.yaml_source import expand_env
@@ -155,6 +156,7 @@ class SpecBuilder:
         exclude = self._exclude(raw.get("exclude"), varied)
         reference = read_reference(raw.get("reference"), self)
         reference = rows_for_overrides(reference, {k: o.value for k, o in self.fixed.items()})
+        baseline = self._baseline(raw.get("report"), varied, grid, zips, search)
 
         cells = []
         base_config = self._base_config(base, set(varied) | self.bad_keys)
@@ -164,6 +166,7 @@ class SpecBuilder:
         if not self.problems and search is None:
             self._check_unique(cells)
             check_reference(reference, cells, self)
+            check_baseline(baseline, [c.values for c in cells], self)
         if not self.problems:
             self._check_data(search, cells, base_config)
         self.problems.raise_if_any()
@@ -176,7 +179,7 @@ class SpecBuilder:
         return Spec(name=name, description=description, path=self.path, base=base_config, seeds=seeds,
                     grid=grid, zip=zips, exclude=exclude, search=search, reference=reference,
                     varied=varied, _cells=cells, spec_name=spec_name, overrides=given,
-                    data_problems=self.data_problems)
+                    data_problems=self.data_problems, baseline=baseline)
 
     # -- environment variables and overrides --
 
@@ -376,6 +379,21 @@ class SpecBuilder:
             seen[key] = ".".join(map(str, path))
             varied.append(key)
         return varied
+
+    def _baseline(self, report: Any, varied: list[str], grid: dict, zips: list[dict],
+                  search: Optional[SearchSpec]) -> dict[str, Any]:
+        """``report.baseline``, its values checked against what the grid, zip or search varies."""
+        choices = dict(grid)
+        for group in zips:
+            choices.update(group)
+        ranges = {}
+        for key, param in (search.space if search else {}).items():
+            if param.kind == "choice":
+                choices[key] = param.choices
+            else:
+                ranges[key] = (param.low, param.high)
+        fixed = {k: o.value for k, o in self.fixed.items()}
+        return read_report(report, varied, choices, ranges, fixed, self)
 
     def _exclude(self, rules: Any, varied: list[str]) -> list[dict[str, Any]]:
         """The rules, with the settings --set fixes taken out: a rule that wants the fixed value

@@ -14,10 +14,10 @@ from ablate.spec.problems import Problems, Where, format_value
 from ablate.spec.yaml_source import read_yaml_file
 
 SPEC_KEYS = ("name", "description", "extends", "data", "model", "train", "grid", "zip", "exclude",
-             "search", "seeds", "reference")
+             "search", "seeds", "reference", "report")
 #: keys that describe what a spec varies: a spec that sets one of grid/zip/search replaces all
-#: of these from the spec it extends (an inherited exclude or reference would describe another grid)
-DESIGN_KEYS = ("grid", "zip", "exclude", "search", "reference")
+#: of these from the spec it extends (an inherited exclude, reference or report baseline would describe another grid)
+DESIGN_KEYS = ("grid", "zip", "exclude", "search", "reference", "report")
 #: the longest chain of extends followed
 MAX_EXTENDS = 32
 

@@ -64,6 +64,8 @@ class Spec:
     ``name``, with ``+<hash>`` appended when command-line overrides change it, or what ``--name``
     says. ``overrides`` are those ``--set`` values, dotted setting (or ``seeds``) -> value.
     ``data_problems`` say why the dataset is not ready (loaded with ``check_paths=False``).
+    ``baseline`` is ``report.baseline``: the varied values of the configuration a report compares
+    the others with (``{}``: the first configuration).
     """
     name: str
     description: str
@@ -80,6 +82,7 @@ class Spec:
     spec_name: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
     data_problems: list[str] = field(default_factory=list)
+    baseline: dict[str, Any] = field(default_factory=dict)
 
     @property
     def slug(self) -> str:

@@ -1,0 +1,80 @@
+"""Accuracy against cost: one point per configuration, the paper's rows beside ours."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from matplotlib.lines import Line2D
+
+from ablate.pareto import pareto_front
+from ablate.plots.style import (FRONT_COLOR, Encoding, figure, finite, legend_outside, log_axis_at, macs_label,
+                                save)
+from ablate.units import count_unit
+
+
+@dataclass
+class ConfigPoint:
+    """One configuration: its settings (for colour and marker), MACs per image, top-1 mean and
+    sample std over seeds (NaN with one seed), and the paper's numbers where a reference row has them."""
+    settings: dict[str, str]
+    macs: float
+    top1: float
+    top1_std: float = math.nan
+    paper_macs: Optional[float] = None
+    paper_top1: Optional[float] = None
+
+
+def step_front(ax, xs: Sequence[float], ys: Sequence[float], label: Optional[str] = None) -> None:
+    """Draw a front as a staircase from the cheapest point on: between two front points the
+    best accuracy reachable at a given cost is the cheaper point's."""
+    order = sorted(range(len(xs)), key=lambda i: (xs[i], ys[i]))
+    ax.step([xs[i] for i in order], [ys[i] for i in order], where="post", color=FRONT_COLOR,
+            lw=1.2, ls="--", alpha=0.8, zorder=1, label=label)
+
+
+def plot_top1_vs_macs(points: Sequence[ConfigPoint], encoding: Encoding, folder: Path, stem: str, *,
+                      title: str, subtitle: str) -> list[str]:
+    """Top-1 (%) against MACs per image on a log axis ticked at the data's MACs, colour and
+    marker from ``encoding``, ± std over seeds as error bars, the paper's rows as hollow
+    markers, our Pareto front (max top-1, min MACs) as a dashed staircase; one legend outside
+    the axes, no text on the points. Configurations without both numbers are left out.
+    Writes ``stem.png`` and ``stem.svg``; returns their names."""
+    ours = [p for p in points if finite(p.macs, p.top1) and p.macs > 0]
+    paper = [p for p in points if finite(p.paper_top1) and finite(p.paper_macs or p.macs)
+             and (p.paper_macs or p.macs) > 0]
+    every_macs = [p.macs for p in ours] + [p.paper_macs or p.macs for p in paper]
+    prefix, divisor = count_unit(every_macs)
+    fig = figure()
+    ax = fig.add_subplot()
+    handles = encoding.handles()
+    if not ours:
+        ax.text(0.5, 0.5, "no configuration has both top-1 and MACs", ha="center", va="center",
+                transform=ax.transAxes)
+    for p in ours:
+        colour = encoding.colour(p.settings)
+        ax.errorbar([p.macs / divisor], [p.top1], yerr=[p.top1_std if finite(p.top1_std) else 0.0],
+                    fmt=encoding.marker(p.settings), ms=7, color=colour, ecolor=colour, elinewidth=1.2,
+                    capsize=3, alpha=0.9, zorder=3)
+    for p in paper:
+        ax.plot([(p.paper_macs or p.macs) / divisor], [p.paper_top1], linestyle="none",
+                marker=encoding.marker(p.settings), ms=9, markerfacecolor="none", markeredgewidth=1.5,
+                color=encoding.colour(p.settings), zorder=2)
+    if paper:
+        handles.append(Line2D([], [], linestyle="none", marker="o", ms=7, markerfacecolor="none",
+                              color="0.3", label="paper (hollow)"))
+    if ours:
+        xs, ys = [p.macs / divisor for p in ours], [p.top1 for p in ours]
+        front = pareto_front([(y, x) for x, y in zip(xs, ys)], ["maximize", "minimize"])
+        if len(front) > 1:
+            step_front(ax, [xs[i] for i in front], [ys[i] for i in front])
+            handles.append(Line2D([], [], color=FRONT_COLOR, ls="--", label="Pareto front (ours)"))
+        log_axis_at(ax, [m / divisor for m in every_macs])
+        ax.margins(y=0.12)
+    legend_outside(fig, handles)
+    ax.set_xlabel(macs_label(prefix))
+    ax.set_ylabel("top-1 (%), validation")
+    ax.set_title(f"{title}\n{subtitle}", fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    return save(fig, folder, stem)

@@ -1,0 +1,61 @@
+"""Learning curves: validation top-1 and training loss against epoch, one line per configuration
+(the mean over its seeds) with a band of ± one sample std where there are several seeds."""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ablate.plots.style import Encoding, figure, finite, legend_outside, save
+
+#: the panels, left to right: (metric, axis label)
+PANELS = (("val_top1", "top-1 (%), validation"), ("train_loss", "training loss"))
+
+
+@dataclass
+class Curves:
+    """One configuration's per-epoch metrics: metric -> one {epoch: value} per seed."""
+    settings: dict[str, str]
+    history: Mapping[str, Sequence[Mapping[int, float]]]
+
+
+def mean_band(per_seed: Sequence[Mapping[int, float]]) -> tuple[list[int], list[float], list[float]]:
+    """Epochs every seed reached, the mean and the sample std (0 with one seed) at each."""
+    if not per_seed:
+        return [], [], []
+    epochs = sorted(set.intersection(*(set(h) for h in per_seed)))
+    means, stds = [], []
+    for e in epochs:
+        xs = [h[e] for h in per_seed if finite(h[e])]
+        means.append(statistics.fmean(xs) if xs else float("nan"))
+        stds.append(statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return epochs, means, stds
+
+
+def plot_learning_curves(curves: Sequence[Curves], encoding: Encoding, folder: Path, stem: str, *,
+                         title: str, subtitle: str) -> list[str]:
+    """Two panels (validation top-1, training loss) against epoch; colour, marker and line style
+    from ``encoding``; one legend outside the axes. Writes ``stem.png`` and ``stem.svg``."""
+    fig = figure(10.0, 4.2)
+    axes = fig.subplots(1, len(PANELS), sharex=True)
+    for ax, (metric, label) in zip(axes, PANELS):
+        for c in curves:
+            epochs, mean, std = mean_band(c.history.get(metric, []))
+            if not epochs:
+                continue
+            colour = encoding.colour(c.settings)
+            ax.plot(epochs, mean, color=colour, ls=encoding.linestyle(c.settings), marker=encoding.marker(c.settings),
+                    ms=4, markevery=max(1, len(epochs) // 6), lw=1.4)
+            if any(std):
+                ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=colour, alpha=0.12, lw=0)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    if curves and not any(c.history.get(m) for c in curves for m, _ in PANELS):
+        axes[0].text(0.5, 0.5, "no per-epoch metrics recorded", ha="center", va="center",
+                     transform=axes[0].transAxes)
+    legend_outside(fig, encoding.handles(lines=True))
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=9)
+    return save(fig, folder, stem)

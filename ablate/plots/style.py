@@ -1,0 +1,184 @@
+"""What every figure of a report shares: the canvas, the encoding of settings as colour and
+marker, a log axis ticked at the data's own values, and saving as PNG and SVG.
+
+Figures are drawn on matplotlib's Agg canvas directly (no ``pyplot``), so drawing needs no
+display and leaves no global figure state behind in the calling process.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+from ablate.units import count_unit
+
+FRONT_COLOR = "0.35"
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+           "tab:olive", "tab:cyan", "tab:gray")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", ":", "-.")
+#: the widest gap between two ticks of a log axis, as a share of its width, that keeps their labels apart
+TICK_GAP = 0.09
+
+
+def figure(width: float = 7.5, height: float = 4.6) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def finite(*values: Optional[float]) -> bool:
+    return all(v is not None and math.isfinite(v) for v in values)
+
+
+def short_name(key: str) -> str:
+    """``model.patch_size`` -> ``patch_size``: the section is clear from the context."""
+    return key.rsplit(".", 1)[-1]
+
+
+def _number(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class Encoding:
+    """Which setting each point's colour and marker show, and the value -> colour/marker maps.
+
+    Chosen from the settings that tell configurations apart: categorical settings (a shift
+    pattern) before numbers, fewer values before more; a setting with more values than there
+    are colours (or markers) is not encoded, and is named in ``unencoded``.
+    """
+    colour_key: Optional[str] = None
+    marker_key: Optional[str] = None
+    colours: dict[str, str] = field(default_factory=dict)
+    markers: dict[str, str] = field(default_factory=dict)
+    unencoded: list[str] = field(default_factory=list)
+
+    @classmethod
+    def choose(cls, settings: Sequence[Mapping[str, str]], keys: Sequence[str]) -> "Encoding":
+        distinct = {k: list(dict.fromkeys(s.get(k, "") for s in settings)) for k in keys}
+        candidates = [k for k in keys if len(distinct[k]) > 1]
+
+        def rank(k: str):
+            numeric = all(_number(v) is not None for v in distinct[k])
+            return (numeric, len(distinct[k]), list(keys).index(k))
+
+        enc = cls()
+        for k in sorted(candidates, key=rank):
+            values = distinct[k]
+            if all(_number(v) is not None for v in values):
+                values = sorted(values, key=_number)
+            if enc.colour_key is None and len(values) <= len(COLOURS):
+                enc.colour_key, enc.colours = k, dict(zip(values, COLOURS))
+            elif enc.marker_key is None and len(values) <= len(MARKERS):
+                enc.marker_key, enc.markers = k, dict(zip(values, MARKERS))
+            else:
+                enc.unencoded.append(k)
+        return enc
+
+    def colour(self, values: Mapping[str, str]) -> str:
+        return self.colours.get(values.get(self.colour_key, ""), COLOURS[0]) if self.colour_key else COLOURS[0]
+
+    def marker(self, values: Mapping[str, str]) -> str:
+        return self.markers.get(values.get(self.marker_key, ""), MARKERS[0]) if self.marker_key else MARKERS[0]
+
+    def linestyle(self, values: Mapping[str, str]) -> str:
+        if not self.marker_key:
+            return LINESTYLES[0]
+        index = list(self.markers).index(values.get(self.marker_key, "")) if values.get(
+            self.marker_key, "") in self.markers else 0
+        return LINESTYLES[index % len(LINESTYLES)]
+
+    def handles(self, lines: bool = False) -> list:
+        """Legend entries: a colour swatch per value of the colour setting, a grey marker (and
+        line style, for curves) per value of the marker setting."""
+        out = []
+        if self.colour_key:
+            out += [Patch(facecolor=c, edgecolor=c, label=f"{short_name(self.colour_key)} = {v}")
+                    for v, c in self.colours.items()]
+        if self.marker_key:
+            for i, (v, m) in enumerate(self.markers.items()):
+                out.append(Line2D([], [], color="0.3", marker=m, markersize=6,
+                                  linestyle=LINESTYLES[i % len(LINESTYLES)] if lines else "none",
+                                  label=f"{short_name(self.marker_key)} = {v}"))
+        return out
+
+    def note(self) -> str:
+        """What the legend cannot say: the settings that vary but are not encoded."""
+        if not self.unencoded:
+            return ""
+        return "not encoded: " + ", ".join(short_name(k) for k in self.unencoded)
+
+
+def log_axis_at(ax, values: Sequence[float], axis: str = "x") -> None:
+    """A log axis with ticks at the data's own values (as many as fit without their labels
+    touching), written as plain numbers; no minor ticks."""
+    xs = sorted({v for v in values if finite(v) and v > 0})
+    getattr(ax, f"set_{axis}scale")("log")
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    if not xs:
+        return
+    lo, hi = xs[0], xs[-1]
+    span = math.log10(hi / lo) if hi > lo else 0.0
+    pad = max(span * 0.12, 0.08)  # decades of room either side, for markers and error bars
+    getattr(ax, f"set_{axis}lim")(lo / 10 ** pad, hi * 10 ** pad)
+    width = span + 2 * pad
+    def apart(a: float, b: float) -> bool:
+        return math.log10(b / a) >= TICK_GAP * width
+
+    ticks = [xs[0]]
+    for v in xs[1:]:
+        if apart(ticks[-1], v):
+            ticks.append(v)
+    if ticks[-1] != xs[-1] and len(ticks) > 1 and apart(ticks[-2], xs[-1]):
+        ticks[-1] = xs[-1]  # end on the largest value rather than next to it
+    target.set_major_locator(FixedLocator(ticks))
+    target.set_major_formatter(FuncFormatter(lambda v, _: tick_text(v)))
+    target.set_minor_locator(NullLocator())
+
+
+def tick_text(v: float) -> str:
+    """Three significant digits, without a trailing ``.0``: 6.31, 25.2, 1.5, 140."""
+    text = f"{v:.3g}"
+    return text if "e" not in text else f"{v:,.0f}"
+
+
+def legend_outside(fig, handles: list, title: Optional[str] = None) -> None:
+    """One legend for the figure, to the right of the axes, where it cannot cover a point."""
+    if handles:
+        fig.legend(handles=handles, loc="outside right upper", fontsize=8, title=title,
+                   title_fontsize=8, frameon=False)
+
+
+def save(fig: Figure, folder: Path, stem: str) -> list[str]:
+    """``stem.png`` and ``stem.svg`` in ``folder``; returns their names."""
+    fig.savefig(folder / f"{stem}.png")
+    fig.savefig(folder / f"{stem}.svg", metadata={"Date": None})  # no date: reruns differ only in data
+    return [f"{stem}.png", f"{stem}.svg"]
+
+
+def metric_axis(metric: str, values: Sequence[Optional[float]] = ()) -> tuple[str, float]:
+    """(label, divisor) for an objective: cost counts in a readable unit, other metrics as is."""
+    if metric in ("macs", "flops"):
+        prefix, divisor = count_unit(values or [1e9])
+        return f"{prefix}{'MACs' if metric == 'macs' else 'FLOPs'}", divisor
+    if metric.startswith("params"):
+        prefix, divisor = count_unit(values or [1e6])
+        return f"{metric} ({prefix})" if prefix else metric, divisor
+    return metric, 1.0
+
+
+def macs_label(prefix: str) -> str:
+    words = {"G": "10⁹", "M": "10⁶", "k": "10³"}
+    unit = f"{prefix}MACs" if prefix else "MACs"
+    return f"{unit} per image ({prefix} = {words[prefix]}; log scale)" if prefix in words else f"{unit} per image (log scale)"
