@@ -3,11 +3,12 @@
 (:mod:`.search`); what they share (canvas, colour and marker encoding, log axes) is in
 :mod:`.style`.
 """
-from ablate.plots.cost import ConfigPoint, plot_top1_vs_macs
-from ablate.plots.curves import Curves, mean_band, plot_learning_curves
-from ablate.plots.search import plot_history, plot_pareto
+from ablate.plots.cost import ConfigPoint, plot_top1_vs_macs, top1_vs_macs_figure
+from ablate.plots.curves import Curves, learning_curves_figure, mean_band, plot_learning_curves
+from ablate.plots.search import history_figure, pareto_figure, plot_history, plot_pareto
 from ablate.plots.style import Encoding, log_axis_at, metric_axis
 from ablate.units import count_unit
 
-__all__ = ["ConfigPoint", "Curves", "Encoding", "count_unit", "log_axis_at", "mean_band", "metric_axis",
-           "plot_history", "plot_learning_curves", "plot_pareto", "plot_top1_vs_macs"]
+__all__ = ["ConfigPoint", "Curves", "Encoding", "count_unit", "history_figure", "learning_curves_figure",
+           "log_axis_at", "mean_band", "metric_axis", "pareto_figure", "plot_history", "plot_learning_curves",
+           "plot_pareto", "plot_top1_vs_macs", "top1_vs_macs_figure"]

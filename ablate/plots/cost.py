@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ablate.pareto import pareto_front
@@ -26,6 +27,25 @@ class ConfigPoint:
     paper_top1: Optional[float] = None
 
 
+#: the sideways spread of configurations of equal MACs, in decades per configuration
+DODGE = 0.018
+
+
+def dodge(xs: Sequence[float], settings: Sequence[dict[str, str]], encoding: Encoding) -> list[float]:
+    """A factor per point that spreads configurations of equal MACs (same patch size, other
+    shift) a little sideways, in the order of the legend, so that none hides another."""
+    groups: dict[float, list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault(round(math.log10(x), 6), []).append(i)
+    order = {v: k for k, v in enumerate(encoding.colours)}
+    factors = [1.0] * len(xs)
+    for members in groups.values():
+        members.sort(key=lambda i: (order.get(settings[i].get(encoding.colour_key or "", ""), 0), i))
+        for rank, i in enumerate(members):
+            factors[i] = 10 ** ((rank - (len(members) - 1) / 2) * DODGE)
+    return factors
+
+
 def step_front(ax, xs: Sequence[float], ys: Sequence[float], label: Optional[str] = None) -> None:
     """Draw a front as a staircase from the cheapest point on: between two front points the
     best accuracy reachable at a given cost is the cheaper point's."""
@@ -36,11 +56,17 @@ def step_front(ax, xs: Sequence[float], ys: Sequence[float], label: Optional[str
 
 def plot_top1_vs_macs(points: Sequence[ConfigPoint], encoding: Encoding, folder: Path, stem: str, *,
                       title: str, subtitle: str) -> list[str]:
+    """:func:`top1_vs_macs_figure` as ``stem.png`` and ``stem.svg`` in ``folder``; returns their names."""
+    return save(top1_vs_macs_figure(points, encoding, title=title, subtitle=subtitle), folder, stem)
+
+
+def top1_vs_macs_figure(points: Sequence[ConfigPoint], encoding: Encoding, *, title: str, subtitle: str) -> Figure:
     """Top-1 (%) against MACs per image on a log axis ticked at the data's MACs, colour and
     marker from ``encoding``, ± std over seeds as error bars, the paper's rows as hollow
     markers, our Pareto front (max top-1, min MACs) as a dashed staircase; one legend outside
-    the axes, no text on the points. Configurations without both numbers are left out.
-    Writes ``stem.png`` and ``stem.svg``; returns their names."""
+    the axes, no text on the points; configurations of equal MACs are spread a little sideways
+    (:func:`dodge`). Configurations without both numbers are left out.
+    """
     ours = [p for p in points if finite(p.macs, p.top1) and p.macs > 0]
     paper = [p for p in points if finite(p.paper_top1) and finite(p.paper_macs or p.macs)
              and (p.paper_macs or p.macs) > 0]
@@ -52,13 +78,14 @@ def plot_top1_vs_macs(points: Sequence[ConfigPoint], encoding: Encoding, folder:
     if not ours:
         ax.text(0.5, 0.5, "no configuration has both top-1 and MACs", ha="center", va="center",
                 transform=ax.transAxes)
-    for p in ours:
+    for p, k in zip(ours, dodge([p.macs for p in ours], [p.settings for p in ours], encoding)):
         colour = encoding.colour(p.settings)
-        ax.errorbar([p.macs / divisor], [p.top1], yerr=[p.top1_std if finite(p.top1_std) else 0.0],
+        ax.errorbar([p.macs / divisor * k], [p.top1], yerr=[p.top1_std if finite(p.top1_std) else 0.0],
                     fmt=encoding.marker(p.settings), ms=7, color=colour, ecolor=colour, elinewidth=1.2,
                     capsize=3, alpha=0.9, zorder=3)
-    for p in paper:
-        ax.plot([(p.paper_macs or p.macs) / divisor], [p.paper_top1], linestyle="none",
+    paper_xs = [p.paper_macs or p.macs for p in paper]
+    for p, x, k in zip(paper, paper_xs, dodge(paper_xs, [p.settings for p in paper], encoding)):
+        ax.plot([x / divisor * k], [p.paper_top1], linestyle="none",
                 marker=encoding.marker(p.settings), ms=9, markerfacecolor="none", markeredgewidth=1.5,
                 color=encoding.colour(p.settings), zorder=2)
     if paper:
@@ -70,11 +97,11 @@ def plot_top1_vs_macs(points: Sequence[ConfigPoint], encoding: Encoding, folder:
         if len(front) > 1:
             step_front(ax, [xs[i] for i in front], [ys[i] for i in front])
             handles.append(Line2D([], [], color=FRONT_COLOR, ls="--", label="Pareto front (ours)"))
-        log_axis_at(ax, [m / divisor for m in every_macs])
+        log_axis_at(ax, xs, also=[(p.paper_macs or p.macs) / divisor for p in paper])
         ax.margins(y=0.12)
     legend_outside(fig, handles)
     ax.set_xlabel(macs_label(prefix))
     ax.set_ylabel("top-1 (%), validation")
     ax.set_title(f"{title}\n{subtitle}", fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
-    return save(fig, folder, stem)
+    return fig

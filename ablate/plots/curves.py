@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from matplotlib.figure import Figure
+
 from ablate.plots.style import Encoding, figure, finite, legend_outside, save
 
 #: the panels, left to right: (metric, axis label)
@@ -35,8 +37,13 @@ def mean_band(per_seed: Sequence[Mapping[int, float]]) -> tuple[list[int], list[
 
 def plot_learning_curves(curves: Sequence[Curves], encoding: Encoding, folder: Path, stem: str, *,
                          title: str, subtitle: str) -> list[str]:
+    """:func:`learning_curves_figure` as ``stem.png`` and ``stem.svg`` in ``folder``; returns their names."""
+    return save(learning_curves_figure(curves, encoding, title=title, subtitle=subtitle), folder, stem)
+
+
+def learning_curves_figure(curves: Sequence[Curves], encoding: Encoding, *, title: str, subtitle: str) -> Figure:
     """Two panels (validation top-1, training loss) against epoch; colour, marker and line style
-    from ``encoding``; one legend outside the axes. Writes ``stem.png`` and ``stem.svg``."""
+    from ``encoding``; one legend outside the axes."""
     fig = figure(10.0, 4.2)
     axes = fig.subplots(1, len(PANELS), sharex=True)
     for ax, (metric, label) in zip(axes, PANELS):
@@ -58,4 +65,4 @@ def plot_learning_curves(curves: Sequence[Curves], encoding: Encoding, folder: P
                      transform=axes[0].transAxes)
     legend_outside(fig, encoding.handles(lines=True))
     fig.suptitle(f"{title}\n{subtitle}", fontsize=9)
-    return save(fig, folder, stem)
+    return fig

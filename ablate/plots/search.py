@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ablate.plots.style import (FRONT_COLOR, Encoding, figure, finite, legend_outside, log_axis_at, metric_axis,
@@ -19,6 +20,13 @@ def _better(direction: str, horizontal: bool) -> str:
 def plot_pareto(values: Sequence[Sequence[float]], settings: Sequence[Mapping[str, str]], front: Sequence[int],
                 objectives: Sequence[tuple[str, str]], encoding: Encoding, folder: Path, stem: str, *,
                 title: str, subtitle: str) -> list[str]:
+    """:func:`pareto_figure` as ``stem.png`` and ``stem.svg`` in ``folder``; returns their names."""
+    return save(pareto_figure(values, settings, front, objectives, encoding, title=title, subtitle=subtitle),
+                folder, stem)
+
+
+def pareto_figure(values: Sequence[Sequence[float]], settings: Sequence[Mapping[str, str]], front: Sequence[int],
+                  objectives: Sequence[tuple[str, str]], encoding: Encoding, *, title: str, subtitle: str) -> Figure:
     """Objective 1 against objective 2 for every complete trial, colour and marker from
     ``encoding``; the front's trials ringed and joined by a dashed line. No per-point text:
     the report's table names the front's trials."""
@@ -51,12 +59,20 @@ def plot_pareto(values: Sequence[Sequence[float]], settings: Sequence[Mapping[st
     ax.set_ylabel(f"{l1}, {_better(d1, False)}")
     ax.set_title(f"{title}\n{subtitle}", fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
-    return save(fig, folder, stem)
+    return fig
 
 
 def plot_history(values: Sequence[Sequence[float]], trial_numbers: Sequence[int],
                  settings: Sequence[Mapping[str, str]], objectives: Sequence[tuple[str, str]],
                  encoding: Encoding, folder: Path, stem: str, *, title: str, subtitle: str) -> list[str]:
+    """:func:`history_figure` as ``stem.png`` and ``stem.svg`` in ``folder``; returns their names."""
+    return save(history_figure(values, trial_numbers, settings, objectives, encoding, title=title,
+                               subtitle=subtitle), folder, stem)
+
+
+def history_figure(values: Sequence[Sequence[float]], trial_numbers: Sequence[int],
+                   settings: Sequence[Mapping[str, str]], objectives: Sequence[tuple[str, str]],
+                   encoding: Encoding, *, title: str, subtitle: str) -> Figure:
     """Optimization history: each objective per trial number (colour and marker from
     ``encoding``) with its best-so-far staircase, one panel per objective."""
     fig = figure(7.5, 2.3 * len(objectives) + 1.0)
@@ -82,4 +98,4 @@ def plot_history(values: Sequence[Sequence[float]], trial_numbers: Sequence[int]
     legend_outside(fig, handles)
     axes[-1].set_xlabel("trial number")
     axes[0].set_title(f"{title}\n{subtitle}", fontsize=9)
-    return save(fig, folder, stem)
+    return fig

@@ -120,15 +120,17 @@ class Encoding:
         return "not encoded: " + ", ".join(short_name(k) for k in self.unencoded)
 
 
-def log_axis_at(ax, values: Sequence[float], axis: str = "x") -> None:
-    """A log axis with ticks at the data's own values (as many as fit without their labels
-    touching), written as plain numbers; no minor ticks."""
+def log_axis_at(ax, values: Sequence[float], axis: str = "x", also: Sequence[float] = ()) -> None:
+    """A log axis with ticks at the data's own ``values`` (as many as fit without their labels
+    touching), written as plain numbers; no minor ticks. Its limits take in ``also`` too (the
+    paper's points), which get no ticks of their own."""
     xs = sorted({v for v in values if finite(v) and v > 0})
     getattr(ax, f"set_{axis}scale")("log")
     target = ax.xaxis if axis == "x" else ax.yaxis
     if not xs:
         return
-    lo, hi = xs[0], xs[-1]
+    extent = xs + [v for v in also if finite(v) and v > 0]
+    lo, hi = min(extent), max(extent)
     span = math.log10(hi / lo) if hi > lo else 0.0
     pad = max(span * 0.12, 0.08)  # decades of room either side, for markers and error bars
     getattr(ax, f"set_{axis}lim")(lo / 10 ** pad, hi * 10 ** pad)
