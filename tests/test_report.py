@@ -95,7 +95,7 @@ def _child(c: MlflowClient, exp: str, parent: str, *, params: dict, metrics: dic
         tags["ablate.trial_number"] = str(trial)
     run = c.create_run(exp, tags=tags)
     c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+                metrics=[Metric(k, float(v), 0, epochs) for k, v in metrics.items()])  # as the runner: step = epochs
     if epochs:
         top1 = metrics["val_top1"]
         c.log_batch(run.info.run_id, metrics=[
@@ -157,6 +157,18 @@ def _search(c: MlflowClient) -> tuple[str, dict]:
     return parent, trials
 
 
+def _edited(c: MlflowClient) -> None:
+    """A spec run, then edited (train.epochs 2 -> 3) and run again into the same experiment:
+    the same seed twice, in two configurations."""
+    exp = c.create_experiment("edited-spec")
+    parent = c.create_run(exp, tags={"ablate.role": "parent", "ablate.kind": "grid"}).info.run_id
+    for n, (shift, epochs, top1) in enumerate([("four", 2, 40.0), ("none", 2, 30.0),
+                                               ("four", 3, 55.0), ("none", 3, 45.0)]):
+        _child(c, exp, parent, params={"model.shift": shift, "train.epochs": epochs, "train.seed": 0,
+                                       "data.name": "digits"},
+               metrics=_metrics(top1, top1 + 20, 0.5), trial=n % 2, varied=["model.shift"])
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlstore")
@@ -167,6 +179,7 @@ def store(tmp_path_factory):
     grid_parent = _grid(c)
     search_parent, _ = _search(c)
     c.create_experiment("nothing-finished")
+    _edited(c)
     yield SimpleNamespace(uri=uri, root=root, client=c, grid_parent=grid_parent, search_parent=search_parent)
     mp.undo()
 
@@ -371,3 +384,102 @@ def test_search_objectives_from_the_spec_file_or_the_parent_tag(store, tmp_path,
         store.client.delete_tag(store.search_parent, "ablate.spec_file")
     assert by_name.search.objectives == by_spec.search.objectives
     assert by_name.search.front == by_spec.search.front
+
+
+# ---------------------------------------------------------------- grouping, statistics, stores
+
+
+def test_runs_differing_in_a_setting_the_spec_does_not_vary_are_separate_rows(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["report", "edited-spec", "--out", "out"])
+    assert result.exit_code == 0, result.output
+    assert "edited-spec: 4 runs in 4 configurations" in result.output  # not 2 configurations of 2 seeds
+    rows = _read_csv(tmp_path / "out" / "report.csv")
+    assert [(r["model.shift"], r["train.epochs"], r["seeds"], r["top1_mean"]) for r in rows] == [
+        ("four", "2", "1", "40.0000"), ("four", "3", "1", "55.0000"),
+        ("none", "2", "1", "30.0000"), ("none", "3", "1", "45.0000")]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| model.shift | train.epochs | seeds |" in md
+    assert "differ in settings the spec does not vary: train.epochs" in md
+    assert "2–3 epochs" in md
+
+
+def test_grouping_is_by_the_whole_configuration_but_the_seed():
+    from ablate.report import CellResult, group_by_config
+
+    def run(i, **params):
+        return CellResult(f"r{i}", {k.replace("_", "."): str(v) for k, v in params.items()}, {}, {}, i)
+    cells = [run(0, model_shift="four", train_seed=0, train_epochs=2, data_root="/a"),
+             run(1, model_shift="four", train_seed=1, train_epochs=2, data_root="/b"),  # a seed; paths are local
+             run(2, model_shift="four", train_seed=0, train_epochs=3, data_root="/a")]
+    rows, differing = group_by_config(cells, ["model.shift"])
+    assert [[c.run_id for c in r.runs] for r in rows] == [["r0", "r1"], ["r2"]]
+    assert differing == ["train.epochs"]
+    assert rows[1].values == {"model.shift": "four", "train.epochs": "3"}
+
+
+def test_paired_and_welch_intervals_match_scipy():
+    from scipy import stats
+
+    from ablate.report_stats import NO_INTERVAL, PAIRED, WELCH, difference, format_difference
+    a, b = {0: 95.0, 1: 96.5, 2: 95.8}, {0: 80.1, 1: 82.0, 2: 79.5}
+    d = difference(a, b)
+    ci = stats.ttest_rel(list(a.values()), list(b.values())).confidence_interval(0.95)
+    assert d.method == PAIRED and d.seeds == "3"
+    assert (d.low, d.high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert d.excludes_zero and format_difference(d).endswith(" *")
+    c = {3: 81.0, 4: 79.0}  # other seeds: not paired
+    d = difference(a, c)
+    ci = stats.ttest_ind(list(a.values()), list(c.values()), equal_var=False).confidence_interval(0.95)
+    assert d.method == WELCH and d.seeds == "3 vs 2"
+    assert (d.low, d.high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    close = difference({0: 80.0, 1: 82.0}, {0: 81.0, 1: 80.0})
+    assert close.has_interval and not close.excludes_zero and "*" not in format_difference(close)
+    one = difference({0: 80.0}, {0: 75.0})
+    assert one.method == NO_INTERVAL and not one.has_interval and format_difference(one) == "+5.00"
+
+
+def test_baseline_from_the_spec_per_row_and_when_nothing_has_it(store, tmp_path):
+    spec = SimpleNamespace(name="shift-grid", varied=["model.shift", "model.patch_size"], search=None,
+                           reference=None, baseline={"model.shift": "up"})
+    report = report_experiment("shift-grid", spec=spec, out=tmp_path, log_artifacts=False)
+    base = {tuple(r.values.values()): tuple(r.baseline.values.values()) for r in report.rows}
+    assert base == {("four", "16"): ("up", "16"), ("none", "16"): ("up", "16"), ("up", "16"): ("up", "16"),
+                    ("four", "32"): ("up", "16")}  # no up at patch size 32: the first up
+    rows = {r["model.shift"] + "/" + r["model.patch_size"]: r for r in _read_csv(tmp_path / "report.csv")}
+    assert rows["four/16"]["delta_method"] == "paired t" and rows["four/16"]["delta_excludes_zero"] == "true"
+    assert float(rows["four/16"]["delta_top1"]) == pytest.approx(9.5)
+    assert rows["up/16"]["baseline"] == "self" and rows["up/16"]["delta_top1"] == ""
+    spec.baseline = {"model.shift": "eight"}  # only a failed run has it
+    report = report_experiment("shift-grid", spec=spec, out=tmp_path, log_artifacts=False)
+    assert all(r.baseline is report.rows[0] for r in report.rows)
+    assert "no finished configuration has model.shift=eight" in (tmp_path / "report.md").read_text()
+
+
+def test_learning_curves_come_from_the_per_epoch_history(store, tmp_path):
+    report = write_report("shift-grid", out=tmp_path, log_artifacts=False)
+    four = report.rows[0]
+    assert four.values == {"model.patch_size": "16", "model.shift": "four"}
+    assert four.history["val_top1"] == [{1: 60.0, 2: 70.0, 3: 80.0}, {1: 62.0, 2: 72.0, 3: 82.0}]
+    assert four.history["train_loss"][0] == {1: 2.0, 2: 1.0, 3: pytest.approx(2 / 3)}
+    assert "![learning curves](learning_curves.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_the_store_is_shown_relative_or_masked_never_absolute(tmp_path):
+    from ablate.report import shown_store
+    inside = tmp_path / "runs" / "mlflow.db"
+    assert shown_store(f"sqlite:///{inside}", cwd=str(tmp_path)) == "sqlite:///runs/mlflow.db"
+    assert shown_store("sqlite:////srv/lab/alice/mlflow.db", cwd=str(tmp_path)) == \
+        "sqlite:///<outside the working directory>/mlflow.db"
+    assert shown_store("/srv/lab/alice/mlruns", cwd=str(tmp_path)) == "<outside the working directory>/mlruns"
+    assert shown_store("postgresql://alice:s3cret@db.lab:5432/mlflow") == "postgresql://alice:***@db.lab:5432/mlflow"
+    assert shown_store("http://mlflow.lab:5000") == "http://mlflow.lab:5000"
+
+
+def test_a_folder_without_runs_is_one_line_and_creates_no_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = CliRunner().invoke(cli, ["report", "quickstart"])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns/, no reports/
