@@ -101,6 +101,42 @@ def test_exclude_drops_matching_cells(tmp_path):
     assert [tuple(c.values.values()) for c in spec.cells()] == [("none", 2), ("four", 2), ("four", 4)]
 
 
+def test_report_baseline_names_varied_values(tmp_path):
+    grid = """
+        grid:
+          model.shift: [none, four, eight]
+          model.patch_size: [2, 4]
+        report:
+          baseline: {model.shift: four}
+        """
+    assert small(tmp_path, grid).baseline == {"model.shift": "four"}
+    assert small(tmp_path, "grid: {model.depth: [1, 2]}\n").baseline == {}  # none named: the first configuration
+    # --set fixing the baseline's setting: the same value leaves nothing to say; another drops it
+    path = tmp_path / "spec.yaml"
+    assert load_spec(path, overrides=["model.shift=four"]).baseline == {}
+    assert load_spec(path, overrides=["model.shift=none"]).baseline == {}
+    spec = small(tmp_path, """
+        search:
+          objectives: [{metric: val_top1, direction: maximize}]
+          trials: 4
+          space:
+            model.depth: {int: [1, 4]}
+            model.shift: {choice: [none, four]}
+        report:
+          baseline: {model.depth: 2, model.shift: four}
+        """)
+    assert spec.baseline == {"model.depth": 2, "model.shift": "four"}
+    with pytest.raises(SpecError, match=r"report.baseline.model.depth: 9 is outside the search range "
+                                        r"\(allowed: numbers from 1 to 4\)"):
+        small(tmp_path, """
+            search:
+              objectives: [{metric: val_top1, direction: maximize}]
+              trials: 4
+              space: {model.depth: {int: [1, 4]}}
+            report: {baseline: {model.depth: 9}}
+            """)
+
+
 def test_seeds_replicate_every_cell_outermost(tmp_path):
     spec = small(tmp_path, """
         grid:
