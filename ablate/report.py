@@ -587,8 +587,9 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
     if report.differing:
         lines += [f"Configurations also differ in settings the spec does not vary: "
                   f"{', '.join(report.differing)}. Runs that differ in them are separate rows, not seeds.", ""]
-    no_interval = "" if _any_interval(report) else (
-        " Every configuration has one seed here, so no interval can be given: Δ is the plain difference.")
+    no_interval = "" if _any_interval(report) or all(r.delta is None for r in report.rows) else (
+        " Here no row and its baseline both have two seeds or more, so no interval can be given: Δ is the "
+        "plain difference.")
     lines += [
         "top-1 / top-5: validation accuracy (%) after the last epoch, mean ± sample std over "
         "seeds. params: paper convention (classifier and norm parameters excluded) when "
