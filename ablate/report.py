@@ -729,6 +729,22 @@ def shown_store(uri: str, cwd: Optional[str] = None) -> str:
     return shown
 
 
+def shown_path(path: str, cwd: Optional[str] = None) -> str:
+    """A path as a report shows it: relative to the working directory where it is under it,
+    else by its name alone."""
+    if not os.path.isabs(path):
+        return path
+    cwd = os.path.abspath(cwd or os.getcwd())
+    if path == cwd or path.startswith(cwd.rstrip(os.sep) + os.sep):
+        return os.path.relpath(path, cwd)
+    return f"<outside the working directory>/{Path(path).name}"
+
+
+def shown_command(command: str, cwd: Optional[str] = None) -> str:
+    """``command`` with its absolute paths (a spec, ``--out``) shown as :func:`shown_path` does."""
+    return " ".join(shown_path(word, cwd) for word in command.split(" "))
+
+
 def default_out(name: str) -> Path:
     """``reports/<slug>/`` under the working directory (git-ignored; ``results/`` holds the
     committed reference reports, written only with ``--out``)."""
@@ -815,7 +831,8 @@ def report_experiment(name: str, *, spec: Any = None, spec_path: Optional[str] =
     report.baseline_note = compare_with_baseline(rows, _get(spec, "baseline") or None)
     _histories(client, _curve_rows(report))
     command = command or f"ablate report {name}" + (f" --out {out}" if out is not None else "")
-    report.files = _write_atomically(report, command, spec_path)
+    report.files = _write_atomically(report, shown_command(command),
+                                     shown_path(str(spec_path)) if spec_path is not None else None)
     if log_artifacts and parent is not None:
         try:
             for path in report.files:
