@@ -687,7 +687,8 @@ def _render_files(report: Report, folder: Path, command: str, spec_path: Optiona
         " of the Pareto front" if report.search is not None and len(report.search.objectives) > 1 else
         " of the best trial" if report.search is not None else f" of the first {len(shown)} configurations")
     files += plots.plot_learning_curves(curves, enc, folder, CURVES_PLOT, subtitle=subtitle,
-                                        title=f"{report.experiment}: learning curves{which}, mean ± std over seeds")
+                                        title=f"{report.experiment}: learning curves{which}"
+                                        + (", mean ± std over seeds" if any(r.seeds > 1 for r in shown) else ""))
     s = report.search
     if s is not None and s.trials:
         numbers = [t.trial_number for t in s.trials]
