@@ -67,7 +67,7 @@ def test_an_extends_chain_has_a_depth_limit(tmp_path):
 def test_slug_is_one_component_inside_its_root(name, tmp_path):
     slug = path_slug(name)
     assert "/" not in slug and "\\" not in slug and slug not in (".", "..") and not slug.startswith((".", "-"))
-    for root in ("checkpoints", "results"):
+    for root in ("checkpoints", "reports"):
         folder = (tmp_path / root / slug).resolve()
         assert folder.parent == (tmp_path / root).resolve()
     assert len(slug) <= 200
@@ -105,9 +105,9 @@ def test_a_name_that_points_elsewhere_writes_only_inside_the_working_directory(w
     assert seen and all(p.parent == (cwd / "checkpoints" / loaded.slug).resolve() for p in seen)
     report = CliRunner().invoke(cli, ["report", str(spec)])
     assert report.exit_code == 0, report.output
-    assert (cwd / "results" / loaded.slug / "report.md").is_file()
+    assert (cwd / "reports" / loaded.slug / "report.md").is_file()
     written = [p for p in workdir.rglob("*") if "escaped" in str(p.relative_to(workdir))]
-    assert written and all(p.is_relative_to(cwd / "checkpoints") or p.is_relative_to(cwd / "results")
+    assert written and all(p.is_relative_to(cwd / "checkpoints") or p.is_relative_to(cwd / "reports")
                            for p in written), written
 
 

@@ -224,7 +224,7 @@ def test_run_with_overrides_is_recorded_and_kept_apart(workdir):
     assert Ledger(url, "tiny").trials() == [] and len(Ledger(url, name).trials()) == 1
     report = CliRunner().invoke(cli, ["report", str(spec), *sets])
     assert report.exit_code == 0, report.output
-    assert (workdir / "results" / name / "report.md").is_file()
+    assert (workdir / "reports" / name / "report.md").is_file()
     refused = CliRunner().invoke(cli, ["report", name, *sets])
     assert refused.exit_code == 2 and "is an experiment name, not a spec file" in refused.stderr
     # --name chooses the experiment
