@@ -539,7 +539,7 @@ def context(report: Report) -> str:
     seeds = sorted({r.seeds for r in report.rows})
     parts = [", ".join(datasets) or "dataset not recorded"]
     if epochs:
-        parts.append(f"{epochs[0]} epochs" if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]} epochs")
+        parts.append(f"{epochs[0]} epoch{'s' if epochs[0] != 1 else ''}" if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]} epochs")
     parts.append("top-1 on the validation split")
     if seeds and seeds[-1] > 1:
         parts.append(f"± std over {seeds[0] if len(seeds) == 1 else f'{seeds[0]}–{seeds[-1]}'} seeds")

@@ -14,7 +14,7 @@ from matplotlib.text import Text
 
 from ablate.plots import (ConfigPoint, Curves, Encoding, history_figure, learning_curves_figure, mean_band,
                           pareto_figure, plot_top1_vs_macs, top1_vs_macs_figure)
-from ablate.plots.style import figure
+from ablate.plots.style import figure, log_axis_at
 
 SHIFT, PATCH = "model.shift", "model.patch_size"
 KEYS = [SHIFT, PATCH]
@@ -224,3 +224,18 @@ def test_pareto_and_history_have_no_overlapping_text_and_encode_the_settings():
     fig = history_figure(values, list(range(len(values))), settings, objectives, enc,
                          title="search: optimization history", subtitle="digits, 8 epochs")
     assert overlapping(fig) == []
+
+
+def test_table_7s_eleven_shift_patterns_get_eleven_colours():
+    patterns = ["four", "eight", "up_right", "left_down", "up_down", "left_right", "up", "down", "left", "right", "none"]
+    enc = Encoding.choose([{SHIFT: p} for p in patterns], [SHIFT])
+    assert enc.colour_key == SHIFT and not enc.unencoded
+    assert len({enc.colour({SHIFT: p}) for p in patterns}) == len(patterns)
+
+
+def test_paper_points_beyond_the_data_get_a_tick():
+    fig = figure()
+    ax = fig.add_subplot()
+    log_axis_at(ax, [0.0257e9], also=[14.0e9, 14.1e9])
+    ticks = list(ax.get_xticks())
+    assert ticks[0] == 0.0257e9 and any(abs(t - 14.0e9) < 0.2e9 for t in ticks) and len(ticks) == 2

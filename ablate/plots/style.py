@@ -20,8 +20,12 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from ablate.units import count_unit
 
 FRONT_COLOR = "0.35"
+#: Tableau's ten, then their light companions (tab20's second shades): Table 7 alone has 11
+#: shift patterns, and a setting with more values than colours goes unencoded
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-           "tab:olive", "tab:cyan", "tab:gray")
+           "tab:olive", "tab:cyan", "tab:gray",
+           "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d",
+           "#9edae5", "#c7c7c7")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
 #: the widest gap between two ticks of a log axis, as a share of its width, that keeps their labels apart
@@ -123,7 +127,7 @@ class Encoding:
 def log_axis_at(ax, values: Sequence[float], axis: str = "x", also: Sequence[float] = ()) -> None:
     """A log axis with ticks at the data's own ``values`` (as many as fit without their labels
     touching), written as plain numbers; no minor ticks. Its limits take in ``also`` too (the
-    paper's points), which get no ticks of their own."""
+    paper's points), which get ticks only where they lie beyond the data."""
     xs = sorted({v for v in values if finite(v) and v > 0})
     getattr(ax, f"set_{axis}scale")("log")
     target = ax.xaxis if axis == "x" else ax.yaxis
@@ -144,6 +148,11 @@ def log_axis_at(ax, values: Sequence[float], axis: str = "x", also: Sequence[flo
             ticks.append(v)
     if ticks[-1] != xs[-1] and len(ticks) > 1 and apart(ticks[-2], xs[-1]):
         ticks[-1] = xs[-1]  # end on the largest value rather than next to it
+    # the paper's points beyond our range (a shrunk rehearsal of a paper spec) get an end tick
+    # each, else the axis would read one value across decades
+    for v in sorted({v for v in also if finite(v) and v > 0 and not xs[0] <= v <= xs[-1]}):
+        if all(apart(*sorted((t, v))) for t in ticks):
+            ticks = sorted(ticks + [v])
     target.set_major_locator(FixedLocator(ticks))
     target.set_major_formatter(FuncFormatter(lambda v, _: tick_text(v)))
     target.set_minor_locator(NullLocator())
