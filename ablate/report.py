@@ -172,6 +172,7 @@ class Report:
     search: Optional[SearchResult] = None
     parent_run_id: Optional[str] = None
     reference_source: Optional[str] = None
+    overridden: list[str] = field(default_factory=list)  # settings --set changed: the paper's rows are not for them
     differing: list[str] = field(default_factory=list)
     baseline_note: str = ""
     store: str = ""
@@ -600,7 +601,10 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
         "",
     ]
     if _has_reference(report):
-        lines += [f"Paper numbers: {report.reference_source}.", ""]
+        caveat = (f" They are for the spec as written: these runs changed {', '.join(report.overridden)} with --set, "
+                  "so they compare with the paper only where those settings do not matter."
+                  if report.overridden else "")
+        lines += [f"Paper numbers: {report.reference_source}.{caveat}", ""]
     s = report.search
     figures = dict(figure_files(report))
     lines += [f"![{figures[COST_PLOT]}]({COST_PLOT}.png)", "",
@@ -828,7 +832,7 @@ def report_experiment(name: str, *, spec: Any = None, spec_path: Optional[str] =
         out_dir=Path(out) if out is not None else default_out(name), search=search,
         parent_run_id=parent.info.run_id if parent else None,
         reference_source=(_get(reference, "source") or "reference") if reference is not None else None,
-        differing=differing, store=shown_store(uri))
+        differing=differing, store=shown_store(uri), overridden=sorted(getattr(spec, "overrides", None) or ()))
     report.baseline_note = compare_with_baseline(rows, _get(spec, "baseline") or None)
     _histories(client, _curve_rows(report))
     command = command or f"ablate report {name}" + (f" --out {out}" if out is not None else "")

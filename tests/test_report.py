@@ -260,6 +260,12 @@ def test_reference_column_from_the_spec(store, tmp_path):
     four = next(r for r in report.rows if r.values == {"model.shift": "four", "model.patch_size": "16"})
     assert four.paper_macs == pytest.approx(2.5e9)  # the hollow marker sits at the paper's cost
 
+    # runs shrunk with --set: the paper's rows stay, with what makes them a different model
+    spec.overrides = {"model.width": 64, "train.epochs": 1}
+    report_experiment("shift-grid", spec=spec, out=tmp_path, log_artifacts=False)
+    assert ("Paper numbers: S2-MLP paper, Table 7. They are for the spec as written: these runs changed "
+            "model.width, train.epochs with --set") in (tmp_path / "report.md").read_text()
+
 
 def test_search_report_pareto_table_and_history(store, tmp_path):
     spec = SimpleNamespace(name="width-search", varied=["model.width", "model.shift"], reference=None,
