@@ -1,7 +1,8 @@
 """The ledger: an Optuna study that is the shared queue of a grid's cells or a search's trials.
 
-A grid enqueues one WAITING trial per unfinished cell (``enqueue_trial``; never GridSampler,
-which repeats configurations across parallel workers). A worker claims a waiting trial with
+A grid enqueues one WAITING trial per unfinished cell, its varied values as the trial's
+categorical parameters (``add_trial``; never GridSampler, which repeats configurations across
+parallel workers). A worker claims a waiting trial with
 the storage's conditional WAITING -> RUNNING update, which succeeds for exactly one worker,
 trains it and tells the result. Dead workers are noticed two ways: a heartbeat that stopped
 (Optuna's heartbeat, any machine) or, where the worker's process id means the same process
@@ -121,6 +122,52 @@ def process_space() -> str:
     return f"{boot}/{namespace}"
 
 
+def param_label(value: Any) -> Any:
+    """A setting's value as an Optuna categorical choice: scalars as they are, lists (explicit
+    shift offsets) and the like as JSON text, as :func:`ablate.search.suggest` does."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(value, default=str)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def grid_distributions(cells: Iterable[Any]) -> dict[str, optuna.distributions.CategoricalDistribution]:
+    """For each varied setting with values other than numbers, the categorical distribution of
+    the values the grid gives it (numbers need none: see :func:`grid_params`)."""
+    choices: dict[str, dict[str, Any]] = {}
+    categorical: set[str] = set()
+    for cell in cells:
+        for k, v in cell.values.items():
+            label = param_label(v)
+            choices.setdefault(k, {}).setdefault(json.dumps(label), label)  # 1 and True stay apart
+            if not _is_number(v):
+                categorical.add(k)  # e.g. [null, 2]: the numbers are choices too
+    return {k: optuna.distributions.CategoricalDistribution(list(choices[k].values())) for k in categorical}
+
+
+def grid_params(values: dict[str, Any], distributions: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A grid cell's varied values as Optuna parameters and their distributions.
+
+    A number is a one-point FloatDistribution: Optuna lets ranges differ from trial to trial,
+    so a grid given more values later still records them. Any other value is a choice of the
+    setting's categorical distribution, which Optuna fixes at its first use in a study: a value
+    added to the grid after that is left out of the parameters (it stays in the trial's
+    ``ablate.values`` attribute), rather than refused.
+    """
+    params, dists = {}, {}
+    for k, v in values.items():
+        known = distributions.get(k)
+        if _is_number(v) and not isinstance(known, optuna.distributions.CategoricalDistribution):
+            params[k], dists[k] = float(v), optuna.distributions.FloatDistribution(float(v), float(v))
+        elif isinstance(known, optuna.distributions.CategoricalDistribution) and any(
+                json.dumps(c) == json.dumps(param_label(v)) for c in known.choices):  # not 1 == True
+            params[k], dists[k] = param_label(v), known
+    return params, dists
+
+
 def _trial_id(trial) -> int:
     # private Optuna: storage calls take the trial's id, which only this attribute exposes
     return trial._trial_id
@@ -132,8 +179,10 @@ class Ledger:
     def __init__(self, url: str, study_name: str, directions: Iterable[str] = ("maximize",),
                  sampler: Optional[optuna.samplers.BaseSampler] = None,
                  pruner: Optional[optuna.pruners.BasePruner] = None, kind: Optional[str] = None, *,
-                 create: bool = True):
-        """``create=False`` opens only an existing store and study (raising :class:`NoLedger`) and writes nothing."""
+                 create: bool = True, metric_names: Optional[list[str]] = None):
+        """``create=False`` opens only an existing store and study (raising :class:`NoLedger`) and writes nothing.
+        ``metric_names`` name the objectives (the MLflow metrics) for optuna-dashboard, which
+        otherwise calls them 0 and 1."""
         self.url, self.storage = url, open_storage(url) if create else open_existing_storage(url)
         directions = list(directions)
         try:
@@ -153,6 +202,8 @@ class Ledger:
                               f"the spec asks for {directions} (allowed: rename the spec or use another --storage)")
         if kind is not None:
             self._check_kind(kind, record=create)
+        if create and metric_names and _retry(lambda: self.study.metric_names) != list(metric_names):
+            _retry(self.study.set_metric_names, list(metric_names))
 
     def _check_kind(self, kind: str, record: bool = True) -> None:
         """A grid's study holds cells, a search's trials: a search worker would take a grid's
@@ -188,15 +239,25 @@ class Ledger:
             return self._enqueue_cells(cells)
 
     def _enqueue_cells(self, cells) -> tuple[int, int]:
+        cells = list(cells)
         states = self.states_by_key()
+        recorded = {}  # a parameter's distribution is the study's: Optuna refuses another one later
+        for t in self.trials():
+            recorded.update({k: d for k, d in t.distributions.items() if k not in recorded})
+        distributions = {**grid_distributions(cells), **recorded}
         enqueued = done = 0
         for cell in cells:
             seen = states.get(cell.key, set())
             if TrialState.COMPLETE in seen:
                 done += 1
             elif not seen & {TrialState.WAITING, TrialState.RUNNING}:
-                _retry(self.study.enqueue_trial, {}, user_attrs={
-                    names.CELL_KEY: cell.key, names.VALUES: json.dumps(cell.values, default=str)})
+                # A waiting trial that already holds the cell's varied values as its parameters
+                # (Study.enqueue_trial would hold them aside until a sampler's suggest call,
+                # which a grid never makes): optuna-dashboard's pages need parameters.
+                params, dists = grid_params(cell.values, distributions)
+                _retry(self.study.add_trial, optuna.trial.create_trial(
+                    state=TrialState.WAITING, params=params, distributions=dists,
+                    user_attrs={names.CELL_KEY: cell.key, names.VALUES: json.dumps(cell.values, default=str)}))
                 enqueued += 1
         return enqueued, done
 

@@ -47,3 +47,9 @@ SLURM_LAUNCHES = "ablate.slurm_launches"  # study user attribute: JSON list of t
 # ---- MLflow's own tag names that ablate sets ------------------------------------------------
 PARENT_ID = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
+EXPERIMENT_KIND = "mlflow.experimentKind"  # experiments: "custom_model_development", MLflow's "Machine learning" kind
+SHARED_VIEW = "mlflow.sharedViewState."    # experiments: prefix of a saved runs view; the tag is prefix + view key
+
+# ---- values of MLflow's tags that ablate sets --------------------------------------------------
+KIND_MACHINE_LEARNING = "custom_model_development"  # (not "genai_development", which opens on traces)
+VIEW_KEY = "ablate"               # the key of ablate's saved view: ?viewStateShareKey=ablate opens it

@@ -81,10 +81,10 @@ def _open_ledger(spec, storage: str, *, create: bool = True):
     from ablate.ledger import Ledger
     from ablate.search import make_pruner, make_sampler
     if spec.search is None:
-        return Ledger(storage, spec.name, kind="grid", create=create)
+        return Ledger(storage, spec.name, kind="grid", create=create, metric_names=["val_top1"])
     return Ledger(storage, spec.name, [o.direction for o in spec.search.objectives],
                   sampler=make_sampler(spec.search), pruner=make_pruner(spec.search, spec.base.train.epochs),
-                  kind="search", create=create)
+                  kind="search", create=create, metric_names=[o.metric for o in spec.search.objectives])
 
 
 def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = False) -> str:
@@ -414,7 +414,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     cells = spec.cells()
     ledger = _open_ledger(spec, url)
     enqueued, done = ledger.enqueue_cells(sorted(cells, key=_estimated_cost, reverse=True))
-    experiment_id = tracking.ensure_experiment(spec.name)
+    experiment_id = tracking.ensure_experiment(spec.name, spec)
     parent = tracking.start_parent(experiment_id, "grid", str(spec_path), tags=spec_tags(spec))
     print(f"{spec.name}{_overrides_note(spec)}: {len(cells)} cells, {done} already finished, {enqueued} queued; "
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
@@ -477,7 +477,7 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
         print(f"{spec.name}: the study already has {finished} finished trials"
               f"{', more than' if finished > target else ', as many as'} {asked}: nothing to do", flush=True)
         return ledger.counts()
-    experiment_id = tracking.ensure_experiment(spec.name)
+    experiment_id = tracking.ensure_experiment(spec.name, spec)
     parent = tracking.start_parent(experiment_id, "search", str(spec_path), tags=spec_tags(spec))
     print(f"{spec.name}{_overrides_note(spec)}: {finished} trials finished of {target}; sampler {spec.search.sampler}; "
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)

@@ -42,12 +42,93 @@ def git_commit() -> str:
         return "unknown"
 
 
-def ensure_experiment(name: str) -> str:
-    """Experiment id for ``name``, creating it (and the store) once; tolerant of a racing creator."""
+def ensure_experiment(name: str, spec=None) -> str:
+    """Experiment id for ``name``, creating it (and the store) once; tolerant of a racing creator.
+
+    The experiment carries :func:`experiment_tags` (with ``spec``, its saved runs view too); an
+    experiment made before gets those it lacks, and a tag a person changed since is kept.
+    """
+    tags = experiment_tags(spec)
     with store_lock(tracking_uri()):  # creating the schema or the experiment twice at once fails
         c = client()
         exp = _retry(c.get_experiment_by_name, name)
-        return exp.experiment_id if exp is not None else _retry(c.create_experiment, name)
+        if exp is None:
+            return _retry(c.create_experiment, name, tags=tags)
+        for key, value in tags.items():
+            if key not in exp.tags:
+                _retry(c.set_experiment_tag, exp.experiment_id, key, value)
+        return exp.experiment_id
+
+
+# ---- how MLflow's UI opens an experiment ------------------------------------------------------
+# MLflow 3's UI opens an experiment of no kind, or of the GenAI kind, on its GenAI overview
+# ("No data available" for training runs). ``mlflow.experimentKind`` is the tag its own kind
+# selector writes; MLflow 3.17's UI decides the first tab by the sidebar's workflow type instead
+# (GenAI unless chosen otherwise in that browser, or ``?workflowType=machine_learning`` in the
+# URL), so :func:`ablate.ui.experiment_urls` says that in the URLs it prints. The saved view is
+# the format of the UI's own "Save view" (a tag ``mlflow.sharedViewState.<key>`` holding
+# {name, createdAt, updatedAt, state}); ``?viewStateShareKey=<key>`` opens it, and the UI lists
+# it among the experiment's saved views.
+VIEW_NAME = "ablate: top-1 against MACs"
+SECTION_NAME = "Accuracy against cost"  # sorts before MLflow's own "Model metrics" section
+CHART_RUNS = 500  # runs (or groups) a chart draws; MLflow's default of 10 would hide most of a grid
+
+
+def experiment_tags(spec=None) -> dict[str, str]:
+    """MLflow's experiment kind for model training; with ``spec``, its saved runs view."""
+    tags = {names.EXPERIMENT_KIND: names.KIND_MACHINE_LEARNING}
+    if spec is not None:
+        objectives = [o.metric for o in spec.search.objectives] if spec.search is not None else []
+        state = runs_view(spec.varied, objectives, group=spec.search is None)
+        tags[names.SHARED_VIEW + names.VIEW_KEY] = saved_view(VIEW_NAME, state)
+    return tags
+
+
+def saved_view(name: str, state: dict[str, Any], now_ms: Optional[int] = None) -> str:
+    """The value of a saved-view tag, as MLflow's UI writes it (the state as uncompressed JSON)."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return json.dumps({"name": name, "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(state)})
+
+
+def _column(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"  # MLflow's column ids: params.`model.shift`, metrics.`val_top1`
+
+
+def runs_view(varied: list[str], objectives: list[str] = (), *, group: bool = True) -> dict[str, Any]:
+    """The runs page of an ablate experiment, in the fields of MLflow's saved view state.
+
+    Only the cell runs (a parent run holds no metrics); the varied settings, top-1 and cost as
+    columns, best top-1 first; a grid's runs grouped by every varied setting but the seed, so
+    that a group is one configuration averaged over its seeds, with a colour of its own in the
+    charts; a chart of the first objective (top-1) against the cost (the second objective, or
+    MACs) and the per-epoch top-1, over every run rather than the first ten.
+    """
+    y, x = (list(objectives) + ["val_top1", "macs"])[:2] if len(objectives) != 1 else (objectives[0], "macs")
+    metrics = list(dict.fromkeys([y, x, "val_top1", "val_top5", "macs", "params"]))
+    section = "ablate-accuracy-vs-cost"
+    base = {"runsCountToCompare": CHART_RUNS, "metricSectionId": section, "deleted": False, "isGenerated": False}
+    charts = [
+        {**base, "uuid": "ablate-scatter", "type": "SCATTER", "displayName": f"{y} against {x}",
+         "xaxis": {"key": x, "type": "METRIC"}, "yaxis": {"key": y, "type": "METRIC"}},
+        {**base, "uuid": "ablate-curve", "type": "LINE", "displayName": "val_top1 per epoch", "metricKey": "val_top1",
+         "selectedMetricKeys": ["val_top1"], "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear",
+         "range": {}, "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [],
+         "ignoreOutliers": False, "useGlobalXaxisKey": False, "useGlobalLineSmoothing": True},
+    ]
+    keys = [k for k in varied if k != "train.seed"] if group else []
+    return {
+        "searchFilter": f"tags.`{names.ROLE}` = 'cell'",
+        "orderByKey": _column("metrics", y), "orderByAsc": False,
+        "selectedColumns": [_column("params", k) for k in varied] + [_column("metrics", m) for m in metrics],
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": k} for k in keys]}
+        if keys else None,
+        "groupsExpanded": {}, "useGroupedValuesInCharts": True, "hideEmptyCharts": True,
+        "runsHiddenMode": "SHOW_ALL",
+        "compareRunCharts": charts,
+        "compareRunSections": [{"uuid": section, "name": SECTION_NAME, "display": True, "isReordered": False,
+                                "deleted": False, "isGenerated": False}],
+        "isAccordionReordered": False,
+    }
 
 
 def spec_tags(spec) -> dict[str, str]:

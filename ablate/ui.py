@@ -20,10 +20,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
+from urllib.parse import urlencode
 
+from ablate import names
 from ablate.errors import AblateError
 from ablate.urls import mask_url
 
@@ -112,6 +114,44 @@ def url(host: str, port: int) -> str:
     return f"http://[{h}]:{port}/" if ":" in h else f"http://{h}:{port}/"
 
 
+def experiment_urls(base: str, experiment_id: str) -> tuple[str, str]:
+    """(runs, charts): where MLflow's UI at ``base`` shows an experiment's runs in ablate's saved
+    view (see :func:`ablate.tracking.runs_view`), as a table and as charts.
+
+    ``workflowType=machine_learning`` makes MLflow 3's UI show the runs rather than its GenAI
+    overview, whatever the browser last chose; ``viewStateShareKey`` opens the saved view;
+    ``compareRunsMode=CHART`` the chart view of the same runs.
+    """
+    query = urlencode({"workflowType": "machine_learning", "viewStateShareKey": names.VIEW_KEY})
+    runs = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+    return runs, runs + "&compareRunsMode=CHART"
+
+
+def ablate_experiments(store: str) -> list[tuple[str, str]]:
+    """(name, id) of the experiments in ``store`` that carry ablate's saved view, latest first.
+    Reads only: a SQLite store that does not exist yet has none (and is not created here)."""
+    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).is_file():
+        return []
+    from mlflow.tracking import MlflowClient
+    try:
+        found = MlflowClient(tracking_uri=store).search_experiments(order_by=["last_update_time DESC"])
+    except Exception:  # an unreachable or older store: the UI itself says more
+        return []
+    return [(e.name, e.experiment_id) for e in found if names.SHARED_VIEW + names.VIEW_KEY in e.tags]
+
+
+def experiment_links(store: str, base: str, limit: int = 10) -> list[str]:
+    """Lines naming where each ablate experiment of ``store`` opens in the UI at ``base``."""
+    found = ablate_experiments(store)
+    lines = []
+    for name, experiment_id in found[:limit]:
+        runs, charts = experiment_urls(base, experiment_id)
+        lines += [f"  {name}: runs   {runs}", f"  {' ' * len(name)}  charts {charts}"]
+    if len(found) > limit:
+        lines.append(f"  ... and {len(found) - limit} older experiment(s): pick them in the UI's list")
+    return lines
+
+
 def check_port_free(host: str, port: int) -> None:
     """Refuse a port another process listens on. A port whose last connection is only in
     TIME-WAIT is free: the servers bind with SO_REUSEADDR, and so does this check."""
@@ -142,6 +182,7 @@ class Server:
     address: str
     store: str
     env: Optional[dict[str, str]] = None
+    links: list[str] = field(default_factory=list)  # said with the address, once it answers
     process: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
@@ -201,9 +242,14 @@ def _servers(host: str, port: int, optuna: bool, storage: Optional[str], optuna_
     store = tracking_store_uri()
     if store.startswith(REMOTE_SCHEMES):
         echo(f"runs are tracked on {mask_url(store)}: open it there (no local MLflow UI to start)")
+        if store.startswith(("http://", "https://")):
+            for line in experiment_links(store, mask_url(store)):
+                echo(line)
     else:
         check_port_free(host, port)
-        servers.append(Server("MLflow UI", mlflow_command(host, port), url(host, port), store, mlflow_env(store)))
+        address = url(host, port)
+        servers.append(Server("MLflow UI", mlflow_command(host, port), address, store, mlflow_env(store),
+                              links=experiment_links(store, address)))
     if optuna:
         ledger = ledger_store_url(storage)
         if ledger.startswith("sqlite:///") and not Path(ledger[len("sqlite:///"):]).is_file():
@@ -250,9 +296,13 @@ def _wait_ready(servers: list[Server], echo: Callable[[str], None], timeout: flo
                 raise AblateError(f"{s.name} did not start (exit status {s.exited()}); see its output above")
             if answers(s.address):
                 echo(f"{s.name}: {s.address}")
+                for line in s.links:
+                    echo(line)
                 pending.remove(s)
         if pending and time.monotonic() > deadline:
             for s in pending:
                 echo(f"{s.name}: {s.address} (not answering yet after {timeout:.0f} s)")
+                for line in s.links:
+                    echo(line)
             return
         time.sleep(0.3)

@@ -99,7 +99,7 @@ def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str
     if finished:  # nothing for a worker to do: submit nothing
         return Submitted(None, spec.name, queued, "", stores)
     with _environment(MLFLOW_TRACKING_URI=stores.tracking):
-        experiment_id = tracking.ensure_experiment(spec.name)
+        experiment_id = tracking.ensure_experiment(spec.name, spec)
         parent = tracking.start_parent(experiment_id, kind, str(spec_path))
     gpus = settings.gpus_per_task
     ctx = Context(spec_path=os.path.abspath(spec_path), storage="", experiment_id=experiment_id,
