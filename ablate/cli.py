@@ -218,7 +218,7 @@ def run(spec, workers, storage, device, devices, checkpoints, spec_args, launche
     from ablate.runner import print_summary, run_grid
     summary = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
                        checkpoints=checkpoints, spec_args=spec_args)
-    print_summary(summary)
+    print_summary(summary, spec_path=spec, spec_args=spec_args)
     sys.exit(0 if summary.ok else 1)
 
 
@@ -235,10 +235,11 @@ def search(spec, trials, workers, storage, device, devices, checkpoints, spec_ar
         _launch_slurm(spec, "search", workers=workers, storage=storage, device=device, checkpoints=checkpoints,
                       slurm=slurm, slurm_profile=slurm_profile, follow=follow, trials=trials, spec_args=spec_args)
         return
-    from ablate.runner import run_search
+    from ablate.runner import print_search_summary, run_search
     counts = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
                         devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args)
     click.echo("trials: " + ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())))
+    print_search_summary(spec, spec_args, storage)
 
 
 # ---- report ----------------------------------------------------------------------------------
