@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import urlencode
@@ -127,25 +127,35 @@ def experiment_urls(base: str, experiment_id: str) -> tuple[str, str]:
     return runs, runs + "&compareRunsMode=CHART"
 
 
-def ablate_experiments(store: str) -> list[tuple[str, str]]:
-    """(name, id) of the experiments in ``store`` that carry ablate's saved view, latest first.
-    Reads only: a SQLite store that does not exist yet has none (and is not created here)."""
-    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).is_file():
-        return []
-    from mlflow.tracking import MlflowClient
-    try:
-        found = MlflowClient(tracking_uri=store).search_experiments(order_by=["last_update_time DESC"])
-    except Exception:  # an unreachable or older store: the UI itself says more
-        return []
-    return [(e.name, e.experiment_id) for e in found if names.SHARED_VIEW + names.VIEW_KEY in e.tags]
+def ablate_experiments(server: str, timeout: float = 10.0) -> list[tuple[str, str]]:
+    """(name, id) of the experiments that carry ablate's saved view, latest first, as the MLflow
+    server at ``server`` lists them (its REST API: no connection of our own to its database,
+    none of the MLflow client's retries, which wait minutes for a database that is down)."""
+    found, token = [], None
+    while True:
+        query = {"max_results": 1000, "order_by": ["last_update_time DESC"], **({"page_token": token} if token else {})}
+        request = urllib.request.Request(f"{server.rstrip('/')}/api/2.0/mlflow/experiments/search",
+                                         data=json.dumps(query).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                page = json.load(r)
+        except (urllib.error.URLError, OSError, ValueError):  # an older or unreachable server: no links
+            return found
+        found += [(e["name"], e["experiment_id"]) for e in page.get("experiments", [])
+                  if any(t.get("key") == names.SHARED_VIEW + names.VIEW_KEY for t in e.get("tags", []))]
+        token = page.get("next_page_token")
+        if not token:
+            return found
 
 
-def experiment_links(store: str, base: str, limit: int = 10) -> list[str]:
-    """Lines naming where each ablate experiment of ``store`` opens in the UI at ``base``."""
-    found = ablate_experiments(store)
+def experiment_links(server: str, shown: Optional[str] = None, limit: int = 10) -> list[str]:
+    """Lines naming where each ablate experiment on the MLflow server at ``server`` opens
+    (written with the address ``shown``, e.g. with its password masked)."""
+    found = ablate_experiments(server)
     lines = []
     for name, experiment_id in found[:limit]:
-        runs, charts = experiment_urls(base, experiment_id)
+        runs, charts = experiment_urls(shown or server, experiment_id)
         lines += [f"  {name}: runs   {runs}", f"  {' ' * len(name)}  charts {charts}"]
     if len(found) > limit:
         lines.append(f"  ... and {len(found) - limit} older experiment(s): pick them in the UI's list")
@@ -182,7 +192,7 @@ class Server:
     address: str
     store: str
     env: Optional[dict[str, str]] = None
-    links: list[str] = field(default_factory=list)  # said with the address, once it answers
+    links: Optional[Callable[[], list[str]]] = None  # lines said with the address, once it answers
     process: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
@@ -249,7 +259,7 @@ def _servers(host: str, port: int, optuna: bool, storage: Optional[str], optuna_
         check_port_free(host, port)
         address = url(host, port)
         servers.append(Server("MLflow UI", mlflow_command(host, port), address, store, mlflow_env(store),
-                              links=experiment_links(store, address)))
+                              links=lambda: experiment_links(address)))
     if optuna:
         ledger = ledger_store_url(storage)
         if ledger.startswith("sqlite:///") and not Path(ledger[len("sqlite:///"):]).is_file():
@@ -296,13 +306,11 @@ def _wait_ready(servers: list[Server], echo: Callable[[str], None], timeout: flo
                 raise AblateError(f"{s.name} did not start (exit status {s.exited()}); see its output above")
             if answers(s.address):
                 echo(f"{s.name}: {s.address}")
-                for line in s.links:
+                for line in s.links() if s.links else []:
                     echo(line)
                 pending.remove(s)
         if pending and time.monotonic() > deadline:
             for s in pending:
                 echo(f"{s.name}: {s.address} (not answering yet after {timeout:.0f} s)")
-                for line in s.links:
-                    echo(line)
             return
         time.sleep(0.3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import wsgiref.util
 from dataclasses import dataclass
 from io import BytesIO
@@ -116,14 +117,40 @@ def test_experiment_urls_open_the_saved_view_as_a_table_and_as_charts():
     assert charts == runs + "&compareRunsMode=CHART"
 
 
-def test_ui_prints_where_each_experiment_opens(workdir, monkeypatch):
+@pytest.fixture
+def mlflow_server(workdir, monkeypatch):
+    """MLflow's own tracking server (its Flask app) on the test's store, served from this process."""
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from mlflow.server import app, handlers
+    from mlflow.server.constants import BACKEND_STORE_URI_ENV_VAR
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv(BACKEND_STORE_URI_ENV_VAR, os.environ["MLFLOW_TRACKING_URI"])
+    monkeypatch.setattr(handlers, "_tracking_store", None)  # opened again on this test's store
+    server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+def test_ui_prints_where_each_experiment_opens(workdir, monkeypatch, mlflow_server):
+    """`ablate ui` on a server that answers at once (MLflow's own app, in this process): once it
+    answers, the links of ablate's experiments, read through its REST API; then Ctrl-C."""
     import ablate.ui as ui
     spec = load_spec(write_spec(workdir / "g.yaml", name="views-ui", extra=GRID))
     experiment_id = tracking.ensure_experiment(spec.name, spec)
     MlflowClient().create_experiment("not-ablates")
     started = []
 
-    class Clock:  # the servers answer at once; the first wait afterwards is a Ctrl-C
+    class Clock:  # the first wait after the server answered is a Ctrl-C
         monotonic = staticmethod(lambda: 0.0)
 
         @staticmethod
@@ -131,20 +158,24 @@ def test_ui_prints_where_each_experiment_opens(workdir, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(ui.Server, "start", lambda self: started.append(self.name))
-    monkeypatch.setattr(ui, "answers", lambda address, timeout=2.0: True)
+    monkeypatch.setattr(ui, "url", lambda host, port: mlflow_server)
     monkeypatch.setattr(ui, "time", Clock)
     result = CliRunner().invoke(cli, ["ui", "--port", "5999"])
     assert result.exit_code == 0, result.output
     assert started == ["MLflow UI"]
-    runs, charts = ui.experiment_urls("http://127.0.0.1:5999/", experiment_id)
-    assert f"views-ui: runs   {runs}" in result.output and f"charts {charts}" in result.output
+    runs, charts = ui.experiment_urls(mlflow_server, experiment_id)
+    lines = result.output.splitlines()
+    at = lines.index(f"MLflow UI: {mlflow_server}")
+    assert lines[at + 1:at + 3] == [f"  views-ui: runs   {runs}", f"            charts {charts}"]
     assert "not-ablates" not in result.output and "stopping" in result.output
 
 
-def test_ui_lists_nothing_for_a_store_not_made_yet(tmp_path):
+def test_ui_lists_no_experiment_of_a_server_that_does_not_answer():
     from ablate.ui import experiment_links
-    assert experiment_links(f"sqlite:///{tmp_path}/none.db", "http://127.0.0.1:5000/") == []
-    assert not (tmp_path / "none.db").exists()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert experiment_links(f"http://127.0.0.1:{port}/") == []
 
 
 # ---- optuna-dashboard --------------------------------------------------------------------------
