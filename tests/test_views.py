@@ -139,6 +139,10 @@ def mlflow_server(workdir, monkeypatch):
     server.shutdown()
     thread.join()
     server.server_close()
+    # the server's store lookup set MLflow's process-wide tracking URI; later tests in this
+    # process must read theirs from the environment again
+    import mlflow
+    mlflow.set_tracking_uri(None)
 
 
 def test_ui_prints_where_each_experiment_opens(workdir, monkeypatch, mlflow_server):
