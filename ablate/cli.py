@@ -6,6 +6,7 @@ exit status 2.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 
@@ -173,6 +174,24 @@ def cancel(spec, storage, spec_args):
 
 # ---- run / search ----------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _resumable(kind: str):
+    """Ctrl-C or SIGTERM during a local run or search: the workers are stopped and the parent run
+    marked KILLED below; here say that a re-run resumes, and exit 130 (SIGINT) or 143 (SIGTERM)."""
+    from ablate.lifecycle import exit_status, sigterm_as_interrupt
+    try:
+        with sigterm_as_interrupt():
+            yield
+    except KeyboardInterrupt as e:
+        import signal
+        status = exit_status(e)
+        what = "cells" if kind == "grid" else "trials"
+        click.echo(f"\nstopped ({signal.Signals(status - 128).name}): unfinished {what} stay "
+                   f"in the ledger; run the same command again to resume them from their last checkpoints",
+                   err=True)
+        sys.exit(status)
+
+
 def _devices(value: str | None) -> list[str]:
     if value is None:
         return []
@@ -216,8 +235,9 @@ def run(spec, workers, storage, device, devices, checkpoints, spec_args, launche
                       slurm=slurm, slurm_profile=slurm_profile, follow=follow, spec_args=spec_args)
         return
     from ablate.runner import print_summary, run_grid
-    summary = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
-                       checkpoints=checkpoints, spec_args=spec_args)
+    with _resumable("grid"):
+        summary = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
+                           checkpoints=checkpoints, spec_args=spec_args)
     print_summary(summary, spec_path=spec, spec_args=spec_args)
     sys.exit(0 if summary.ok else 1)
 
@@ -236,8 +256,9 @@ def search(spec, trials, workers, storage, device, devices, checkpoints, spec_ar
                       slurm=slurm, slurm_profile=slurm_profile, follow=follow, trials=trials, spec_args=spec_args)
         return
     from ablate.runner import print_search_summary, run_search
-    counts = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
-                        devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args)
+    with _resumable("search"):
+        counts = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
+                            devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args)
     click.echo("trials: " + ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())))
     print_search_summary(spec, spec_args, storage)
 
@@ -254,6 +275,8 @@ def report(target, out, spec_args):
 
     With --set (or --name), the report of the runs made with those same options."""
     from ablate.report import write_report
+    from ablate.stores import existing_tracking_store
+    existing_tracking_store()  # a folder with no runs: say so, without creating an empty mlflow.db
     command = " ".join(["ablate report", target, *(f"--set {o}" for o in spec_args.overrides)]
                        + ([f"--name {spec_args.name}"] if spec_args.name else []) + ([f"--out {out}"] if out else []))
     rep = write_report(target, out, command=command, spec_args=spec_args)

@@ -28,12 +28,8 @@ def store_lock(url: str, name: str = "ablate"):
     """Hold an exclusive lock named ``name`` on the store at ``url`` while the body runs."""
     path = sqlite_path(url)
     if path is not None:
-        with open(f"{path}.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with _file_lock(f"{path}.lock"):
+            yield
     elif url.startswith(("postgresql", "postgres")):
         import sqlalchemy
         key = zlib.crc32(name.encode())  # advisory locks are keyed by a number
@@ -49,6 +45,39 @@ def store_lock(url: str, name: str = "ablate"):
             engine.dispose()
     else:
         yield
+
+
+@contextmanager
+def _file_lock(path: str):
+    """An exclusive lock through a file that exists only while the lock is held, so that no
+    ``*.db.lock`` stays beside the database after a command.
+
+    The holder deletes the file before it lets go; a process that was waiting on the deleted
+    file then holds a lock nobody else can see, so it checks, once it has the lock, that its
+    file is still the one at ``path`` (same inode), and otherwise tries again on the new file.
+    """
+    while True:
+        f = open(path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                fcntl.flock(f, fcntl.LOCK_UN)
+                continue
+            try:
+                yield
+            finally:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                fcntl.flock(f, fcntl.LOCK_UN)
+            return
+        finally:
+            f.close()
 
 
 def pid_alive(pid: int) -> bool:

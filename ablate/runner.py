@@ -91,7 +91,6 @@ def _open_ledger(spec, storage: str, *, create: bool = True):
 def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = False) -> str:
     """Train one cell (or trial) and record it. Returns the final state name."""
     import optuna
-    from optuna.trial import TrialState
 
     from ablate import checkpoint, tracking
     from ablate.train import CellFailed, describe_failure, is_out_of_memory, resolve_device, train_cell
@@ -105,7 +104,7 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
         if spec.search is not None and done.data.tags.get(names.TRIAL_NUMBER) != str(trial.number):
             tracking.CellRun.copy_of(done, ctx.parent_run_id, trial.number)
         metrics = done.data.metrics
-        ledger.tell(trial, TrialState.COMPLETE, _objective_values(spec, metrics))
+        _record(None, ledger, trial, "COMPLETE", _objective_values(spec, metrics))  # MLflow has it already
         _remove_checkpoints(ckpt_dir, ctx)
         ctx.log(f"cell {key}: already finished in MLflow (top-1 {metrics.get('val_top1', float('nan')):.2f})")
         return "COMPLETE"
@@ -132,8 +131,7 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
             metrics = train_cell(cfg, device=device, checkpoint_dir=ckpt_dir, on_epoch=on_epoch,
                                  on_start=run.set_tags, log=lambda m: ctx.log(f"  {m}"), progress=ctx.progress)
     except optuna.TrialPruned as e:
-        run.close("PRUNED", str(e))
-        ledger.tell(trial, TrialState.PRUNED)
+        _record(run, ledger, trial, "PRUNED", reason=str(e))
         ctx.log(f"cell {key}: {e}")
         return "PRUNED"
     except (KeyboardInterrupt, SystemExit):
@@ -154,15 +152,13 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
         if not isinstance(e, CellFailed) and not is_out_of_memory(e):
             import traceback
             traceback.print_exc()
-        run.close("FAIL", reason)
-        ledger.tell(trial, TrialState.FAIL, reason=reason)
+        _record(run, ledger, trial, "FAIL", reason=reason)
         ctx.log(f"cell {key}: FAILED: {reason}")
         return "FAIL"
     # val_top1/val_top5/losses are already the last per-epoch values; log the run-level ones
     per_epoch = ("epochs", "train_loss", "val_loss", "val_top1", "val_top5")
     run.log_metrics({k: v for k, v in metrics.items() if k not in per_epoch}, step=metrics["epochs"])
-    run.close("COMPLETE")
-    ledger.tell(trial, TrialState.COMPLETE, _objective_values(spec, metrics))
+    _record(run, ledger, trial, "COMPLETE", _objective_values(spec, metrics))
     _remove_checkpoints(ckpt_dir, ctx)  # finished: the MLflow run is the record now
     ctx.log(f"cell {key}: done, top-1 {metrics['val_top1']:.2f}  top-5 {metrics['val_top5']:.2f}  "
             f"{metrics['train_seconds']:.0f}s")
@@ -174,6 +170,20 @@ def _remove_checkpoints(ckpt_dir: Path, ctx: Context) -> None:
     where it is the default one in the working directory, which a run creates)."""
     from ablate.checkpoint import remove
     remove(ckpt_dir, Path(ctx.checkpoints), remove_root=ctx.checkpoints == DEFAULT_ROOT)
+
+
+def _record(run, ledger, trial, state: str, values: Optional[list[float]] = None,
+            reason: Optional[str] = None) -> None:
+    """Record a cell's outcome (``state``: COMPLETE, PRUNED or FAIL): in MLflow first, the ledger second.
+
+    Every exit of :func:`execute` goes through here. A worker that dies between the two leaves a
+    finished MLflow run and a RUNNING trial; the next worker to claim the cell finds the run and
+    only tells the ledger (``run`` None: MLflow holds the outcome already).
+    """
+    from optuna.trial import TrialState
+    if run is not None:
+        run.close(state, reason)
+    ledger.tell(trial, TrialState[state], values if state == "COMPLETE" else None, reason=reason)
 
 
 def _overrides_note(spec) -> str:
@@ -201,6 +211,9 @@ def _short(v) -> str:
 
 def _setup_worker(ctx: Context) -> None:
     import torch
+
+    from ablate.quiet import quiet_known_noise
+    quiet_known_noise()
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
 
@@ -308,7 +321,12 @@ def _duration(seconds: float) -> str:
 
 
 def _run_workers(target: Callable[[Context], None], ctx: Context, workers: int, devices: list[str]) -> None:
-    """Run ``workers`` copies of ``target``: in this process for one, else spawned processes."""
+    """Run ``workers`` copies of ``target``: in this process for one, else spawned processes.
+
+    The worker processes end with this one: stopped when it is interrupted (Ctrl-C, SIGTERM
+    through :func:`ablate.lifecycle.sigterm_as_interrupt`) or fails, killed by the kernel when it
+    is killed. Their cells stay RUNNING in the ledger, to resume.
+    """
     if workers == 1:
         if devices:
             ctx.device = devices[0]
@@ -317,22 +335,46 @@ def _run_workers(target: Callable[[Context], None], ctx: Context, workers: int, 
     procs = []
     mp_ctx = mp.get_context("spawn")
     threads = ctx.threads or max(1, (os.cpu_count() or 1) // workers)
-    for i in range(workers):
-        wctx = Context(**{**ctx.__dict__, "prefix": f"[w{i}] ", "index": i, "threads": threads, "progress": False,
-                          "device": devices[i] if devices else ctx.device})
-        p = mp_ctx.Process(target=target, args=(wctx,), name=f"ablate-worker-{i}")
-        p.start()
-        procs.append(p)
     try:
+        for i in range(workers):
+            wctx = Context(**{**ctx.__dict__, "prefix": f"[w{i}] ", "index": i, "threads": threads,
+                              "progress": False, "device": devices[i] if devices else ctx.device})
+            p = mp_ctx.Process(target=_worker_process, args=(target, wctx, os.getpid()), name=f"ablate-worker-{i}")
+            p.start()
+            procs.append(p)
         for p in procs:
             p.join()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
+    except BaseException:
+        _stop_workers(procs)
         raise
     bad = [p.name for p in procs if p.exitcode not in (0, None)]
     if bad:
         ctx.log(f"warning: worker(s) {', '.join(bad)} exited abnormally")
+
+
+def _worker_process(target: Callable[[Context], None], ctx: Context, parent_pid: int) -> None:
+    """A spawned worker: it dies with its parent, and leaves Ctrl-C to the parent (which stops it)."""
+    import signal
+
+    from ablate.lifecycle import die_with_parent
+    die_with_parent(parent_pid)
+    # a terminal's Ctrl-C reaches the whole process group; the parent alone decides, so that one
+    # interrupt gives one message instead of a traceback from every worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target(ctx)
+
+
+def _stop_workers(procs, grace: float = 10.0) -> None:
+    """SIGTERM every worker, SIGKILL those still there after ``grace`` seconds; return once all are gone."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.time() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 # ---- the two commands ----------------------------------------------------------------------------
@@ -372,18 +414,40 @@ def _worker_count(device: str, devices: list[str], workers: int) -> int:
     return count
 
 
-def _run_under_parent(target: Callable[[Context], None], ctx: Context, workers: int, devices: list[str]) -> None:
-    """Run the workers; the parent run ends FINISHED, KILLED (Ctrl-C) or FAILED (a crash)."""
+def _run_under_parent(target: Callable[[Context], None], ctx: Context, workers: int, devices: list[str],
+                      outcome: Callable[[], str] = lambda: "FINISHED") -> None:
+    """Run the workers and end the parent run once: ``outcome()`` (FINISHED or FAILED) when they
+    return, KILLED when interrupted (Ctrl-C or SIGTERM), FAILED when this process crashes."""
     from ablate import tracking
+    from ablate.lifecycle import sigterm_as_interrupt
     status = "FAILED"
     try:
-        _run_workers(target, ctx, workers, devices)
-        status = "FINISHED"
+        with sigterm_as_interrupt():
+            _run_workers(target, ctx, workers, devices)
+        status = outcome()
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         tracking.finish_run(ctx.parent_run_id, status)
+
+
+def _close_gone_parents(experiment_id: str) -> None:
+    from ablate import tracking
+    closed = tracking.close_gone_parents(experiment_id)
+    if closed:
+        print(f"marked {len(closed)} parent run(s) KILLED: their ablate process on this machine is gone", flush=True)
+
+
+def _remove_empty_checkpoints(root: str, spec, root_existed: bool) -> None:
+    """Remove the spec's checkpoint folder where nothing is left in it (a finished cell's checkpoint
+    is deleted with it), and the root too if this run created it. A folder holding anything stays."""
+    for folder in (Path(root) / spec.slug, *([] if root_existed else [Path(root)])):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another cell, another spec), or not there
+            return
+
 
 @dataclass
 class Summary:
@@ -403,8 +467,10 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     """``ablate run``: every cell of the spec's grid trained once, recorded in MLflow."""
     from ablate import tracking
     from ablate.ledger import storage_url
+    from ablate.quiet import quiet_known_noise
     from ablate.stores import check_stores
 
+    quiet_known_noise()
     spec = spec_args.load(spec_path)  # raises SpecError before anything is written
     if spec.search is not None:
         raise AblateError(f"{spec_path}: search: this spec describes a search (allowed: `ablate search {spec_path}`)")
@@ -415,18 +481,36 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     cells = spec.cells()
     ledger = _open_ledger(spec, url)
     enqueued, done = ledger.enqueue_cells(sorted(cells, key=_estimated_cost, reverse=True))
+    keys = {c.key for c in cells}
+    counts = ledger.counts(keys)
+    resume = _to_resume(ledger, keys)
+    queue = f"{done} already finished, " + (f"{resume} to resume, " if resume else "") + \
+        f"{max(0, counts['WAITING'] - resume)} queued" + (f", {counts['RUNNING']} running elsewhere" if counts["RUNNING"] else "")
     experiment_id = tracking.ensure_experiment(spec.name, spec)
-    parent = tracking.start_parent(experiment_id, "grid", str(spec_path), tags=spec_tags(spec))
-    print(f"{spec.name}{_overrides_note(spec)}: {len(cells)} cells, {done} already finished, {enqueued} queued; "
+    _close_gone_parents(experiment_id)
+    print(f"{spec.name}{_overrides_note(spec)}: {len(cells)} cells, {queue}; "
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
+    if not counts["WAITING"] and not counts["RUNNING"]:
+        return summarize_grid(spec, ledger)  # nothing to train: no parent run for an invocation that did nothing
+    root = checkpoint_root(checkpoints)
+    root_existed = Path(root).exists()
+    parent = tracking.start_parent(experiment_id, "grid", str(spec_path), tags=spec_tags(spec))
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
-                  checkpoints=checkpoint_root(checkpoints), device=device, progress=progress,
-                  workers=workers, spec_args=spec_args)
-    _run_under_parent(grid_worker, ctx, workers, devices)
+                  checkpoints=root, device=device, progress=progress, workers=workers, spec_args=spec_args)
+    _run_under_parent(grid_worker, ctx, workers, devices,
+                      outcome=lambda: "FINISHED" if summarize_grid(spec, ledger).ok else "FAILED")
     summary = summarize_grid(spec, ledger)
-    if not summary.ok:
-        tracking.finish_run(parent, "FAILED")
+    if not summary.pending:
+        _remove_empty_checkpoints(root, spec, root_existed)
     return summary
+
+
+def _to_resume(ledger, keys: set[str]) -> int:
+    """Cells of ``keys`` waiting as the retry of an interrupted run (a dead worker's trial), not as new work."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+    return len({t.user_attrs.get(names.CELL_KEY) for t in ledger.trials(states=(TrialState.WAITING,))
+                if t.user_attrs.get(names.CELL_KEY) in keys and RetryHeartbeatStaleTrialCallback.retry_history(t)})
 
 
 def summarize_grid(spec, ledger) -> Summary:
@@ -457,9 +541,11 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
     """``ablate search``: continue the spec's study until it holds ``trials`` finished trials."""
     from ablate import tracking
     from ablate.ledger import storage_url
+    from ablate.quiet import quiet_known_noise
     from ablate.search import counted_trials
     from ablate.stores import check_stores
 
+    quiet_known_noise()
     spec = spec_args.load(spec_path)
     if spec.search is None:
         raise AblateError(f"{spec_path}: search: this spec has no search section (allowed: `ablate run {spec_path}` for a grid)")
@@ -479,13 +565,19 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
               f"{', more than' if finished > target else ', as many as'} {asked}: nothing to do", flush=True)
         return ledger.counts()
     experiment_id = tracking.ensure_experiment(spec.name, spec)
+    _close_gone_parents(experiment_id)
+    root = checkpoint_root(checkpoints)
+    root_existed = Path(root).exists()
     parent = tracking.start_parent(experiment_id, "search", str(spec_path), tags=spec_tags(spec))
     print(f"{spec.name}{_overrides_note(spec)}: {finished} trials finished of {target}; sampler {spec.search.sampler}; "
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
-                  checkpoints=checkpoint_root(checkpoints), device=device, progress=progress, trials=target,
+                  checkpoints=root, device=device, progress=progress, trials=target,
                   workers=workers, spec_args=spec_args)
     _run_under_parent(search_worker, ctx, workers, devices)
+    _, running, waiting = counted_trials(ledger)
+    if not running and not waiting:
+        _remove_empty_checkpoints(root, spec, root_existed)
     return ledger.counts()
 
 

@@ -8,6 +8,7 @@ found again (MLflow has no get-or-create of runs). Cost is logged as metrics (``
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -143,11 +144,52 @@ def spec_tags(spec) -> dict[str, str]:
 
 
 def start_parent(experiment_id: str, kind: str, spec_file: str, tags: Optional[dict[str, str]] = None) -> str:
+    """The invocation's parent run, tagged with the process that runs it (see :func:`close_gone_parents`)."""
     tags = {names.ROLE: "parent", names.KIND: kind, names.SPEC_FILE: spec_file, names.GIT_COMMIT: git_commit(),
-            names.HOST: socket.gethostname(), **(tags or {})}
+            names.HOST: socket.gethostname(), **_process_tags(), **(tags or {})}
     run = _retry(client().create_run, experiment_id, tags=tags,
                  run_name=f"{kind} {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return run.info.run_id
+
+
+def _process_tags() -> dict[str, str]:
+    from ablate.ledger import process_space
+    from ablate.lifecycle import process_start
+    pid = os.getpid()
+    return {names.PID: str(pid), names.PROCESS_START: process_start(pid) or "", names.PROCESS_SPACE: process_space()}
+
+
+def _process_gone(tags: dict[str, str]) -> bool:
+    """Whether the local process a parent run's tags name has ended (False when it cannot be told here)."""
+    from ablate.ledger import process_space
+    from ablate.lifecycle import process_start
+    from ablate.locks import pid_alive
+    pid = tags.get(names.PID, "")
+    if (not pid.isdigit() or tags.get(names.HOST) != socket.gethostname()
+            or tags.get(names.PROCESS_SPACE) != process_space()):
+        return False  # another machine's (or container's) process, or a run that did not record one
+    if not pid_alive(int(pid)):
+        return True
+    started = tags.get(names.PROCESS_START)
+    return bool(started) and process_start(int(pid)) not in (None, started)  # the pid names another process now
+
+
+def close_gone_parents(experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING parent runs of this experiment whose ``ablate`` process is gone.
+
+    A SIGKILL, a crash of the machine or an out-of-memory kill leaves the parent run RUNNING
+    with no one to close it; the next invocation on the same machine does. Slurm launches are
+    left alone: their parent is closed by the last task, and their tasks run elsewhere.
+    """
+    runs = _retry(client().search_runs, [experiment_id],
+                  filter_string=f"tags.`{names.ROLE}` = 'parent' and attributes.status = 'RUNNING'")
+    closed = []
+    for run in runs:
+        if run.data.tags.get(names.LAUNCHER) == "slurm" or not _process_gone(run.data.tags):
+            continue
+        finish_run(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
@@ -186,22 +228,34 @@ class CellRun:
                 _retry(c.update_run, run.info.run_id, status="RUNNING")
                 cr = cls(run.info.run_id, resumed=True)
                 cr.set_tags({names.DEVICE: device, names.STATE: "RUNNING"})
+                if names.INCOMPLETE in run.data.tags:  # its creator died before it logged what the cell is
+                    cr._describe(cfg)
                 return cr
+        # created marked incomplete, the mark removed once the run says what it trained: a kill in
+        # between leaves a run that the next worker completes, never one without params or config
         tags = {names.ROLE: "cell", names.CELL_KEY: key, names.STATE: "RUNNING", names.PARENT_ID: parent_id,
                 names.VARIED: json.dumps(sorted(varied)), names.SPEC_FILE: spec_file,
                 names.GIT_COMMIT: git_commit(), names.DEVICE: device,
-                names.HOST: socket.gethostname(), **(tags or {})}
+                names.HOST: socket.gethostname(), names.INCOMPLETE: "params and config.yaml not logged yet",
+                **(tags or {})}
         if trial_number is not None:
             tags[names.TRIAL_NUMBER] = str(trial_number)
         run = _retry(c.create_run, experiment_id, tags=tags, run_name=run_name or key)
         cr = cls(run.info.run_id, resumed=False)
+        cr._describe(cfg)
+        return cr
+
+    def _describe(self, cfg: CellConfig) -> None:
+        """Log the cell's params and config.yaml, then drop the incomplete mark. Logging the same
+        values again (a resumed run whose creator died midway) is harmless."""
         from mlflow.entities import Param
+        c = client()
         params = [Param(k, _param_value(v)) for k, v in flat_params(cfg).items()]
         for i in range(0, len(params), 100):
-            _retry(c.log_batch, cr.run_id, params=params[i:i + 100])
-        _retry(c.log_text, cr.run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+            _retry(c.log_batch, self.run_id, params=params[i:i + 100])
+        _retry(c.log_text, self.run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
                "config.yaml")
-        return cr
+        _retry(c.delete_tag, self.run_id, names.INCOMPLETE)
 
     @classmethod
     def copy_of(cls, run, parent_id: str, trial_number: int) -> "CellRun":
