@@ -490,10 +490,11 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     _close_gone_parents(experiment_id)
     print(f"{spec.name}{_overrides_note(spec)}: {len(cells)} cells, {queue}; "
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
-    if not counts["WAITING"] and not counts["RUNNING"]:
-        return summarize_grid(spec, ledger)  # nothing to train: no parent run for an invocation that did nothing
     root = checkpoint_root(checkpoints)
     root_existed = Path(root).exists()
+    if not counts["WAITING"] and not counts["RUNNING"]:  # nothing to train: no parent run for it
+        _remove_empty_checkpoints(root, spec, root_existed)
+        return summarize_grid(spec, ledger)
     parent = tracking.start_parent(experiment_id, "grid", str(spec_path), tags=spec_tags(spec))
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=root, device=device, progress=progress, workers=workers, spec_args=spec_args)

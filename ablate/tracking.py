@@ -143,10 +143,12 @@ def spec_tags(spec) -> dict[str, str]:
     return tags
 
 
-def start_parent(experiment_id: str, kind: str, spec_file: str, tags: Optional[dict[str, str]] = None) -> str:
-    """The invocation's parent run, tagged with the process that runs it (see :func:`close_gone_parents`)."""
+def start_parent(experiment_id: str, kind: str, spec_file: str, tags: Optional[dict[str, str]] = None, *,
+                 local: bool = True) -> str:
+    """The invocation's parent run. ``local``: its workers run under this process, which the run's
+    tags name, so that a later invocation can close it if this process dies (:func:`close_gone_parents`)."""
     tags = {names.ROLE: "parent", names.KIND: kind, names.SPEC_FILE: spec_file, names.GIT_COMMIT: git_commit(),
-            names.HOST: socket.gethostname(), **_process_tags(), **(tags or {})}
+            names.HOST: socket.gethostname(), **(_process_tags() if local else {}), **(tags or {})}
     run = _retry(client().create_run, experiment_id, tags=tags,
                  run_name=f"{kind} {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return run.info.run_id

@@ -100,7 +100,9 @@ def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str
         return Submitted(None, spec.name, queued, "", stores)
     with _environment(MLFLOW_TRACKING_URI=stores.tracking):
         experiment_id = tracking.ensure_experiment(spec.name, spec)
-        parent = tracking.start_parent(experiment_id, kind, str(spec_path))
+        # tagged as Slurm's from the start: its tasks, not this process, run (and close) it
+        parent = tracking.start_parent(experiment_id, kind, str(spec_path), tags={names.LAUNCHER: "slurm"},
+                                       local=False)
     gpus = settings.gpus_per_task
     ctx = Context(spec_path=os.path.abspath(spec_path), storage="", experiment_id=experiment_id,
                   parent_run_id=parent, checkpoints=stores.checkpoints, device=device, progress=False,
