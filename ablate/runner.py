@@ -361,7 +361,14 @@ def _worker_process(target: Callable[[Context], None], ctx: Context, parent_pid:
     # a terminal's Ctrl-C reaches the whole process group; the parent alone decides, so that one
     # interrupt gives one message instead of a traceback from every worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the parent stops a worker with SIGTERM: leave through Python's exit (its cell stays RUNNING
+    # to resume), so that what the process holds is released rather than reported leaked
+    signal.signal(signal.SIGTERM, _leave)
     target(ctx)
+
+
+def _leave(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _stop_workers(procs, grace: float = 10.0) -> None:
@@ -439,10 +446,16 @@ def _close_gone_parents(experiment_id: str) -> None:
         print(f"marked {len(closed)} parent run(s) KILLED: their ablate process on this machine is gone", flush=True)
 
 
-def _remove_empty_checkpoints(root: str, spec, root_existed: bool) -> None:
+def _checkpoints_ours(option: Optional[str]) -> bool:
+    """Whether the checkpoint root is ablate's own default (./checkpoints), not a folder a user named."""
+    return not option and not os.environ.get("ABLATE_CHECKPOINTS")
+
+
+def _remove_empty_checkpoints(root: str, spec, with_root: bool) -> None:
     """Remove the spec's checkpoint folder where nothing is left in it (a finished cell's checkpoint
-    is deleted with it), and the root too if this run created it. A folder holding anything stays."""
-    for folder in (Path(root) / spec.slug, *([] if root_existed else [Path(root)])):
+    is deleted with it), and the root too when ``with_root`` (ours, or made by this run). A folder
+    holding anything stays."""
+    for folder in (Path(root) / spec.slug, *([Path(root)] if with_root else [])):
         try:
             folder.rmdir()
         except OSError:  # not empty (another cell, another spec), or not there
@@ -491,9 +504,9 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     print(f"{spec.name}{_overrides_note(spec)}: {len(cells)} cells, {queue}; "
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
     root = checkpoint_root(checkpoints)
-    root_existed = Path(root).exists()
+    with_root = _checkpoints_ours(checkpoints) or not Path(root).exists()
     if not counts["WAITING"] and not counts["RUNNING"]:  # nothing to train: no parent run for it
-        _remove_empty_checkpoints(root, spec, root_existed)
+        _remove_empty_checkpoints(root, spec, with_root)
         return summarize_grid(spec, ledger)
     parent = tracking.start_parent(experiment_id, "grid", str(spec_path), tags=spec_tags(spec))
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
@@ -502,7 +515,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
                       outcome=lambda: "FINISHED" if summarize_grid(spec, ledger).ok else "FAILED")
     summary = summarize_grid(spec, ledger)
     if not summary.pending:
-        _remove_empty_checkpoints(root, spec, root_existed)
+        _remove_empty_checkpoints(root, spec, with_root)
     return summary
 
 
@@ -564,13 +577,16 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
         asked = f"--trials {target}" if trials else f"the {target} of the spec's search.trials"
         print(f"{spec.name}: the study already has {finished} finished trials"
               f"{', more than' if finished > target else ', as many as'} {asked}: nothing to do", flush=True)
+        _remove_empty_checkpoints(checkpoint_root(checkpoints), spec, _checkpoints_ours(checkpoints))
         return ledger.counts()
     experiment_id = tracking.ensure_experiment(spec.name, spec)
     _close_gone_parents(experiment_id)
     root = checkpoint_root(checkpoints)
-    root_existed = Path(root).exists()
+    with_root = _checkpoints_ours(checkpoints) or not Path(root).exists()
     parent = tracking.start_parent(experiment_id, "search", str(spec_path), tags=spec_tags(spec))
-    print(f"{spec.name}{_overrides_note(spec)}: {finished} trials finished of {target}; sampler {spec.search.sampler}; "
+    resume = f", {waiting} to resume" if waiting else ""  # a search waits only on retries of interrupted trials
+    print(f"{spec.name}{_overrides_note(spec)}: {finished} trials finished of {target}{resume}; "
+          f"sampler {spec.search.sampler}; "
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=root, device=device, progress=progress, trials=target,
@@ -578,7 +594,7 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
     _run_under_parent(search_worker, ctx, workers, devices)
     _, running, waiting = counted_trials(ledger)
     if not running and not waiting:
-        _remove_empty_checkpoints(root, spec, root_existed)
+        _remove_empty_checkpoints(root, spec, with_root)
     return ledger.counts()
 
 

@@ -271,3 +271,17 @@ def test_finished_grid_parent_run_is_terminated_once(workdir, monkeypatch):
     [parent] = _runs("nan-once", "parent")
     assert [c for c in calls if c[0] == parent.info.run_id] == [(parent.info.run_id, "FAILED")]
     assert parent.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("command", ["run", "search"])
+def test_ctrl_c_says_a_rerun_resumes_and_exits_130(workdir, monkeypatch, command):
+    import ablate.runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablate.runner, "run_grid" if command == "run" else "run_search", interrupted)
+    result = CliRunner().invoke(cli, [command, "any.yaml"])
+    assert result.exit_code == 130, result.output
+    assert "stopped (SIGINT)" in result.output and "run the same command again to resume" in result.output
+    assert "Aborted" not in result.output
