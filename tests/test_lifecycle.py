@@ -285,3 +285,21 @@ def test_ctrl_c_says_a_rerun_resumes_and_exits_130(workdir, monkeypatch, command
     assert result.exit_code == 130, result.output
     assert "stopped (SIGINT)" in result.output and "run the same command again to resume" in result.output
     assert "Aborted" not in result.output
+
+
+def test_a_cell_run_killed_midway_through_its_params_is_completed_on_resume(workdir):
+    from mlflow.entities import Param
+
+    from ablate.config import flat_params
+    spec = write_spec(workdir / "m.yaml", name="midway")
+    [cell] = load_spec(spec).cells()
+    eid = tracking.ensure_experiment("midway")
+    created = MlflowClient().create_run(eid, tags={names.ROLE: "cell", names.CELL_KEY: cell.key,
+                                                   names.INCOMPLETE: "x"})
+    first = list(flat_params(cell.config).items())[:5]  # the first of the batches made it, then the kill
+    MlflowClient().log_batch(created.info.run_id, params=[Param(k, tracking._param_value(v)) for k, v in first])
+    run = tracking.CellRun.open(eid, "parent", cell.config, cell.key, varied=[], spec_file=str(spec), device="cpu")
+    assert run.resumed and run.run_id == created.info.run_id
+    got = MlflowClient().get_run(run.run_id)
+    assert len(got.data.params) == len(flat_params(cell.config)) and names.INCOMPLETE not in got.data.tags
+    assert "config.yaml" in [a.path for a in MlflowClient().list_artifacts(run.run_id)]
