@@ -59,22 +59,26 @@ def _objective_values(spec, metrics: dict) -> list[float]:
 
 
 def check_device(name: str, option: str = "--device") -> None:
-    """Refuse an unusable device before anything is written, naming the ``option`` it came from."""
+    """Refuse an unusable device before anything is written, naming the ``option`` it came from
+    as it was given there (``--devices 0`` lists GPU numbers: its ``cuda:0`` is shown as ``0``)."""
     import torch
-    allowed = "auto, cpu, cuda, cuda:N" if option == "--device" else "GPU numbers of this machine, e.g. 0,1"
+    gpus = option == "--devices"
+    shown = name.removeprefix("cuda:") if gpus else name
+    allowed = "GPU numbers of this machine, e.g. 0,1" if gpus else "auto, cpu, cuda, cuda:N"
     try:
         device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
                               "cpu" if name == "auto" else name)
     except RuntimeError:
-        raise AblateError(f"{option}: {name!r} is not a device (allowed: {allowed})") from None
+        raise AblateError(f"{option}: {shown!r} is not a device (allowed: {allowed})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise AblateError(f"{option}: {name}: CUDA is not available on this machine "
-                          f"(allowed: {'auto, cpu' if option == '--device' else 'leave --devices out to train on the CPU'})")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise AblateError(f"{option}: {name}: this machine has {torch.cuda.device_count()} GPU(s) "
-                          f"(allowed: cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        raise AblateError(f"{option}: {shown}: CUDA is not available on this machine "
+                          f"(allowed: {'leave --devices out to train on the CPU' if gpus else 'auto, cpu'})")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        first, last = ("0", str(count - 1)) if gpus else ("cuda:0", f"cuda:{count - 1}")
+        raise AblateError(f"{option}: {shown}: this machine has {count} GPU(s) (allowed: {first} to {last})")
     if device.type not in ("cpu", "cuda"):
-        raise AblateError(f"{option}: {name!r} (allowed: {allowed})")
+        raise AblateError(f"{option}: {shown!r} (allowed: {allowed})")
 
 
 def _open_ledger(spec, storage: str, *, create: bool = True):

@@ -233,17 +233,6 @@ def test_the_store_lock_leaves_no_file_and_still_excludes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n"]
 
 
-def test_devices_on_a_cpu_machine_names_the_option(workdir):
-    import torch
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    write_spec(workdir / "s.yaml")
-    result = run_ablate("run", "s.yaml", "--devices", "0", cwd=workdir)
-    assert result.returncode == 2 and result.stderr.startswith("error: --devices:"), result.stderr
-    assert "--device:" not in result.stderr
-    assert sorted(p.name for p in workdir.iterdir()) == ["s.yaml"]
-
-
 def test_models_set_suggests_a_setting():
     result = CliRunner().invoke(cli, ["models", "--set", "model.widht=64"])
     assert result.exit_code == 2 and "did you mean model.width?" in result.output
