@@ -72,7 +72,7 @@ def _file_lock(path: str):
             finally:
                 try:
                     os.unlink(path)
-                except FileNotFoundError:
+                except OSError:  # e.g. another user's file in a shared folder: it stays, harmless
                     pass
                 fcntl.flock(f, fcntl.LOCK_UN)
             return
