@@ -193,13 +193,17 @@ def load(path: Path, map_location, log: Callable[[str], None] = print) -> Option
 
 
 def remove(cell_dir: Path, root: Path, *, remove_root: bool = False) -> None:
-    """Remove a finished cell's folder, then its spec's folder and (``remove_root``) the root if empty.
+    """Remove a finished cell's folder, then its spec's folder and (``remove_root``) the root if empty."""
+    shutil.rmtree(cell_dir, ignore_errors=True)
+    remove_empty(cell_dir.parent, root, remove_root=remove_root)
+
+
+def remove_empty(spec_dir: Path, root: Path, *, remove_root: bool = False) -> None:
+    """Remove a spec's checkpoint folder, then (``remove_root``) the root, each only if empty.
 
     ``os.rmdir`` removes only an empty folder, so a folder another worker is using stays.
     """
-    shutil.rmtree(cell_dir, ignore_errors=True)
-    parents = [cell_dir.parent] + ([root] if remove_root and cell_dir.parent.parent == root else [])
-    for folder in parents:
+    for folder in [spec_dir] + ([root] if remove_root and spec_dir.parent == root else []):
         try:
             folder.rmdir()
         except OSError:  # not empty (another cell's checkpoint), already gone, or not ours to remove

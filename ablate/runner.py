@@ -456,14 +456,10 @@ def _checkpoints_ours(option: Optional[str]) -> bool:
 
 
 def _remove_empty_checkpoints(root: str, spec, with_root: bool) -> None:
-    """Remove the spec's checkpoint folder where nothing is left in it (a finished cell's checkpoint
-    is deleted with it), and the root too when ``with_root`` (ours, or made by this run). A folder
-    holding anything stays."""
-    for folder in (Path(root) / spec.slug, *([Path(root)] if with_root else [])):
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (another cell, another spec), or not there
-            return
+    """The spec's checkpoint folder where nothing is left in it, and the root too when ``with_root``
+    (ours, or made by this run)."""
+    from ablate.checkpoint import remove_empty
+    remove_empty(Path(root) / spec.slug, Path(root), remove_root=with_root)
 
 
 @dataclass
