@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,16 @@ def write_spec(path: Path, name: str = "tiny", epochs: int = 2, extra: str = "")
     """A tiny digits spec that trains in about a second per epoch on a CPU."""
     path.write_text(TINY.format(name=name, epochs=epochs) + textwrap.dedent(extra))
     return path
+
+
+def wait_for(predicate, timeout: float = 180.0, every: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
 
 
 def ablate_cmd(*args: str) -> list[str]:

@@ -22,7 +22,7 @@ from ablate.lifecycle import Stopped, exit_status, process_start, sigterm_as_int
 from ablate.locks import pid_alive, store_lock
 from ablate.runner import run_grid
 from ablate.spec import load_spec
-from conftest import ablate_cmd, run_ablate, write_spec
+from conftest import ablate_cmd, run_ablate, wait_for, write_spec
 
 
 def _runs(name: str, role: str):
@@ -58,15 +58,6 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _wait_for(predicate, timeout=120.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 GRID4 = "grid:\n  model.shift: [none, four, eight, up]\n"
 
 
@@ -75,7 +66,7 @@ def _start_two_workers(workdir, name: str):
     proc = subprocess.Popen(ablate_cmd("run", str(spec), "--workers", "2"), cwd=workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     ckpts = workdir / "checkpoints" / name
-    assert _wait_for(lambda: any(ckpts.glob("*/last.pt"))), "no checkpoint appeared"
+    assert wait_for(lambda: any(ckpts.glob("*/last.pt"))), "no checkpoint appeared"
     workers = [p for p in _children(proc.pid) if pid_alive(p)]
     assert len(workers) >= 2, workers  # two workers (and multiprocessing's resource tracker)
     return spec, proc, workers
@@ -98,7 +89,7 @@ def test_sigterm_stops_the_workers_kills_the_parent_run_and_a_rerun_resumes(work
     assert proc.returncode == 143, out + err
     assert "SIGTERM" in err and "run the same command again to resume" in err and "Aborted" not in err
     assert "Traceback" not in err, err
-    assert _wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=10), "a worker outlived its parent"
+    assert wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=10), "a worker outlived its parent"
     [parent] = _runs("termed", "parent")
     assert parent.info.status == "KILLED"
     assert parent.data.tags[names.PID] == str(proc.pid)
@@ -111,7 +102,7 @@ def test_workers_die_with_a_sigkilled_parent_whose_run_the_next_invocation_close
     spec, proc, workers = _start_two_workers(workdir, "killed9")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    assert _wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=10), "a worker outlived its parent"
+    assert wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=10), "a worker outlived its parent"
     [parent] = _runs("killed9", "parent")
     assert parent.info.status == "RUNNING"  # nobody was left to close it
     rerun = _assert_resumes_exactly_once(workdir, spec, "killed9")

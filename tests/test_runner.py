@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 
 import mlflow
 import pytest
@@ -13,7 +12,7 @@ from optuna.trial import TrialState
 from ablate.ledger import Ledger, storage_url
 from ablate.runner import run_grid
 from ablate.spec import load_spec
-from conftest import ablate_cmd, run_ablate, write_spec
+from conftest import ablate_cmd, run_ablate, wait_for, write_spec
 
 
 def _cell_runs(name: str):
@@ -89,15 +88,6 @@ def test_bad_device_writes_nothing(workdir):
     assert sorted(p.name for p in workdir.iterdir()) == ["s.yaml"]
 
 
-def _wait_for(predicate, timeout=180.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.slow
 def test_kill_9_mid_cell_then_resume(workdir):
     spec = write_spec(workdir / "k.yaml", name="killed", epochs=4,
@@ -105,7 +95,7 @@ def test_kill_9_mid_cell_then_resume(workdir):
     ckpts = workdir / "checkpoints" / "killed"
     proc = subprocess.Popen(ablate_cmd("run", str(spec)), cwd=workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    assert _wait_for(lambda: any(ckpts.glob("*/last.pt"))), "no checkpoint appeared"
+    assert wait_for(lambda: any(ckpts.glob("*/last.pt"))), "no checkpoint appeared"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     interrupted = [p.parent.name for p in ckpts.glob("*/last.pt")]

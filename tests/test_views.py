@@ -199,6 +199,8 @@ def _get(app, path: str):
     return int(status[0].split()[0]), json.loads(body or b"{}")
 
 
+# a tiny grid has one trial per value: the importance page warns that its estimate is rough
+@pytest.mark.filterwarnings("ignore:Some regimes for parameter:UserWarning")
 def test_optuna_dashboard_shows_a_grid_ledger_and_names_a_searchs_objectives(workdir):
     pytest.importorskip("optuna_dashboard")
     from optuna_dashboard._app import create_app
