@@ -239,3 +239,14 @@ def test_paper_points_beyond_the_data_get_a_tick():
     log_axis_at(ax, [0.0257e9], also=[14.0e9, 14.1e9])
     ticks = list(ax.get_xticks())
     assert ticks[0] == 0.0257e9 and any(abs(t - 14.0e9) < 0.2e9 for t in ticks) and len(ticks) == 2
+
+
+def test_trials_equal_in_both_objectives_are_spread_apart_and_others_stay():
+    settings = [{SHIFT: "none"}, {SHIFT: "four"}, {SHIFT: "eight"}, {SHIFT: "four"}]
+    values = [[1.0, 25.7e6], [1.0, 25.7e6], [3.0, 13.7e6], [2.0, 13.7e6]]
+    enc = Encoding.choose(settings, [SHIFT])
+    fig = pareto_figure(values, settings, [2], [("val_top1", "maximize"), ("macs", "minimize")], enc,
+                        title="t", subtitle="s")
+    xs = [line.get_xdata()[0] for line in fig.axes[0].lines if line.get_linestyle() == "None"]
+    assert xs[0] != xs[1] and abs(math.log10(xs[0] / xs[1])) < 0.1  # apart, both near 25.7
+    assert xs[2] == xs[3] == pytest.approx(13.7)  # equal cost, different top-1: left where they are

@@ -31,12 +31,14 @@ class ConfigPoint:
 DODGE = 0.018
 
 
-def dodge(xs: Sequence[float], settings: Sequence[dict[str, str]], encoding: Encoding) -> list[float]:
+def dodge(xs: Sequence[float], settings: Sequence[dict[str, str]], encoding: Encoding,
+          ys: Optional[Sequence[float]] = None) -> list[float]:
     """A factor per point that spreads configurations of equal MACs (same patch size, other
-    shift) a little sideways, in the order of the legend, so that none hides another."""
-    groups: dict[float, list[int]] = {}
+    shift) a little sideways, in the order of the legend, so that none hides another; with
+    ``ys``, only points equal in both (search trials of one cost differ in top-1 already)."""
+    groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(xs):
-        groups.setdefault(round(math.log10(x), 6), []).append(i)
+        groups.setdefault((round(math.log10(x), 6), round(ys[i], 6) if ys is not None else None), []).append(i)
     order = {v: k for k, v in enumerate(encoding.colours)}
     factors = [1.0] * len(xs)
     for members in groups.values():

@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ablate.plots.cost import dodge
 from ablate.plots.style import (FRONT_COLOR, Encoding, figure, finite, legend_outside, log_axis_at, metric_axis,
                                 save)
 
@@ -36,11 +37,16 @@ def pareto_figure(values: Sequence[Sequence[float]], settings: Sequence[Mapping[
     fig = figure()
     ax = fig.add_subplot()
     ok = [i for i, v in enumerate(values) if finite(v[0], v[1])]
-    for i in ok:
-        ax.plot([values[i][1] / s2], [values[i][0] / s1], linestyle="none", marker=encoding.marker(settings[i]),
+    log_x = m2 in ("macs", "flops") and ok and all(values[i][1] > 0 for i in ok)
+    # trials of equal cost and equal top-1 (a repeated configuration, a tiny rehearsal) would hide each other
+    shift = dodge([values[i][1] for i in ok], [settings[i] for i in ok], encoding,
+                  ys=[values[i][0] for i in ok]) if log_x else [1.0] * len(ok)
+    factor = dict(zip(ok, shift))
+    for i, f in factor.items():
+        ax.plot([values[i][1] / s2 * f], [values[i][0] / s1], linestyle="none", marker=encoding.marker(settings[i]),
                 ms=6, color=encoding.colour(settings[i]), alpha=0.85, zorder=3)
     on_front = [i for i in front if i in ok]
-    fx = [values[i][1] / s2 for i in on_front]
+    fx = [values[i][1] / s2 * factor[i] for i in on_front]
     fy = [values[i][0] / s1 for i in on_front]
     ax.scatter(fx, fy, s=150, facecolors="none", edgecolors=FRONT_COLOR, lw=1.2, zorder=2)
     if on_front:
@@ -49,7 +55,7 @@ def pareto_figure(values: Sequence[Sequence[float]], settings: Sequence[Mapping[
     handles = encoding.handles() + [Line2D([], [], color=FRONT_COLOR, ls="--", marker="o", ms=11,
                                            markerfacecolor="none", label="Pareto front")]
     legend_outside(fig, handles)
-    if m2 in ("macs", "flops") and ok and all(values[i][1] > 0 for i in ok):
+    if log_x:
         log_axis_at(ax, [values[i][1] / s2 for i in ok])
     else:
         ax.margins(x=0.08)
