@@ -51,6 +51,17 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _end(proc, children: set) -> None:
+    """End, by pid, what a test started: the server process and the children it had."""
+    if proc.poll() is None:
+        children |= _descendants(proc.pid)
+        proc.kill()
+        proc.wait()
+    for pid in children:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _alive(pid: int) -> bool:
     return pid in _children()
 
@@ -130,13 +141,7 @@ def test_ui_serves_the_runs_store_on_loopback_and_stops_on_sigterm(tmp_path):
         output = (tmp_path / "ui.log").read_text()
         assert f"MLflow UI: {base}/" in output and f"sqlite:///{tmp_path}/mlflow.db" in output
     finally:  # on a failure, end what this test started, by pid
-        if proc.poll() is None:
-            children |= _descendants(proc.pid)
-            proc.kill()
-            proc.wait()
-        for pid in children:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _end(proc, children)
         log.close()
 
 
@@ -229,11 +234,5 @@ def test_ui_on_password_protected_stores_shows_the_password_nowhere(tmp_path, pg
         assert password not in output, output
         assert ":***@" in output
     finally:
-        if proc.poll() is None:
-            children |= _descendants(proc.pid)
-            proc.kill()
-            proc.wait()
-        for pid in children:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _end(proc, children)
         log.close()
