@@ -54,8 +54,12 @@ from ablate.urls import display_url, mask_text
 DEFAULT_STORAGE = "sqlite:///ablate-ledger.db"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-# heartbeats and the retry callback are marked experimental; they are the documented way to do this
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# heartbeats, the retry callback and metric names are marked experimental; they are the
+# documented way to do this (only these: any other experimental feature still warns)
+for _experimental in (r"Argument ``heartbeat_interval`` is an experimental feature",
+                      r".*RetryHeartbeatStaleTrialCallback.* is experimental",
+                      r".*fail_stale_trials is experimental", r".*set_metric_names is experimental"):
+    warnings.filterwarnings("ignore", message=_experimental, category=optuna.exceptions.ExperimentalWarning)
 # we keep the heartbeat ourselves around bare ask/tell (Ledger.heartbeat), not through optimize()
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
