@@ -264,17 +264,22 @@ def _wait_for_same_config(ledger, trial, key: str, ctx: Context) -> None:
     """Another worker is training this very configuration for an earlier trial: let it finish.
 
     Its finished run then stands for this trial too (see :func:`execute`); were both to train,
-    they would share one checkpoint folder and one MLflow run. Earlier trials never wait for
-    later ones, so two workers cannot wait for each other.
+    they would share one checkpoint folder and one MLflow run. An earlier trial that has no
+    configuration yet (asked a moment ago, its key about to be set) is waited for as well, else
+    both could start the same configuration. Earlier trials never wait for later ones, so two
+    workers cannot wait for each other.
     """
     from optuna.trial import TrialState
     said = False
-    while any(t.number < trial.number and t.user_attrs.get(names.CELL_KEY) == key
-              for t in ledger.trials(states=(TrialState.RUNNING,))):
-        if not said:
+    while True:
+        earlier = [t for t in ledger.trials(states=(TrialState.RUNNING,)) if t.number < trial.number]
+        same = any(t.user_attrs.get(names.CELL_KEY) == key for t in earlier)
+        if not same and all(names.CELL_KEY in t.user_attrs for t in earlier):
+            return
+        if same and not said:
             ctx.log(f"trial {trial.number}: same configuration as a running trial; waiting for its result")
             said = True
-        time.sleep(POLL_SECONDS)
+        time.sleep(POLL_SECONDS if same else 0.2)
         ledger.recover_dead()
 
 

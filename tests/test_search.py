@@ -155,3 +155,32 @@ search:
         ledger.tell(trial, TrialState.COMPLETE, [50.0])
     assert sorted(seen) == ["four", "none"]
     assert [t.state for t in ledger.trials()] == [TrialState.COMPLETE] * 2
+
+
+def test_a_trial_waits_for_an_earlier_one_whose_configuration_is_not_set_yet(workdir):
+    """Asked, not yet keyed: the earlier trial may be about to train this very configuration."""
+    import threading
+    import time
+
+    from ablate.runner import Context, _open_ledger, _wait_for_same_config
+    from ablate.spec import load_spec
+    ledger = _open_ledger(load_spec(write_spec(workdir / "k.yaml", name="keyless", extra=MULTI)), storage_url())
+    first, second = ledger.ask(), ledger.ask()
+    ledger.set_cell_key(second, "abc")
+    said = []
+    ctx = Context(spec_path="k.yaml", storage=storage_url(), experiment_id="0", parent_run_id="", checkpoints="c")
+    ctx.log = said.append
+    timer = threading.Timer(1.0, ledger.set_cell_key, (first, "other"))
+    timer.start()
+    started = time.monotonic()
+    _wait_for_same_config(ledger, second, "abc", ctx)  # returns once the first has its own key
+    assert time.monotonic() - started >= 0.9 and not said
+    timer.join()
+    ledger.set_cell_key(second, "same")
+    third = ledger.ask()
+    ledger.set_cell_key(third, "same")
+    timer = threading.Timer(1.0, ledger.tell, (second, TrialState.COMPLETE, [1.0, 1.0]))
+    timer.start()
+    _wait_for_same_config(ledger, third, "same", ctx)  # the same key: waits for its result, says so
+    timer.join()
+    assert said == [f"trial {third.number}: same configuration as a running trial; waiting for its result"]
