@@ -234,7 +234,8 @@ def run(spec, workers, storage, device, devices, checkpoints, spec_args, launche
         _launch_slurm(spec, "grid", workers=workers, storage=storage, device=device, checkpoints=checkpoints,
                       slurm=slurm, slurm_profile=slurm_profile, follow=follow, spec_args=spec_args)
         return
-    from ablate.runner import print_summary, run_grid
+    from ablate.runner import run_grid
+    from ablate.summary import print_summary
     with _resumable("grid"):
         summary = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
                            checkpoints=checkpoints, spec_args=spec_args)
@@ -255,7 +256,8 @@ def search(spec, trials, workers, storage, device, devices, checkpoints, spec_ar
         _launch_slurm(spec, "search", workers=workers, storage=storage, device=device, checkpoints=checkpoints,
                       slurm=slurm, slurm_profile=slurm_profile, follow=follow, trials=trials, spec_args=spec_args)
         return
-    from ablate.runner import print_search_summary, run_search
+    from ablate.runner import run_search
+    from ablate.summary import print_search_summary
     with _resumable("search"):
         counts = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
                             devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args)

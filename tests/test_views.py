@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 from ablate import names, tracking
 from ablate.cli import cli
 from ablate.ledger import Ledger, storage_url
-from ablate.runner import _open_ledger, print_search_summary, report_command
+from ablate.runner import _open_ledger
+from ablate.summary import print_search_summary, report_command
 from ablate.spec import SpecArgs, load_spec
 from conftest import write_spec
 
