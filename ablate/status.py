@@ -24,6 +24,7 @@ from ablate.urls import display_url
 #: the order states are counted and listed in
 STATES = ("finished", "running", "interrupted", "waiting", "new", "failed", "pruned")
 FOLLOW_SECONDS = 3.0
+ENDING_SECONDS = 60.0  # how long `follow` waits, once every cell is done, for the tasks to exit
 
 
 @dataclass
@@ -380,8 +381,11 @@ def _short(value: Any) -> str:
 def follow(spec_path: str, launch: Launch, *, storage: Optional[str] = None, echo: Callable[[str], None] = print,
            interval: float = FOLLOW_SECONDS, spec_args=None) -> Status:
     """Print progress whenever it changes, until nothing is left to train or the launch's jobs have
-    all ended. Ctrl-C (KeyboardInterrupt) stops following; the jobs go on."""
-    said = None
+    all ended. Ctrl-C (KeyboardInterrupt) stops following; the jobs go on.
+
+    Once every cell is done the tasks still close their runs and exit: following goes on (up to
+    ``ENDING_SECONDS``) until they have, so the last table shows how the jobs ended."""
+    said, done_at = None, None
     while True:
         status = collect(spec_path, storage, spec_args=spec_args)
         mine = [t for t in status.tasks if job_of(t.job) == launch.job]
@@ -392,8 +396,11 @@ def follow(spec_path: str, launch: Launch, *, storage: Optional[str] = None, ech
             echo(f"{time.strftime('%H:%M:%S')} {line}")
             said = line.split("; elapsed")[0] + tasks
         if status.done:
-            return status
-        if not status.slurm_error and mine and not any(t.active for t in mine):
+            done_at = done_at or time.monotonic()
+            if status.slurm_error or not any(t.active for t in mine) \
+                    or time.monotonic() - done_at > ENDING_SECONDS:
+                return status
+        elif not status.slurm_error and mine and not any(t.active for t in mine):
             echo(f"every task of Slurm job {launch.job} has ended with work left; see `ablate status "
                  f"{spec_path}` and the logs in {launch.logs}")
             return status

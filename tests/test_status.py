@@ -113,3 +113,35 @@ print(sorted({{n.split(".")[0] for n in sys.modules}} & {{"torch", "timm", "torc
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["st-light: grid of 1 cells: 0 finished, 0 running, 1 new; ETA unknown", "[]"]
+
+
+def _following(monkeypatch, answers, ending=60.0):
+    """`follow` against a scripted sequence of task states: each call of `collect` answers the next."""
+    from ablate import status as status_mod
+    from ablate.launch.jobs import Launch, TaskState
+    launch = Launch("7", "grid", 1, "/logs", "parent", 0.0)
+    made = iter(answers)
+
+    def collect(*_args, **_kwargs):
+        done, states = next(made)
+        counts = dict.fromkeys(status_mod.STATES, 0) | {"finished" if done else "running": 1}
+        return status_mod.Status("s.yaml", "s", "grid", 1, [], counts, None, None, "", "", True, [launch],
+                                 [TaskState(f"7_{i}", s, "", "vm", "0:01") for i, s in enumerate(states)])
+    monkeypatch.setattr(status_mod, "collect", collect)
+    monkeypatch.setattr(status_mod, "ENDING_SECONDS", ending)
+    said = []
+    final = status_mod.follow("s.yaml", launch, echo=said.append, interval=0.0)
+    return final, said
+
+
+def test_follow_waits_for_the_tasks_to_end_once_every_cell_is_done(monkeypatch):
+    answers = [(False, ["RUNNING", "RUNNING"]), (True, ["COMPLETED", "RUNNING"]), (True, ["COMPLETED", "COMPLETING"]),
+               (True, ["COMPLETED", "COMPLETED"])]
+    final, said = _following(monkeypatch, answers)
+    assert [t.state for t in final.tasks] == ["COMPLETED", "COMPLETED"]
+    assert said[-1].endswith("tasks: 7_0 COMPLETED, 7_1 COMPLETED")
+
+
+def test_follow_gives_up_waiting_for_a_task_that_does_not_end(monkeypatch):
+    final, _ = _following(monkeypatch, [(True, ["RUNNING"])] * 3, ending=0.0)
+    assert final.done and final.tasks[0].state == "RUNNING"
