@@ -350,7 +350,9 @@ def _where_or_why(r: Row) -> str:
         where = [r.host, f"worker {r.worker}" if r.worker else "", f"slurm {r.slurm_task}" if r.slurm_task else ""]
         return " ".join(x for x in [*where, r.reason] if x)
     if r.state == "waiting" and r.epoch:
-        return f"resumes after epoch {r.epoch}"
+        # the epoch reported last: its checkpoint may not have been written (a kill between the
+        # two re-trains that epoch), so the cell resumes from the last checkpoint, not "after epoch N"
+        return f"reached epoch {r.epoch}; resumes from its last checkpoint"
     return r.reason
 
 
