@@ -115,7 +115,8 @@ def _launch_slurm(spec, kind, *, workers, storage, device, checkpoints, slurm, s
     done = launch(spec, kind=kind, workers=workers, storage=storage, checkpoints=checkpoints, device=device,
                   settings=settings, trials=trials, spec_args=spec_args)
     job, stores = done.launch, done.stores
-    status = f"ablate status {spec}" + (f" --storage {display_url(storage)}" if storage else "")
+    stores_option = ("--storage", display_url(storage)) if storage else ()
+    status = spec_args.command("status", spec, *stores_option)
     click.echo(f"{done.spec_name}: {done.queued}; ledger {display_url(stores.ledger)}; "
                f"MLflow {display_url(stores.tracking)}; checkpoints {stores.checkpoints}")
     if job is None:
@@ -123,7 +124,7 @@ def _launch_slurm(spec, kind, *, workers, storage, device, checkpoints, slurm, s
         return
     click.echo(f"submitted Slurm job {job.job}: {job.tasks} task(s), {done.request}")
     click.echo(f"logs: {job.logs}")
-    click.echo(f"follow: {status}    stop: ablate cancel {spec}")
+    click.echo(f"follow: {status}    stop: {spec_args.command('cancel', spec, *stores_option)}")
     if not follow:
         return
     from ablate.status import follow as follow_status
@@ -133,6 +134,8 @@ def _launch_slurm(spec, kind, *, workers, storage, device, checkpoints, slurm, s
         click.echo(f"\nstopped following; Slurm job {job.job} goes on: {status}")
         return
     click.echo(final.to_text())
+    if final.counts["finished"]:
+        click.echo(f"next: {spec_args.command('report', spec)}")
     sys.exit(0 if final.done and not final.counts["failed"] else 1)
 
 
@@ -279,8 +282,7 @@ def report(target, out, spec_args):
     from ablate.report import write_report
     from ablate.stores import existing_tracking_store
     existing_tracking_store()  # a folder with no runs: say so, without creating an empty mlflow.db
-    command = " ".join(["ablate report", target, *(f"--set {o}" for o in spec_args.overrides)]
-                       + ([f"--name {spec_args.name}"] if spec_args.name else []) + ([f"--out {out}"] if out else []))
+    command = spec_args.command("report", target, *(("--out", out) if out else ()))
     rep = write_report(target, out, command=command, spec_args=spec_args)
     runs = rep.counts["COMPLETE"]
     click.echo(f"{rep.experiment}: {runs} runs in {len(rep.rows)} configurations -> "

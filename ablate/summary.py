@@ -20,10 +20,7 @@ MAX_ROWS = 40  # a summary is read in a terminal; `ablate report` has every row
 
 def report_command(spec_path: str, spec_args: SpecArgs = SpecArgs()) -> str:
     """The ``ablate report`` command of the runs a command with these options made."""
-    import shlex
-    parts = ["ablate", "report", str(spec_path)] + [p for o in spec_args.overrides for p in ("--set", o)]
-    parts += ["--name", spec_args.name] if spec_args.name else []
-    return " ".join(shlex.quote(p) for p in parts)
+    return spec_args.command("report", spec_path)
 
 
 def cell_runs(experiment: str) -> list:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -155,16 +156,20 @@ def _cli(*args: str, env: dict | None = None):
 
 @pytest.mark.slow
 def test_grid_as_an_array_of_two_tasks_trains_every_cell_once(slurm):
-    spec = write_spec(slurm / "g.yaml", name="sl-array", extra="grid:\n  model.shift: [none, four, eight]\n")
+    # --name: the commands it prints to follow and to stop the launch must name the same experiment
+    spec = write_spec(slurm / "g.yaml", name="sl-array-spec", extra="grid:\n  model.shift: [none, four, eight]\n")
     (slurm / "lab.yaml").write_text("time: 0:10:00\ngpus_per_task: 1\nmem: 500M\nsetup: [echo setup line ran]\n")
     result = run_ablate("run", str(spec), "--launcher", "slurm", "--workers", "2", "--slurm-profile", "lab.yaml",
-                        "--slurm", "cpus_per_task=1", "--follow", cwd=slurm, timeout=400)
+                        "--slurm", "cpus_per_task=1", "--name", "sl-array", "--follow", cwd=slurm, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     job = re.search(r"submitted Slurm job (\d+): 2 task\(s\), partition debug, time 00:10:00 per task, 1 GPU\(s\) "
                     r"per task, 1 CPUs per task, 500M per task", out)[1]
-    assert f"logs: {slurm / 'slurm-logs' / 'sl-array'}" in out and "follow: ablate status" in out
+    assert f"logs: {slurm / 'slurm-logs' / 'sl-array'}" in out
+    follow, stop = re.search(r"follow: (.+?)    stop: (.+)", out).groups()
+    assert (follow, stop) == (f"ablate status {spec} --name sl-array", f"ablate cancel {spec} --name sl-array")
     assert "sl-array: grid of 3 cells: 3 finished, 0 running; elapsed" in out  # the final table
+    assert out.rstrip().endswith(f"next: ablate report {spec} --name sl-array")
     keys = {c.key for c in load_spec(spec).cells()}
     assert _finished_by_key("sl-array") == {k: 1 for k in keys}
     logs = _logs(slurm, "sl-array")
@@ -178,7 +183,7 @@ def test_grid_as_an_array_of_two_tasks_trains_every_cell_once(slurm):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["ablate.launcher"] == "slurm" and parent.data.tags["ablate.slurm_job"] == job
     files = _files(slurm)
-    status = json.loads(_cli("status", str(spec), "--json").stdout)
+    status = json.loads(_cli(*shlex.split(follow)[1:], "--json").stdout)  # the command it printed
     assert _files(slurm) == files  # status wrote nothing: no file changed, none appeared (no lock file either)
     assert status["done"] and status["counts"]["finished"] == 3 and status["eta"] == 0
     assert all(r["top1"] is not None for r in status["rows"])

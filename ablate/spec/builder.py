@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -46,6 +47,14 @@ class SpecArgs:
     def load(self, path: str | Path, *, check_paths: bool = True) -> Spec:
         return load_spec(path, overrides=self.overrides, name=self.name, check_paths=check_paths,
                          max_cells=self.max_cells)
+
+    def command(self, verb: str, spec_path: str | Path, *options: str) -> str:
+        """``ablate VERB SPEC OPTIONS`` with these same ``--set``/``--name``/``--max-cells``, quoted
+        for a shell: the command to print where a user should next look at the same runs."""
+        words = ["ablate", verb, str(spec_path), *options, *(w for o in self.overrides for w in ("--set", o))]
+        words += ["--name", self.name] if self.name else []
+        words += ["--max-cells", str(self.max_cells)] if self.max_cells != MAX_CELLS else []
+        return shlex.join(words)
 
 
 def load_spec(path: str | Path, *, overrides: Sequence[str] = (), name: Optional[str] = None,
