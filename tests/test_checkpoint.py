@@ -290,3 +290,34 @@ def test_removing_a_cell_folder_keeps_what_others_use(tmp_path):
     assert sorted(p.name for p in (root / "spec").iterdir()) == ["b"]
     checkpoint.remove(root / "spec" / "b", root, remove_root=False)  # a root the user named stays
     assert root.exists() and not (root / "spec").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 16 KiB file system (tmpfs), too small for a checkpoint; skipped where mounting is not allowed."""
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and a mount permission")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_real_full_disk_stops_in_one_line_and_the_cell_finishes_once_there_is_room(workdir, small_disk):
+    import subprocess
+
+    from ablate.cli import cli
+    spec_path = write_spec(workdir / "r.yaml", name="real-full-disk", epochs=1)
+    result = CliRunner().invoke(cli, ["run", str(spec_path), "--checkpoints", str(small_disk)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    [error] = [m for m in result.output.splitlines() if m.startswith("error:")]
+    assert re.match(rf"error: no space left on device writing {small_disk}/\S+/last\.pt \(free some space", error)
+    assert not list(small_disk.rglob("*.tmp"))  # the partial file is gone
+    assert Ledger(storage_url(), "real-full-disk").counts()["WAITING"] == 1
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)  # room made
+    result = CliRunner().invoke(cli, ["run", str(spec_path), "--checkpoints", str(small_disk)])
+    assert result.exit_code == 0, result.output
+    assert Ledger(storage_url(), "real-full-disk").counts()["COMPLETE"] == 1
