@@ -126,8 +126,10 @@ def task_states(jobs: Iterable[str]) -> list[TaskState]:
         if len(parts) == 5:
             reason = parts[2] if parts[2] != "None" else ""
             queued[parts[0]] = TaskState(parts[0], parts[1], reason, _nodes(parts[3]), parts[4])
-    if queued:  # squeue lists pending tasks one by one (-r): drop sacct's collapsed ranges of them
-        out = {k: v for k, v in out.items() if "[" not in k or not v.active}
+    # squeue lists pending tasks one by one (-r): while it lists a job's tasks, sacct's active
+    # placeholders for the rest of its array (``45_[2-7]``, or ``45`` itself) are stale
+    listed = {job_of(k) for k in queued}
+    out = {k: v for k, v in out.items() if not (v.active and job_of(k) in listed and ("[" in k or "_" not in k))}
     out.update(queued)
     return sorted(out.values(), key=_task_order)
 
