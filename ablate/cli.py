@@ -285,7 +285,7 @@ def report(target, out, spec_args):
     command = spec_args.command("report", target, *(("--out", out) if out else ()))
     rep = write_report(target, out, command=command, spec_args=spec_args)
     runs = rep.counts["COMPLETE"]
-    click.echo(f"{rep.experiment}: {runs} runs in {len(rep.rows)} configurations -> "
+    click.echo(f"{rep.experiment}: {runs} runs in {len(rep.rows)} configuration{'s' * (len(rep.rows) != 1)} -> "
                + ", ".join(str(p) for p in rep.files))
     if rep.parent_run_id:
         click.echo(f"logged under report/ of MLflow run {rep.parent_run_id} ({rep.store})")

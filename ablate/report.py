@@ -176,6 +176,7 @@ class Report:
     differing: list[str] = field(default_factory=list)
     baseline_note: str = ""
     store: str = ""
+    repeats: int = 0  # complete runs of a cell recorded again (a search's repeated proposal): counted once
 
     @property
     def columns(self) -> list[str]:
@@ -575,7 +576,9 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
         f"# {report.experiment}",
         "",
         f"- experiment: `{report.experiment}` ({kind}" + (f", spec `{spec_path}`" if spec_path else "") + ")",
-        f"- runs: {c['COMPLETE']} complete in {len(report.rows)} configurations"
+        f"- runs: {c['COMPLETE']} complete in {len(report.rows)} configuration{'s' * (len(report.rows) != 1)}"
+        + (f" ({report.repeats} of them {'a repeat' if report.repeats == 1 else 'repeats'} of a configuration "
+           "already trained, counted once)" if report.repeats else "")
         + (f"; {not_shown} (not in the tables)" if not_shown else ""),
         f"- MLflow tracking URI: `{report.store}`"
         + (f" (parent run `{report.parent_run_id}`)" if report.parent_run_id else ""),
@@ -816,7 +819,8 @@ def report_experiment(name: str, *, spec: Any = None, spec_path: Optional[str] =
                           f"{counts['RUNNING']} unfinished)")
 
     varied = [k for k in (_get(spec, "varied") or []) if k != SEED] or varied_from_runs(complete)
-    rows, differing = group_by_config(_latest_per_cell(complete), varied)
+    latest = _latest_per_cell(complete)
+    rows, differing = group_by_config(latest, varied)
     reference = _get(spec, "reference")
     if reference is not None:
         attach_reference(rows, reference)
@@ -832,7 +836,8 @@ def report_experiment(name: str, *, spec: Any = None, spec_path: Optional[str] =
         out_dir=Path(out) if out is not None else default_out(name), search=search,
         parent_run_id=parent.info.run_id if parent else None,
         reference_source=(_get(reference, "source") or "reference") if reference is not None else None,
-        differing=differing, store=shown_store(uri), overridden=sorted(getattr(spec, "overrides", None) or ()))
+        differing=differing, store=shown_store(uri), overridden=sorted(getattr(spec, "overrides", None) or ()),
+        repeats=len(complete) - len(latest))
     report.baseline_note = compare_with_baseline(rows, _get(spec, "baseline") or None)
     _histories(client, _curve_rows(report))
     command = command or f"ablate report {name}" + (f" --out {out}" if out is not None else "")

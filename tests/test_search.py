@@ -114,6 +114,12 @@ search:
     runs = _runs("repeats")
     assert sorted(r.data.tags["ablate.trial_number"] for r in runs) == ["0", "1", "2"]
     assert sum("ablate.reused_from" in r.data.tags for r in runs) == 2
+    # the report counts the configuration once, one seed, and says why three runs make one row
+    from ablate.report import write_report
+    report = write_report(str(spec), workdir / "rep")
+    assert [r.seeds for r in report.rows] == [1] and report.repeats == 2
+    assert "- runs: 3 complete in 1 configuration (2 of them repeats of a configuration already trained, " \
+           "counted once)" in (workdir / "rep" / "report.md").read_text()
 
 
 def test_a_search_resumed_past_its_total_says_so_and_trains_nothing(workdir):
