@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ablate import names
+from ablate import checkpoint, names
 from ablate.checkpoint import DEFAULT_ROOT
 from ablate.errors import AblateError
 from ablate.spec.builder import SpecArgs
@@ -23,6 +23,9 @@ from ablate.tracking import spec_tags
 from ablate.urls import display_url
 
 POLL_SECONDS = 2.0
+#: a spawned worker's exit status when it could not write a checkpoint (sysexits' EX_TEMPFAIL:
+#: run again once there is room); its parent then stops the others, which would meet it too
+CHECKPOINT_STOP_EXIT = 75
 
 
 @dataclass
@@ -94,7 +97,7 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
     """Train one cell (or trial) and record it. Returns the final state name."""
     import optuna
 
-    from ablate import checkpoint, tracking
+    from ablate import tracking
     from ablate.train import CellFailed, describe_failure, is_out_of_memory, resolve_device, train_cell
 
     ckpt_dir = Path(ctx.checkpoints) / spec.slug / key
@@ -144,7 +147,7 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
         ledger.release_gone(lambda t: t.number == trial.number)
         ctx.log(f"cell {key}: stopped: {e}")
         if mp.parent_process() is not None:
-            raise SystemExit(f"error: {e}") from None  # a spawned worker: one line, no traceback
+            raise SystemExit(CHECKPOINT_STOP_EXIT) from None  # a spawned worker: its parent says the rest
         raise
     except Exception as e:
         reason = describe_failure(e)
@@ -349,14 +352,24 @@ def _run_workers(target: Callable[[Context], None], ctx: Context, workers: int, 
             p = mp_ctx.Process(target=_worker_process, args=(target, wctx, os.getpid()), name=f"ablate-worker-{i}")
             p.start()
             procs.append(p)
-        for p in procs:
-            p.join()
+        from multiprocessing.connection import wait
+        while (running := [p for p in procs if p.exitcode is None]) and not _stopped_on_checkpoint(procs):
+            wait([p.sentinel for p in running])
     except BaseException:
         _stop_workers(procs)
         raise
+    if stopped := _stopped_on_checkpoint(procs):
+        _stop_workers(procs)
+        raise checkpoint.CheckpointWriteFailed(
+            f"{', '.join(stopped)} could not write a checkpoint (the line above says which and why), so every "
+            "worker was stopped; run again once it is writable: finished cells are kept and the others resume")
     bad = [p.name for p in procs if p.exitcode not in (0, None)]
     if bad:
         ctx.log(f"warning: worker(s) {', '.join(bad)} exited abnormally")
+
+
+def _stopped_on_checkpoint(procs) -> list[str]:
+    return [p.name for p in procs if p.exitcode == CHECKPOINT_STOP_EXIT]
 
 
 def _worker_process(target: Callable[[Context], None], ctx: Context, parent_pid: int) -> None:

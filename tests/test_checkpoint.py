@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import struct
+import subprocess
 import zipfile
 
 import mlflow
@@ -19,10 +20,10 @@ from optuna.trial import TrialState
 
 from ablate import checkpoint
 from ablate.ledger import Ledger, storage_url
-from ablate.runner import run_grid
+from ablate.runner import CHECKPOINT_STOP_EXIT, run_grid
 from ablate.spec import load_spec
 from ablate.train import train_cell
-from conftest import write_spec
+from conftest import run_ablate, write_spec
 from test_train import CPU, Interrupt, _cfg
 
 
@@ -233,9 +234,9 @@ def test_full_disk_in_a_spawned_worker_ends_it_in_one_line(workdir, monkeypatch)
     spec_path = write_spec(workdir / "w.yaml", name="full-disk-worker", epochs=1)
     _fill_disk(monkeypatch, room=100)
     monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())  # as in a spawned worker
-    with pytest.raises(SystemExit) as stop:  # the process ends with this line and no traceback
+    with pytest.raises(SystemExit) as stop:  # the process ends, no traceback: its parent stops the others
         run_grid(str(spec_path), progress=False)
-    assert re.match(r"error: no space left on device writing \S+/last\.pt \(", str(stop.value.code))
+    assert stop.value.code == CHECKPOINT_STOP_EXIT
     assert Ledger(storage_url(), "full-disk-worker").counts()["WAITING"] == 1
 
 
@@ -321,3 +322,24 @@ def test_a_real_full_disk_stops_in_one_line_and_the_cell_finishes_once_there_is_
     result = CliRunner().invoke(cli, ["run", str(spec_path), "--checkpoints", str(small_disk)])
     assert result.exit_code == 0, result.output
     assert Ledger(storage_url(), "real-full-disk").counts()["COMPLETE"] == 1
+
+
+def test_a_real_full_disk_under_two_workers_stops_both_in_one_error(workdir, small_disk):
+    from ablate.cli import cli
+    spec_path = write_spec(workdir / "r2.yaml", name="real-full-disk-2", epochs=1,
+                           extra="grid:\n  model.shift: [none, four, eight]\n")
+    # a command line of its own: the workers' lines go to the process's stdout, past CliRunner
+    result = run_ablate("run", str(spec_path), "--workers", "2", "--checkpoints", str(small_disk), cwd=workdir)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output and "exited abnormally" not in output
+    stopped = re.findall(r"\[w\d\] cell \w+: stopped: no space left on device writing \S+/last\.pt", output)
+    assert 1 <= len(stopped) <= 2, output  # the other worker may be stopped before its first save
+    [error] = [m for m in output.splitlines() if m.startswith("error:")]
+    assert re.match(r"error: ablate-worker-\d could not write a checkpoint .* every worker was stopped", error)
+    ledger = Ledger(storage_url(), "real-full-disk-2")
+    assert not ledger.counts().get("COMPLETE") and not any(t.user_attrs.get("ablate.failure") for t in ledger.trials())
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    result = CliRunner().invoke(cli, ["run", str(spec_path), "--workers", "2", "--checkpoints", str(small_disk)])
+    assert result.exit_code == 0, result.output
+    assert Ledger(storage_url(), "real-full-disk-2").counts()["COMPLETE"] == 3
