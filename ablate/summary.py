@@ -173,7 +173,7 @@ def print_summary(summary: Summary, out=None, *, spec_path: Optional[str] = None
           + (f", {summary.pending} not finished" if summary.pending else ""), file=out)
     for desc, reason in summary.failed:
         print(f"  FAILED {desc}: {reason}", file=out)
-    if spec_path is not None:
+    if spec_path is not None and summary.complete:  # a report needs a finished run
         print(f"next: {report_command(spec_path, spec_args)}", file=out)
 
 

@@ -296,3 +296,12 @@ def test_search_ends_with_its_pareto_set(workdir, capsys):
     assert [re.split(r"\s{2,}", line.strip()) for line in out[3:6]] == [
         ["3", "32", "four", "70.00", "80"], ["1", "16", "four", "60.00", "30"], ["0", "8", "none", "40.00", "10"]]
     assert out[6:] == [f"next: ablate report {path}"]
+
+
+def test_a_run_that_finished_nothing_does_not_point_to_a_report(workdir, capsys):
+    from ablate.runner import Summary
+    from ablate.summary import print_summary
+    write_spec(workdir / "n.yaml", name="views-nothing")
+    print_summary(Summary(total=1, complete=0, failed=[("shift=four", "diverged")], pending=0), spec_path="n.yaml")
+    out = capsys.readouterr().out
+    assert "0/1 cells finished, 1 failed" in out and "FAILED shift=four: diverged" in out and "next:" not in out
