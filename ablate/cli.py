@@ -161,6 +161,7 @@ def status(spec, as_json, storage, spec_args):
 def cancel(spec, storage, spec_args):
     """Cancel SPEC's Slurm jobs (scancel); unfinished cells resume from their checkpoints at the next launch."""
     from ablate.launch.cancel import cancel as cancel_spec
+    from ablate.urls import display_url
     result = cancel_spec(spec, storage, spec_args=spec_args)
     if not result.launches:
         click.echo(f"{spec}: no Slurm job of this spec is queued or running")
@@ -171,8 +172,9 @@ def cancel(spec, storage, spec_args):
         click.echo(f"still ending: {', '.join(result.still_ending)} (Slurm has not stopped them yet)")
     if result.released:
         click.echo(f"{len(result.released)} running cell(s) queued again, to resume from their checkpoints")
-    click.echo(f"the next launch finishes the rest: ablate {'search' if result.launches[-1].kind == 'search' else 'run'} "
-               f"{spec} --launcher slurm")
+    verb = "search" if result.launches[-1].kind == "search" else "run"
+    again = spec_args.command(verb, spec, "--launcher", "slurm", *(("--storage", display_url(storage)) if storage else ()))
+    click.echo(f"the next launch finishes the rest: {again}")
 
 
 # ---- run / search ----------------------------------------------------------------------------

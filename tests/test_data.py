@@ -508,3 +508,35 @@ def test_data_workers_are_capped_at_the_usable_cpus_without_warnings(tree, capfd
         batches(cache.val)
         batches(build_loaders(config(train={**deit, "batch_size": 64}), CPU).train)  # digits
     assert "Warning" not in capfd.readouterr().err
+
+
+def test_data_workers_leave_slurm_s_signals_to_the_trainer(tree, tmp_path):
+    """Slurm signals every process of a task. A forked worker must neither run the trainer's
+    handlers (submitit's USR2 one checkpoints and requeues the job) nor die of SIGTERM, which
+    makes the trainer raise "DataLoader worker killed" mid-epoch."""
+    import multiprocessing
+    import signal
+    import time
+    ran = tmp_path / "handler-ran-in"
+
+    def trainer_handler(signum, frame):  # what submitit's handler and ablate's SIGTERM one stand for
+        with open(ran, "a") as f:
+            f.write(f"{os.getpid()}\n")
+    old = {s: signal.signal(s, trainer_handler) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        loaders = build_loaders(config(data={"name": "imagefolder", "root": str(tree), "workers": 2,
+                                             "loader": "folder"}, train={"batch_size": 2}), CPU, log=lambda _: None)
+        it = iter(loaders.train)
+        next(it)
+        workers = [p for p in multiprocessing.active_children() if p.pid != os.getpid()]
+        assert len(workers) == 2
+        for p in workers:
+            os.kill(p.pid, signal.SIGUSR2)
+            os.kill(p.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert all(p.is_alive() for p in workers)
+        rest = list(it)  # the epoch goes on with the same workers
+        assert rest and not ran.exists()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

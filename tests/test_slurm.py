@@ -251,6 +251,36 @@ def test_a_task_requeued_at_its_time_limit_resumes_its_cell_rather_than_restarti
 
 
 @pytest.mark.slow
+def test_data_workers_leave_the_time_limit_and_scancel_to_the_trainer(slurm):
+    """Slurm signals every process of a task, data-loading workers included: only the trainer
+    checkpoints and requeues at the time-limit warning, and a scancel ends the task without a
+    "DataLoader worker killed" traceback."""
+    from imagetree import make_tree
+    make_tree(slurm / "images", classes=4, per_class=40)
+    spec = slurm / "f.yaml"
+    spec.write_text(f"""\
+name: sl-folder
+data: {{name: imagefolder, root: {slurm / 'images'}, loader: folder, workers: 2}}
+model: {{image_size: 16, patch_size: 4, width: 16, depth: 1, mlp_ratio: 2, shift: four}}
+train: {{epochs: 40, batch_size: 16, lr: 3.0e-3, warmup_epochs: 0, randaugment: null, mixup: 0, cutmix: 0}}
+""")
+    job = _launch(spec, "grid", 1).job
+    [key] = [c.key for c in load_spec(spec).cells()]
+    _wait(lambda: _epochs_logged(slurm, "sl-folder").get(key, (0,))[0] >= 2, "two epochs", every=0.2)
+    _slurm("scancel", "--signal=USR2", job)
+    _wait(lambda: "resuming from" in _logs(slurm, "sl-folder"), "the requeued task to resume", every=0.5)
+    _wait(lambda: len(re.findall(r"epoch \d+/40", _logs(slurm, "sl-folder").split("resuming from")[1])) >= 1,
+          "an epoch after the requeue", every=0.2)
+    _slurm("scancel", job)
+    _wait(lambda: not any(t.active for t in _status(spec).tasks), "the task to end", every=1.0)
+    logs = _logs(slurm, "sl-folder")
+    assert logs.count("Calling checkpoint method.") == 1, logs  # the trainer's handler, not one per data worker
+    assert "2 workers" in logs and "Traceback" not in logs and "DataLoader worker" not in logs, logs
+    row = _row(_status(spec), key)
+    assert row.state == "interrupted" and row.epoch and "resumes from its checkpoint" in row.reason, row  # not failed
+
+
+@pytest.mark.slow
 def test_a_search_on_slurm_reaches_its_trial_count(slurm):
     spec = write_spec(slurm / "s.yaml", name="sl-search", epochs=1, extra="""\
         search:
@@ -297,6 +327,7 @@ def test_follow_stops_on_ctrl_c_cancel_stops_the_jobs_and_a_relaunch_finishes_th
           "a cell mid-way", every=0.2)
     result = _cli("cancel", str(spec))
     assert result.exit_code == 0 and f"cancelled Slurm job(s) {job} (2 task(s))" in result.stdout, result.output
+    assert f"the next launch finishes the rest: ablate run {spec} --launcher slurm\n" in result.stdout
     assert _slurm("squeue", "-h", "-j", job, "-o", "%i").split() == []
     status = _status(spec)
     assert not status.done and status.counts["running"] == 0 and status.counts["interrupted"] == 0

@@ -278,6 +278,13 @@ def test_report_command_repeats_the_options_quoted_for_a_shell():
         "ablate report experiments/x.yaml --set 'model.shift=[[0,1],[0,-1]]' --set train.epochs=1 --name 'my name'")
 
 
+def test_printed_commands_repeat_the_spec_options_and_their_own():
+    args = SpecArgs(("train.epochs=1",), None, 50)
+    assert args.command("cancel", "x.yaml", "--storage", "postgresql://u:***@db/ablate") == (
+        "ablate cancel x.yaml --storage 'postgresql://u:***@db/ablate' --set train.epochs=1 --max-cells 50")
+    assert SpecArgs().command("status", "my spec.yaml") == "ablate status 'my spec.yaml'"
+
+
 def test_search_ends_with_its_pareto_set(workdir, capsys):
     path = write_spec(workdir / "s.yaml", name="views-pareto", extra=SEARCH)
     ledger = _open_ledger(load_spec(path), storage_url())

@@ -18,6 +18,7 @@ Bad files never stop an epoch; bugs always do:
 from __future__ import annotations
 
 import os
+import signal
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -127,6 +128,16 @@ def collate_skipping(batch):
     return torch.stack(images), torch.tensor(targets, dtype=torch.long), failures
 
 
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGUSR2. Slurm signals every process of a task
+    (scancel, preemption, the time-limit warning), and a forked worker inherits the trainer's
+    Python handlers: each worker would also checkpoint and requeue the job (submitit's USR2
+    handler) or die and make the trainer raise "DataLoader worker killed" mid-epoch. The trainer
+    alone acts on them and shuts its workers down; a worker left behind exits with its parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 class FolderBatches:
     """A DataLoader over one split that skips (and logs once, and counts) unreadable images
     and stops at the first augmentation failure.
@@ -143,7 +154,8 @@ class FolderBatches:
         self.loader = torch.utils.data.DataLoader(
             ImageFileDataset(split.samples, transform), batch_size=batch_size, sampler=self.sampler,
             num_workers=workers, collate_fn=collate_skipping, drop_last=train,
-            pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
+            pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0,
+            worker_init_fn=_leave_signals_to_the_trainer)
         self.skipped_paths: set[str] = set()
         for path, reason in split.skipped:
             self._skip(path, reason)

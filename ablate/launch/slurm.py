@@ -240,14 +240,19 @@ class SlurmWorker:
         """Time limit or preemption (submitit's USR2 handler): run this same worker again once requeued.
 
         Nothing to save here: the ledger, the MLflow runs and the epoch checkpoints hold all state.
+        submitit requeues the job and exits next; the SIGTERM with which Slurm then ends the task
+        must not interrupt that exit (it would print a traceback from wherever the exit had got to).
         """
         from submitit.helpers import DelayedSubmission
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return DelayedSubmission(self)
 
 
 def _stop(signum, frame) -> None:
     """SIGTERM in an array task: leave now. The cell stays RUNNING in the ledger, with its MLflow run
-    and its last epoch checkpoint, for whichever worker takes it over (see the module's docstring)."""
+    and its last epoch checkpoint, for whichever worker takes it over (see the module's docstring).
+    Once: a second SIGTERM must not interrupt the exit the first one started."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
