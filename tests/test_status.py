@@ -149,11 +149,12 @@ def test_follow_gives_up_waiting_for_a_task_that_does_not_end(monkeypatch):
 
 def test_slurm_states_drop_accounting_s_stale_placeholders_of_listed_arrays(monkeypatch):
     """sacct can still show an array as one PENDING job (``11``) or range (``11_[0-1]``) after
-    squeue lists its tasks running; job 12, which squeue no longer lists, keeps sacct's word."""
+    squeue lists its tasks running; job 12, which squeue no longer lists, keeps sacct's word,
+    less the stale reason a completed task waited for once (a requeue's BeginTime)."""
     from ablate.launch import jobs
     answers = {"sacct": "11|PENDING|None|None assigned|00:00:00|0:0\n11_[0-1]|PENDING|None|None assigned|00:00:00|0:0\n"
-                        "12_0|COMPLETED|None|vm|00:00:09|0:0\n12_1|RUNNING|None|vm|00:00:09|0:0\n",
+                        "12_0|COMPLETED|BeginTime|vm|00:00:09|0:0\n12_1|RUNNING|None|vm|00:00:09|0:0\n",
                "squeue": "11_0|RUNNING|None|vm|0:03\n11_1|RUNNING|None|vm|0:03\n"}
     monkeypatch.setattr(jobs, "run_slurm", lambda args, **_: subprocess.CompletedProcess(args, 0, answers[args[0]], ""))
-    assert [(t.job, t.state) for t in jobs.task_states(["11", "12"])] == [
-        ("11_0", "RUNNING"), ("11_1", "RUNNING"), ("12_0", "COMPLETED"), ("12_1", "RUNNING")]
+    assert [(t.job, t.state, t.reason) for t in jobs.task_states(["11", "12"])] == [
+        ("11_0", "RUNNING", ""), ("11_1", "RUNNING", ""), ("12_0", "COMPLETED", ""), ("12_1", "RUNNING", "")]

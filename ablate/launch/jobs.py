@@ -116,6 +116,8 @@ def task_states(jobs: Iterable[str]) -> list[TaskState]:
             if len(parts) == 6 and parts[0]:
                 state, _, by = parts[1].partition(" ")  # "CANCELLED by 0": the uid that cancelled it
                 reason = parts[2] if parts[2] != "None" else f"by uid {by.split()[-1]}" if by else ""
+                if state == "COMPLETED":  # sacct keeps the last reason it waited for (e.g. BeginTime after a requeue)
+                    reason = ""
                 out[parts[0]] = TaskState(parts[0], state, reason, _nodes(parts[3]), parts[4], parts[5])
     queue = run_slurm(["squeue", "-h", "-r", "-j", ",".join(jobs), "-o", "%i|%T|%r|%N|%M"], check=False)
     if queue.returncode != 0 and "Invalid job id" not in queue.stderr:
