@@ -540,3 +540,25 @@ def test_data_workers_leave_slurm_s_signals_to_the_trainer(tree, tmp_path):
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def test_a_data_worker_does_not_print_the_trainer_hanging_up_mid_handover(capsys):
+    """multiprocessing's resource sharer thread calls sys.excepthook when the trainer leaves while
+    a worker hands it a batch; in a worker that is no error of its own, and anything else still prints."""
+    import sys
+
+    from ablate.data.folder import _unless_handover_cut_short
+    seen = []
+    hook = _unless_handover_cut_short(lambda *exc: seen.append(exc[0]))
+
+    def raised(code: str, filename: str):
+        try:
+            exec(compile(code, filename, "exec"), {})
+        except BaseException:
+            return sys.exc_info()
+    sharer = os.path.join(os.path.dirname(os.__file__), "multiprocessing", "resource_sharer.py")
+    hook(*raised("raise ConnectionResetError(104, 'Connection reset by peer')", sharer))
+    hook(*raised("raise EOFError()", sharer))
+    hook(*raised("raise ConnectionResetError(104, 'Connection reset by peer')", "/data/my_transform.py"))
+    hook(*raised("raise ValueError('a bug')", sharer))
+    assert seen == [ConnectionResetError, ValueError]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -128,14 +129,39 @@ def collate_skipping(batch):
     return torch.stack(images), torch.tensor(targets, dtype=torch.long), failures
 
 
-def _leave_signals_to_the_trainer(worker_id: int) -> None:
+def _leave_stopping_to_the_trainer(worker_id: int) -> None:
     """A DataLoader worker ignores SIGTERM and SIGUSR2. Slurm signals every process of a task
     (scancel, preemption, the time-limit warning), and a forked worker inherits the trainer's
     Python handlers: each worker would also checkpoint and requeue the job (submitit's USR2
     handler) or die and make the trainer raise "DataLoader worker killed" mid-epoch. The trainer
-    alone acts on them and shuts its workers down; a worker left behind exits with its parent."""
+    alone acts on them and shuts its workers down; a worker left behind exits with its parent.
+
+    Nor does a worker print the trainer leaving in the middle of a batch's hand-over (see
+    :func:`_handover_cut_short`)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    sys.excepthook = _unless_handover_cut_short(sys.excepthook)
+
+
+def _handover_cut_short(exc_type, tb) -> bool:
+    """A connection error in multiprocessing's resource sharer: the thread through which a worker
+    hands a batch's file descriptors to the trainer, which hung up mid-way. The trainer's side of
+    that hand-over reports any real failure; in the worker it only means the trainer has left
+    (a requeue, a stop), and Python would print it as a traceback in the task's log."""
+    if not issubclass(exc_type, (ConnectionError, EOFError)):
+        return False
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "resource_sharer.py")):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _unless_handover_cut_short(hook):
+    def excepthook(exc_type, exc, tb):
+        if not _handover_cut_short(exc_type, tb):
+            hook(exc_type, exc, tb)
+    return excepthook
 
 
 class FolderBatches:
@@ -155,7 +181,7 @@ class FolderBatches:
             ImageFileDataset(split.samples, transform), batch_size=batch_size, sampler=self.sampler,
             num_workers=workers, collate_fn=collate_skipping, drop_last=train,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0,
-            worker_init_fn=_leave_signals_to_the_trainer)
+            worker_init_fn=_leave_stopping_to_the_trainer)
         self.skipped_paths: set[str] = set()
         for path, reason in split.skipped:
             self._skip(path, reason)
