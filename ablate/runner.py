@@ -358,8 +358,9 @@ def _run_workers(target: Callable[[Context], None], ctx: Context, workers: int, 
     except BaseException:
         _stop_workers(procs)
         raise
-    if stopped := _stopped_on_checkpoint(procs):
-        _stop_workers(procs)
+    if _stopped_on_checkpoint(procs):
+        _stop_workers(procs)  # then name every worker that met it, the ones still leaving too
+        stopped = _stopped_on_checkpoint(procs)
         raise checkpoint.CheckpointWriteFailed(
             f"{', '.join(stopped)} could not write a checkpoint (the line above says which and why), so every "
             "worker was stopped; run again once it is writable: finished cells are kept and the others resume")

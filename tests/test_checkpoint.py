@@ -327,7 +327,7 @@ def test_a_real_full_disk_stops_in_one_line_and_the_cell_finishes_once_there_is_
 def test_a_real_full_disk_under_two_workers_stops_both_in_one_error(workdir, small_disk):
     from ablate.cli import cli
     spec_path = write_spec(workdir / "r2.yaml", name="real-full-disk-2", epochs=1,
-                           extra="grid:\n  model.shift: [none, four, eight]\n")
+                           extra="grid:\n  model.shift: [none, four]\n")
     # a command line of its own: the workers' lines go to the process's stdout, past CliRunner
     result = run_ablate("run", str(spec_path), "--workers", "2", "--checkpoints", str(small_disk), cwd=workdir)
     output = result.stdout + result.stderr
@@ -336,10 +336,10 @@ def test_a_real_full_disk_under_two_workers_stops_both_in_one_error(workdir, sma
     stopped = re.findall(r"\[w\d\] cell \w+: stopped: no space left on device writing \S+/last\.pt", output)
     assert 1 <= len(stopped) <= 2, output  # the other worker may be stopped before its first save
     [error] = [m for m in output.splitlines() if m.startswith("error:")]
-    assert re.match(r"error: ablate-worker-\d could not write a checkpoint .* every worker was stopped", error)
+    assert re.match(r"error: ablate-worker-\d(, ablate-worker-\d)? could not write a checkpoint .* every worker was stopped", error)
     ledger = Ledger(storage_url(), "real-full-disk-2")
     assert not ledger.counts().get("COMPLETE") and not any(t.user_attrs.get("ablate.failure") for t in ledger.trials())
     subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
-    result = CliRunner().invoke(cli, ["run", str(spec_path), "--workers", "2", "--checkpoints", str(small_disk)])
+    result = CliRunner().invoke(cli, ["run", str(spec_path), "--checkpoints", str(small_disk)])  # one worker will do
     assert result.exit_code == 0, result.output
-    assert Ledger(storage_url(), "real-full-disk-2").counts()["COMPLETE"] == 3
+    assert Ledger(storage_url(), "real-full-disk-2").counts()["COMPLETE"] == 2
