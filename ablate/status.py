@@ -403,7 +403,8 @@ def follow(spec_path: str, launch: Launch, *, storage: Optional[str] = None, ech
                     or time.monotonic() - done_at > ENDING_SECONDS:
                 return status
         elif not status.slurm_error and mine and not any(t.active for t in mine):
-            echo(f"every task of Slurm job {launch.job} has ended with work left; see `ablate status "
-                 f"{spec_path}` and the logs in {launch.logs}")
+            from ablate.spec.builder import SpecArgs
+            see = (spec_args or SpecArgs()).command("status", spec_path, *(("--storage", display_url(storage)) if storage else ()))
+            echo(f"every task of Slurm job {launch.job} has ended with work left; see `{see}` and the logs in {launch.logs}")
             return status
         time.sleep(interval)

@@ -115,7 +115,7 @@ print(sorted({{n.split(".")[0] for n in sys.modules}} & {{"torch", "timm", "torc
     assert result.stdout.splitlines() == ["st-light: grid of 1 cells: 0 finished, 0 running, 1 new; ETA unknown", "[]"]
 
 
-def _following(monkeypatch, answers, ending=60.0):
+def _following(monkeypatch, answers, ending=60.0, **options):
     """`follow` against a scripted sequence of task states: each call of `collect` answers the next."""
     from ablate import status as status_mod
     from ablate.launch.jobs import Launch, TaskState
@@ -130,7 +130,7 @@ def _following(monkeypatch, answers, ending=60.0):
     monkeypatch.setattr(status_mod, "collect", collect)
     monkeypatch.setattr(status_mod, "ENDING_SECONDS", ending)
     said = []
-    final = status_mod.follow("s.yaml", launch, echo=said.append, interval=0.0)
+    final = status_mod.follow("s.yaml", launch, echo=said.append, interval=0.0, **options)
     return final, said
 
 
@@ -158,3 +158,12 @@ def test_slurm_states_drop_accounting_s_stale_placeholders_of_listed_arrays(monk
     monkeypatch.setattr(jobs, "run_slurm", lambda args, **_: subprocess.CompletedProcess(args, 0, answers[args[0]], ""))
     assert [(t.job, t.state, t.reason) for t in jobs.task_states(["11", "12"])] == [
         ("11_0", "RUNNING", ""), ("11_1", "RUNNING", ""), ("12_0", "COMPLETED", ""), ("12_1", "RUNNING", "")]
+
+
+def test_follow_stops_when_every_task_ended_with_work_left_and_says_where_to_look(monkeypatch):
+    from ablate.spec.builder import SpecArgs
+    final, said = _following(monkeypatch, [(False, ["RUNNING"]), (False, ["FAILED"])],
+                             storage="postgresql://u:secret@db/l", spec_args=SpecArgs(("train.epochs=1",)))
+    assert not final.done
+    assert said[-1] == ("every task of Slurm job 7 has ended with work left; see `ablate status s.yaml --storage "
+                        "'postgresql://u:***@db/l' --set train.epochs=1` and the logs in /logs")
