@@ -110,13 +110,12 @@ def _launch_slurm(spec, kind, *, workers, storage, device, checkpoints, slurm, s
                   trials=None):
     from ablate.launch.settings import load_settings
     from ablate.launch.slurm import launch
-    from ablate.urls import display_url
+    from ablate.urls import display_url, storage_option
     settings = load_settings(slurm, slurm_profile)
     done = launch(spec, kind=kind, workers=workers, storage=storage, checkpoints=checkpoints, device=device,
                   settings=settings, trials=trials, spec_args=spec_args)
     job, stores = done.launch, done.stores
-    stores_option = ("--storage", display_url(storage)) if storage else ()
-    status = spec_args.command("status", spec, *stores_option)
+    status = spec_args.command("status", spec, *storage_option(storage))
     click.echo(f"{done.spec_name}: {done.queued}; ledger {display_url(stores.ledger)}; "
                f"MLflow {display_url(stores.tracking)}; checkpoints {stores.checkpoints}")
     if job is None:
@@ -124,7 +123,7 @@ def _launch_slurm(spec, kind, *, workers, storage, device, checkpoints, slurm, s
         return
     click.echo(f"submitted Slurm job {job.job}: {job.tasks} task(s), {done.request}")
     click.echo(f"logs: {job.logs}")
-    click.echo(f"follow: {status}    stop: {spec_args.command('cancel', spec, *stores_option)}")
+    click.echo(f"follow: {status}    stop: {spec_args.command('cancel', spec, *storage_option(storage))}")
     if not follow:
         return
     from ablate.status import follow as follow_status
@@ -161,7 +160,7 @@ def status(spec, as_json, storage, spec_args):
 def cancel(spec, storage, spec_args):
     """Cancel SPEC's Slurm jobs (scancel); unfinished cells resume from their checkpoints at the next launch."""
     from ablate.launch.cancel import cancel as cancel_spec
-    from ablate.urls import display_url
+    from ablate.urls import storage_option
     result = cancel_spec(spec, storage, spec_args=spec_args)
     if not result.launches:
         click.echo(f"{spec}: no Slurm job of this spec is queued or running")
@@ -173,7 +172,7 @@ def cancel(spec, storage, spec_args):
     if result.released:
         click.echo(f"{len(result.released)} running cell(s) queued again, to resume from their checkpoints")
     verb = "search" if result.launches[-1].kind == "search" else "run"
-    again = spec_args.command(verb, spec, "--launcher", "slurm", *(("--storage", display_url(storage)) if storage else ()))
+    again = spec_args.command(verb, spec, "--launcher", "slurm", *storage_option(storage))
     click.echo(f"the next launch finishes the rest: {again}")
 
 

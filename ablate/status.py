@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from ablate import names
 from ablate.launch.jobs import Launch, SlurmUnavailable, TaskState, job_of, launches, task_states
 from ablate.locks import pid_alive, sqlite_path
-from ablate.urls import display_url
+from ablate.urls import display_url, storage_option
 
 #: the order states are counted and listed in
 STATES = ("finished", "running", "interrupted", "waiting", "new", "failed", "pruned")
@@ -404,7 +404,7 @@ def follow(spec_path: str, launch: Launch, *, storage: Optional[str] = None, ech
                 return status
         elif not status.slurm_error and mine and not any(t.active for t in mine):
             from ablate.spec.builder import SpecArgs
-            see = (spec_args or SpecArgs()).command("status", spec_path, *(("--storage", display_url(storage)) if storage else ()))
+            see = (spec_args or SpecArgs()).command("status", spec_path, *storage_option(storage))
             echo(f"every task of Slurm job {launch.job} has ended with work left; see `{see}` and the logs in {launch.logs}")
             return status
         time.sleep(interval)

@@ -66,3 +66,8 @@ def _secrets(url: str) -> set[str]:
         value = m.group(0)[len(m.group(1)):]
         found |= {value, unquote(value)}
     return found - {""}
+
+
+def storage_option(url: str | None) -> tuple[str, ...]:
+    """``--storage URL`` for a printed command, credentials masked; nothing for the default store."""
+    return ("--storage", display_url(url)) if url else ()
