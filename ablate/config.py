@@ -142,7 +142,25 @@ class TrainConfig(_Section):
     crop_scale: float = Field(0.08, gt=0, le=1, description="smallest area fraction of the random resized crop")
     amp: Literal["bf16", "fp16", "off"] = Field("bf16", description="mixed precision on CUDA (CPU always runs fp32)")
     compile: bool = Field(False, description="torch.compile the model (CUDA; slow to start on CPU)")
+    micro_batch: Union[PositiveInt, Literal["auto"]] = Field(
+        "auto", description="images per forward/backward pass on each device; batch_size must be a multiple of "
+        "micro_batch x processes (gradients are summed over the passes). auto: the largest that fits the GPU "
+        "(probed once per configuration and GPU model, halved on out-of-memory), the whole batch on a CPU")
+    grad_checkpointing: bool = Field(False, description="recompute each block's activations in the backward "
+                                     "pass instead of keeping them (timm's set_grad_checkpointing): less memory, "
+                                     "about a third more compute")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="random seed of initialisation, data order and augmentation")
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self):
+        if isinstance(self.micro_batch, int):
+            if self.batch_size % self.micro_batch:
+                raise ValueError(f"micro_batch {self.micro_batch} does not divide batch_size {self.batch_size} "
+                                 "(allowed: a divisor of batch_size, or auto)")
+            if (self.mixup > 0 or self.cutmix > 0) and self.micro_batch % 2:
+                raise ValueError(f"micro_batch {self.micro_batch} is odd, and Mixup/CutMix pair the images of a "
+                                 "pass (allowed: an even micro_batch, or auto)")
+        return self
 
     @field_validator("randaugment")
     @classmethod
@@ -168,7 +186,10 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 #: settings that say where things are on one machine, not what is trained: left out of the key
 #: so that workers on machines with different paths share one grid.
-MACHINE_LOCAL = {"data.root", "data.cache_dir", "data.workers", "data.loader"}
+MACHINE_LOCAL = {"data.root", "data.cache_dir", "data.workers", "data.loader",
+                 # how a step's batch is split over passes and devices changes what fits, not what is
+                 # trained (ablate/batching.py): a cell may resume on another GPU with another split
+                 "train.micro_batch", "train.grad_checkpointing"}
 
 
 def num_classes(data: DataConfig) -> int:

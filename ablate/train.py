@@ -13,9 +13,11 @@ generator state needs saving. Failures (non-finite loss, out of memory, anything
 """
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,7 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from ablate import checkpoint, names
+from ablate.batching import BatchSplit, mixup_once_per_step
+from ablate.cell_group import CellGroup
 from ablate.config import CellConfig
+from ablate.data.seeding import derive_seed
+from ablate.memory import SAFETY, MicroBatchMemory
 
 
 class CellFailed(Exception):
@@ -86,35 +92,61 @@ def determinism_settings() -> dict[str, object]:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp: str) -> tuple[float, float, float]:
-    """Mean cross-entropy, top-1 and top-5 (percent) over the validation split."""
+def evaluate(model, loader, device, amp: str, group: CellGroup = CellGroup()) -> tuple[float, float, float]:
+    """Mean cross-entropy, top-1 and top-5 (percent) over the validation split.
+
+    Each rank evaluates its own share of the images (the loader's); the sums are added over the
+    ranks, so every image counts exactly once. The sums stay on the device until the end.
+    """
     model.eval()
-    loss_sum, correct1, correct5, n = 0.0, 0, 0, 0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with _autocast(device, amp):
             logits = model(images)
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(targets[:, None])
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-        n += targets.numel()
+        sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                             torch.tensor(targets.numel(), dtype=torch.float64, device=device)])
+    loss_sum, correct1, correct5, n = group.sum(sums).tolist()
     n = max(n, 1)
     return loss_sum / n, 100.0 * correct1 / n, 100.0 * correct5 / n
+
+
+#: optimizer steps between two reads of the loss on the host (the progress bar, the non-finite check)
+LOG_EVERY = 50
+
+
+def _pass(forward, criterion, images, targets, device, amp: str, scale: float, scaler) -> torch.Tensor:
+    """One forward and backward pass over a micro-batch; returns its (unscaled) mean loss, on the device."""
+    with _autocast(device, amp):
+        loss = criterion(forward(images), targets)
+    scaler.scale(loss * scale).backward()
+    return loss.detach()
+
+
+def _weights_finite(model) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
                on_epoch: Optional[Callable[[EpochStats], None]] = None,
                on_start: Optional[Callable[[dict], None]] = None,
+               before_write: Optional[Callable[[], None]] = None,
+               group: CellGroup = CellGroup(), micro_batch: Optional[int] = None,
                log: Callable[[str], None] = print, progress: Optional[bool] = None) -> dict[str, float]:
     """Train ``cfg`` to the end (resuming from ``checkpoint_dir/last.pt`` if present).
 
-    ``on_start`` receives what was set up (which data path ran, split sizes, device) before the
-    first step; ``on_epoch`` is called after each epoch's evaluation (MLflow logging, Optuna
-    pruning: an exception it raises, such as ``optuna.TrialPruned``, stops training and
-    propagates). Returns the final metrics.
+    ``on_start`` receives what was set up (which data path ran, split sizes, device, the batch
+    split) before the first step; ``before_write`` is called before every write (the epoch's
+    report, the checkpoint) and may raise to stop; ``on_epoch`` is called after each epoch's
+    evaluation (MLflow logging, Optuna pruning: an exception it raises, such as
+    ``optuna.TrialPruned``, stops training and propagates). In a group of several processes
+    every rank calls this with the same ``cfg``; only the leader reports and writes (the
+    callbacks are the leader's). ``micro_batch`` overrides ``train.micro_batch`` (after an
+    out-of-memory error). Returns the final metrics.
     """
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
@@ -128,11 +160,26 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
 
     t = cfg.train
     seed_everything(t.seed)
-    loaders = build_loaders(cfg, device, log=log)
+    loaders = build_loaders(cfg, device, log=log, processes=group.size, rank=group.rank)
     model = build_model(cfg.model, loaders.num_classes).to(device)
+    if t.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     cost = model_cost(cfg.model, loaders.num_classes)
-    optimizer = create_optimizer_v2(model, opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay)
-    steps_per_epoch = max(1, loaders.n_train // t.batch_size)
+    memory = MicroBatchMemory()
+    memory_key = MicroBatchMemory.key(cfg, device_name(device))
+    micro = micro_batch or resolve_micro_batch(cfg, model, device, group, memory, memory_key, log)
+    split = BatchSplit(t.batch_size, micro, group.size, group.rank)
+    loaders.set_split(split)
+    net = model
+    if group.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = create_optimizer_v2(model, opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
+                                    **({"fused": True} if device.type == "cuda" and t.optimizer == "adamw" else {}))
+    steps_per_epoch = loaders.n_train // t.batch_size
+    if steps_per_epoch < 1:
+        raise CellFailed(f"train.batch_size {t.batch_size} is larger than the {loaders.n_train} training images: "
+                         "an epoch would train nothing")
     warmup_steps = int(round(t.warmup_epochs * steps_per_epoch))
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, t.epochs * steps_per_epoch - warmup_steps),
                                   lr_min=t.min_lr, warmup_t=warmup_steps, warmup_lr_init=t.warmup_lr,
@@ -143,21 +190,25 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
         mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
                       num_classes=loaders.num_classes)
     criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    forward = torch.compile(model) if t.compile else model
+    forward = torch.compile(net) if t.compile else net
     log(f"data: {cfg.data.name} via the {loaders.kind} loader ({loaders.n_train} train / {loaders.n_val} val "
         f"images); model: {cost.params / 1e6:.3g}M params, {cost.macs / 1e9:.3g} GMACs per image")
+    if split.accum > 1 or group.distributed or t.grad_checkpointing:
+        log(f"batch: {t.batch_size} per step = {group.size} process(es) x {split.accum} pass(es) x {micro} images"
+            + (", activation checkpointing" if t.grad_checkpointing else ""))
     used = precision(device, t.amp)
     if used != t.amp and t.amp != "off":
         log(f"precision: {used} (train.amp {t.amp} applies on CUDA only)")
-    if on_start is not None:
+    if on_start is not None and group.leader:
         on_start({names.DATA_LOADER: loaders.kind, names.N_TRAIN: loaders.n_train,
                   names.N_VAL: loaders.n_val, names.DEVICE: str(device), names.PRECISION: used,
+                  names.MICRO_BATCH: micro, names.PROCESSES: group.size, names.ACCUM_STEPS: split.accum,
                   **determinism_settings()})
 
     # resume
     ckpt_path = checkpoint_dir / "last.pt"
     start_epoch, history, elapsed, train_images, train_time = 0, [], 0.0, 0, 0.0
-    state = checkpoint.load(ckpt_path, map_location=device, log=log)
+    state = checkpoint.load(ckpt_path, map_location=device, log=log if group.leader else (lambda m: None))
     if state is not None:
         try:
             model.load_state_dict(state["model"])
@@ -171,43 +222,77 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
             checkpoint.set_aside(ckpt_path, f"does not fit this cell ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:200] if str(e) else ''})", log)
             return train_cell(cfg, device=device, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch,
-                              on_start=on_start, log=log, progress=progress)
+                              on_start=on_start, before_write=before_write, group=group, micro_batch=micro,
+                              log=log, progress=progress)
         log(f"resuming from {ckpt_path} after epoch {start_epoch}/{t.epochs}")
 
-    show_bar = sys.stderr.isatty() if progress is None else progress
+    show_bar = group.leader and (sys.stderr.isatty() if progress is None else progress)
+    step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, t.epochs):
         epoch_start = time.perf_counter()
         seed_everything(epoch_seed(t.seed, epoch))
+        if group.rank:  # DropPath's draws: independent across ranks (rank 0 draws as a single process)
+            torch.manual_seed(derive_seed(epoch_seed(t.seed, epoch), group.rank))
         loaders.set_epoch(epoch)
-        model.train()
-        loss_sum, seen, step = 0.0, 0, epoch * steps_per_epoch
+        net.train()
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x images, images
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        checked = step
         bar = tqdm(loaders.train, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
                    leave=False, disable=not show_bar, dynamic_ncols=True)
-        for images, targets in bar:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            with _autocast(device, t.amp):
-                loss = criterion(forward(images), targets)
-            if not torch.isfinite(loss):
-                raise CellFailed(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if t.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            scheduler.step_update(step)
-            loss_sum += loss.item() * images.shape[0]
-            seen += images.shape[0]
-            if show_bar:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - epoch_start):.0f}")
+        try:
+            for images, targets in bar:
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                passes = list(split.micro_batches(images, targets))
+                with mixup_once_per_step() as mix:
+                    for k, (x, y) in enumerate(passes):
+                        if mixup is not None:
+                            x, y = mix(mixup, x, y)
+                        # DDP reduces the gradients once per step, after the last pass
+                        sync = net.no_sync() if group.distributed and k < len(passes) - 1 else nullcontext()
+                        with sync:
+                            loss = _pass(forward, criterion, x, y, device, t.amp, x.shape[0] / images.shape[0], scaler)
+                        sums += torch.stack([loss.double() * x.shape[0], torch.tensor(float(x.shape[0]),
+                                             dtype=torch.float64, device=device)])
+                        bad |= ~torch.isfinite(loss)
+                if t.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                scheduler.step_update(step)
+                if step % LOG_EVERY == 0:
+                    checked = _check_finite(bad, group, checked, step, epoch)
+                    if show_bar:
+                        done = sums.tolist()
+                        bar.set_postfix(loss=f"{done[0] / max(done[1], 1):.3f}",
+                                        img_s=f"{done[1] * group.size / (time.perf_counter() - epoch_start):.0f}")
+        except torch.OutOfMemoryError as e:
+            if group.distributed or t.micro_batch != "auto" or micro == 1:
+                raise
+            memory.put(memory_key, micro // 2)
+            log(f"out of memory at micro-batch {micro} ({str(e).splitlines()[0][:120]}); continuing with "
+                f"micro-batch {micro // 2} from the last checkpoint (epoch {start_epoch if state is None else state['epoch']})"
+                if state is not None or start_epoch else
+                f"out of memory at micro-batch {micro}; starting over with micro-batch {micro // 2}")
+            del optimizer, net, forward, model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return train_cell(cfg, device=device, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch,
+                              on_start=on_start, before_write=before_write, group=group, micro_batch=micro // 2,
+                              log=log, progress=progress)
+        _check_finite(bad, group, checked, step, epoch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_train_time = time.perf_counter() - epoch_start
-        val_loss, top1, top5 = evaluate(forward, loaders.val, device, t.amp)
+        loss_sum, seen = group.sum(sums).tolist()
+        seen = int(seen)
+        val_loss, top1, top5 = evaluate(forward, loaders.val, device, t.amp, group)
+        if not math.isfinite(val_loss) or not _weights_finite(model):
+            raise CellFailed(f"diverged: non-finite {'weights' if math.isfinite(val_loss) else 'validation loss'} "
+                             f"after epoch {epoch + 1} (step {step})")
         stats = EpochStats(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), val_loss=val_loss,
                            val_top1=top1, val_top5=top5, lr=optimizer.param_groups[0]["lr"],
                            images_per_second=seen / max(epoch_train_time, 1e-9))
@@ -215,16 +300,30 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
         elapsed += time.perf_counter() - epoch_start
         train_images += seen
         train_time += epoch_train_time
-        log(f"epoch {epoch + 1}/{t.epochs}  loss {stats.train_loss:.4f}  val_loss {val_loss:.4f}  "
-            f"top1 {top1:.2f}  top5 {top5:.2f}  lr {stats.lr:.2e}  {stats.images_per_second:.0f} img/s")
+        if group.leader:
+            log(f"epoch {epoch + 1}/{t.epochs}  loss {stats.train_loss:.4f}  val_loss {val_loss:.4f}  "
+                f"top1 {top1:.2f}  top5 {top5:.2f}  lr {stats.lr:.2e}  {stats.images_per_second:.0f} img/s")
         # report before saving: a kill in between re-trains this epoch (and reports it again, with
-        # the same values) rather than leaving it unreported
-        if on_epoch is not None:
-            on_epoch(stats)
-        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                         "epoch": epoch + 1, "history": history, "elapsed": elapsed,
-                         "train_images": train_images, "train_time": train_time}, ckpt_path)
+        # the same values) rather than leaving it unreported. Only the leader writes; the others
+        # learn whether it goes on.
+        stopped = None
+        if group.leader:
+            try:
+                if before_write is not None:
+                    before_write()
+                if on_epoch is not None:
+                    on_epoch(stats)
+                if before_write is not None:
+                    before_write()
+                checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                 "epoch": epoch + 1, "history": history, "elapsed": elapsed,
+                                 "train_images": train_images, "train_time": train_time}, ckpt_path)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, once the other ranks know
+                stopped = e
+        group.leader_says(stopped is None, f"{type(stopped).__name__}: {stopped}" if stopped else "")
+        if stopped is not None:
+            raise stopped
 
     last = history[-1]
     return {"val_top1": last["val_top1"], "val_top5": last["val_top5"], "val_loss": last["val_loss"],
@@ -232,6 +331,61 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
             "macs": cost.macs, "flops": cost.flops, "train_seconds": elapsed,
             "images_per_second": train_images / max(train_time, 1e-9),
             "skipped_images": loaders.skipped(), "epochs": len(history)}
+
+
+def _check_finite(bad: torch.Tensor, group: CellGroup, checked: int, step: int, epoch: int) -> int:
+    """Fail the cell if a loss since step ``checked`` was not finite (one read; all ranks agree)."""
+    if step > checked and group.sum(bad.to(torch.float64)).item():
+        raise CellFailed(f"non-finite loss at epoch {epoch + 1}, between steps {checked + 1} and {step}")
+    return step
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def resolve_micro_batch(cfg: CellConfig, model, device: torch.device, group: CellGroup,
+                        memory: MicroBatchMemory, key: str, log: Callable[[str], None]) -> int:
+    """``train.micro_batch``, or for ``auto``: the remembered value for this configuration and
+    device, else (CUDA) a probe, else the rank's whole batch; the smallest over the ranks."""
+    t = cfg.train
+    per_rank = t.batch_size // group.size
+    if t.micro_batch != "auto":
+        return t.micro_batch
+    micro = memory.get(key)
+    if micro is not None and per_rank % micro == 0 and micro <= per_rank:
+        log(f"memory: micro-batch {micro} (remembered for this configuration on {device_name(device)})")
+    elif device.type == "cuda":
+        micro = _probe(cfg, model, device, per_rank, log)
+        memory.put(key, micro)
+    else:
+        micro = per_rank
+    return group.min(micro)
+
+
+def _probe(cfg: CellConfig, model, device: torch.device, per_rank: int, log: Callable[[str], None]) -> int:
+    from ablate.memory import probe_micro_batch, state_bytes
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    fixed = state_bytes(sum(p.numel() for p in model.parameters()))
+    shape = (cfg.model.in_chans, cfg.model.image_size, cfg.model.image_size)
+
+    def try_step(micro: int) -> None:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        x = torch.randn((micro, *shape), device=device)
+        with _autocast(device, cfg.train.amp):
+            model(x).float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def fits() -> bool:
+        return torch.cuda.max_memory_allocated(device) + fixed <= SAFETY * total
+
+    micro = probe_micro_batch(try_step, per_rank, is_oom=is_out_of_memory, fits=fits, log=log)
+    log(f"memory: micro-batch {micro} fits {device_name(device)} ({total / 2**30:.0f} GiB)")
+    torch.cuda.empty_cache()
+    return micro
 
 
 def is_out_of_memory(e: BaseException) -> bool:

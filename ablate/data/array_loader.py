@@ -68,12 +68,17 @@ class ArrayBatches:
 
     def __init__(self, images, labels: torch.Tensor, transform: Callable[[PackedBatch, int], torch.Tensor],
                  *, batch_size: int, train: bool, seed: int, device: torch.device,
-                 rows: Optional[torch.Tensor] = None, skipped_paths: Iterable[str] = ()):
+                 rows: Optional[torch.Tensor] = None, skipped_paths: Iterable[str] = (),
+                 processes: int = 1, rank: int = 0):
         self.images = images if isinstance(images, PackedImages) else PackedImages.from_fixed(images)
         self.labels, self.transform = labels, transform
         self.rows = torch.arange(len(self.images)) if rows is None else rows
+        if not train:  # this rank's contiguous share: every validation image once over the ranks
+            n = len(self.rows)
+            self.rows = self.rows[n * rank // processes:n * (rank + 1) // processes]
         self.batch_size, self.train, self.seed, self.device = batch_size, train, seed, torch.device(device)
         self.epoch = 0
+        self.split = None  # training: a BatchSplit (Loaders.set_split); None is the whole batch
         self.skipped_paths = set(skipped_paths)
 
     def set_epoch(self, epoch: int) -> None:
@@ -95,10 +100,14 @@ class ArrayBatches:
         return self.images.gather(rows, pin=pin, threads=threads), labels.pin_memory() if pin else labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from ablate.batching import select
+
+        # every rank augments the whole global batch (the draws belong to its positions) and keeps its share
+        positions = self.split.positions() if self.train and self.split is not None else None
         host = background((self._gather(r) for r in self._batch_rows()), depth=2)
         for b, (x, y) in enumerate(to_device(host, self.device)):
             seed = derive_seed(self.seed, self.epoch if self.train else 0, b)
-            yield self.transform(x, seed), y
+            yield select(self.transform(x, seed), y, positions)
 
 
 def to_device(batches: Iterable[tuple[PackedBatch, torch.Tensor]], device: torch.device

@@ -104,18 +104,34 @@ class ImageFileDataset(torch.utils.data.Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields ``(index, per-sample seed)``; shuffled from (seed, epoch) when ``shuffle``."""
+    """Yields ``(index, per-sample seed)``; shuffled from (seed, epoch) when ``shuffle``.
 
-    def __init__(self, n: int, seed: int, shuffle: bool):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    Training (``shuffle``): whole global batches of ``batch`` images, each cut to this rank's
+    positions when a ``split`` is set (:class:`ablate.batching.BatchSplit`); the seed belongs to
+    the image, so its augmentation is the same whichever rank and micro-batch trains it.
+    Evaluation: this rank's contiguous share of the images, each image once over the ranks.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool, batch: int = 1, processes: int = 1, rank: int = 0):
+        self.n, self.seed, self.shuffle, self.epoch, self.batch = n, seed, shuffle, 0, batch
+        self.processes, self.rank, self.split = processes, rank, None
+
+    def _indices(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n * self.rank // self.processes, self.n * (self.rank + 1) // self.processes))
+        order = epoch_permutation(self.n, self.seed, self.epoch)
+        full = self.n // self.batch * self.batch
+        positions = self.split.positions() if self.split is not None else None
+        if positions is None:
+            return order[:full].tolist()
+        return order[:full].view(-1, self.batch)[:, positions].reshape(-1).tolist()
 
     def __len__(self) -> int:
-        return self.n
+        return len(self._indices()) if not self.shuffle else self.n // self.batch * self.batch // self.processes
 
     def __iter__(self):
         epoch = self.epoch if self.shuffle else 0
-        order = epoch_permutation(self.n, self.seed, epoch).tolist() if self.shuffle else range(self.n)
-        for i in order:
+        for i in self._indices():
             yield i, derive_seed(self.seed, epoch, i)
 
 
@@ -174,11 +190,14 @@ class FolderBatches:
     """
 
     def __init__(self, split: FolderSplit, transform: Callable, *, batch_size: int, train: bool, seed: int,
-                 workers: int, device: torch.device, log: Callable[[str], None] = print):
-        self.split, self.train, self.log = split, train, log
-        self.sampler = EpochSampler(len(split.samples), seed, shuffle=train)
+                 workers: int, device: torch.device, log: Callable[[str], None] = print,
+                 processes: int = 1, rank: int = 0):
+        self.folder, self.train, self.log = split, train, log
+        self.sampler = EpochSampler(len(split.samples), seed, shuffle=train, batch=batch_size,
+                                    processes=processes, rank=rank)
         self.loader = torch.utils.data.DataLoader(
-            ImageFileDataset(split.samples, transform), batch_size=batch_size, sampler=self.sampler,
+            ImageFileDataset(split.samples, transform), batch_size=batch_size // processes if train else batch_size,
+            sampler=self.sampler,
             num_workers=workers, collate_fn=collate_skipping, drop_last=train,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0,
             worker_init_fn=_leave_stopping_to_the_trainer)
@@ -190,6 +209,14 @@ class FolderBatches:
         if path not in self.skipped_paths:
             self.skipped_paths.add(path)
             self.log(f"data: skipped {path}: {reason}")
+
+    @property
+    def split(self):
+        return self.sampler.split
+
+    @split.setter
+    def split(self, value) -> None:
+        self.sampler.split = value
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch

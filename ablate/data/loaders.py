@@ -42,6 +42,11 @@ class Loaders:
     n_train: int
     n_val: int
 
+    def set_split(self, split) -> None:
+        """Train batches as ``split`` (a :class:`ablate.batching.BatchSplit`) says: this rank's
+        images of each global batch, in its micro-batch order."""
+        self.train.split = split
+
     def set_epoch(self, epoch: int) -> None:
         """Shuffle order and augmentation of ``epoch`` depend only on (train.seed, epoch): a
         resumed run sees exactly the batches an uninterrupted one would."""
@@ -53,15 +58,19 @@ class Loaders:
         return len(self.train.skipped_paths) + len(self.val.skipped_paths)
 
 
-def build_loaders(cfg: CellConfig, device: torch.device, *, log: Callable[[str], None] = print) -> Loaders:
-    """The train/val batches for ``cfg`` (see the module docstring for the paths)."""
+def build_loaders(cfg: CellConfig, device: torch.device, *, log: Callable[[str], None] = print,
+                  processes: int = 1, rank: int = 0) -> Loaders:
+    """The train/val batches for ``cfg`` (see the module docstring for the paths), for rank
+    ``rank`` of ``processes``: every rank draws the whole global batch's augmentation (or keys it
+    by sample) and keeps its share; validation is split into contiguous shares, each image once."""
     device = torch.device(device)
     name = cfg.data.name
+    share = dict(processes=processes, rank=rank)
     if name == "digits":
-        return _digits(cfg, device)
+        return _digits(cfg, device, share)
     if name == "synthetic":
-        return _synthetic(cfg, device)
-    return _image_folder(cfg, device, log)
+        return _synthetic(cfg, device, share)
+    return _image_folder(cfg, device, log, share)
 
 
 def _train_transform(cfg: CellConfig, mean, std, device: torch.device):
@@ -80,30 +89,30 @@ def _eval_transform(cfg: CellConfig, mean, std, device: torch.device, crop_fract
                               crop_fraction=crop_fraction, backend=default_backend(device))
 
 
-def _digits(cfg: CellConfig, device: torch.device) -> Loaders:
+def _digits(cfg: CellConfig, device: torch.device, share: dict) -> Loaders:
     from ablate.data.array_loader import ArrayBatches
     from ablate.data.digits import load_digits_split
 
     d = load_digits_split()
     mean, std = (d.mean,), (d.std,)
-    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device)
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device, **share)
     train = ArrayBatches(d.train_images, d.train_labels, _train_transform(cfg, mean, std, device), train=True, **common)
     val = ArrayBatches(d.val_images, d.val_labels, _eval_transform(cfg, mean, std, device, 1.0), train=False, **common)
     return Loaders(train, val, 10, "memory", len(d.train_labels), len(d.val_labels))
 
 
-def _synthetic(cfg: CellConfig, device: torch.device) -> Loaders:
+def _synthetic(cfg: CellConfig, device: torch.device, share: dict) -> Loaders:
     from ablate.data.synthetic import SyntheticBatches
 
     d, m = cfg.data, cfg.model
     shape = (m.in_chans, m.image_size, m.image_size)
-    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device)
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device, **share)
     train = SyntheticBatches(d.train_size, d.num_classes, shape, train=True, **common)
     val = SyntheticBatches(d.val_size, d.num_classes, shape, train=False, **common)
     return Loaders(train, val, d.num_classes, "synthetic", d.train_size, d.val_size)
 
 
-def _image_folder(cfg: CellConfig, device: torch.device, log: Callable[[str], None]) -> Loaders:
+def _image_folder(cfg: CellConfig, device: torch.device, log: Callable[[str], None], share: dict) -> Loaders:
     from ablate.data.cache import cache_exists, cache_root, default_cache_size, split_cache_path
     from ablate.data.scan import expand_root, scan_tree
 
@@ -125,24 +134,26 @@ def _image_folder(cfg: CellConfig, device: torch.device, log: Callable[[str], No
         if d.loader == "auto":
             log(f"data: no uint8 cache at {where} for size {size}; decoding image files "
                 f"(`ablate data cache {d.root} --size {size}` makes this faster)")
-        return _folder(cfg, root, splits, device, log)
+        return _folder(cfg, root, splits, device, log, share)
     try:
         train_tf = _train_transform(cfg, IMAGENET_MEAN, IMAGENET_STD, device)
     except AblateError as e:
         if d.loader == "cache":
             raise
         log(f"data: not using the uint8 cache: {e}; decoding image files")
-        return _folder(cfg, root, splits, device, log)
-    return _cache(cfg, splits, paths, train_tf, device, log)
+        return _folder(cfg, root, splits, device, log, share)
+    return _cache(cfg, splits, paths, train_tf, device, log, share)
 
 
-def _folder(cfg: CellConfig, root: Path, splits: dict, device: torch.device, log: Callable[[str], None]) -> Loaders:
+def _folder(cfg: CellConfig, root: Path, splits: dict, device: torch.device, log: Callable[[str], None],
+            share: dict) -> Loaders:
     from ablate.data.folder import FolderBatches, usable_workers
     from ablate.data.transforms import folder_transforms
 
     train_tf, val_tf = folder_transforms(cfg)
     workers = usable_workers(cfg.data.workers)
-    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, workers=workers, device=device, log=log)
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, workers=workers, device=device, log=log,
+                  **share)
     train = FolderBatches(splits["train"], train_tf, train=True, **common)
     val = FolderBatches(splits["val"], val_tf, train=False, **common)
     _check_classes(cfg, splits["train"].classes, root)
@@ -153,7 +164,7 @@ def _folder(cfg: CellConfig, root: Path, splits: dict, device: torch.device, log
 
 
 def _cache(cfg: CellConfig, splits: dict, paths: dict[str, Path], train_tf, device: torch.device,
-           log: Callable[[str], None]) -> Loaders:
+           log: Callable[[str], None], share: dict) -> Loaders:
     from ablate.data.array_loader import ArrayBatches
     from ablate.data.cache import open_cache
     from ablate.data.constants import eval_resize_size
@@ -161,7 +172,7 @@ def _cache(cfg: CellConfig, splits: dict, paths: dict[str, Path], train_tf, devi
     train_c, val_c = (open_cache(paths[s], splits[s], cache_dir=cfg.data.cache_dir) for s in ("train", "val"))
     if train_c.size < cfg.model.image_size:
         log(f"data: warning: cache size {train_c.size} is smaller than model.image_size {cfg.model.image_size}")
-    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device)
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device, **share)
     # evaluation keeps the fraction of the short side the folder loader's centre crop keeps
     # (224 of 256): exactly its pixels when the cache has the default size
     crop = min(1.0, cfg.model.image_size / eval_resize_size(cfg.model.image_size))

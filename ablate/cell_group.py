@@ -1,0 +1,137 @@
+"""The processes that train one cell together: a torch.distributed group, rank 0 its leader.
+
+Only the leader talks to the ledger and MLflow and writes checkpoints. It hands each cell to
+the others as a JSON message (:meth:`CellGroup.send`; never a pickle), every rank trains it
+(DistributedDataParallel: NCCL on CUDA, gloo on a CPU), and the leader says at every epoch's end
+whether the cell goes on (:meth:`CellGroup.leader_says`): pruning, a lost trial or an error in
+its writes stop all ranks at the same point. Anything else that breaks one rank (it dies, runs
+out of memory alone) breaks the group: collectives fail or time out
+(``ABLATE_DIST_TIMEOUT``, seconds), the attempt ends, and the cell resumes from its last
+checkpoint like any interrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+
+from ablate.errors import AblateError
+
+#: seconds a rank waits in a collective before the attempt is given up (a rank died)
+DEFAULT_TIMEOUT = 600.0
+
+
+class GroupBroken(Exception):
+    """A rank of the cell's group died or stopped answering: the attempt ends, the cell resumes."""
+
+
+class StoppedByLeader(Exception):
+    """The leader stopped the cell (pruned, taken over, or it failed to record): not this rank's business."""
+
+
+def dist_timeout() -> float:
+    raw = os.environ.get("ABLATE_DIST_TIMEOUT", "")
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise AblateError(f"ABLATE_DIST_TIMEOUT: {raw!r} (allowed: seconds, a positive number)")
+    return value
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class CellGroup:
+    """One rank's view of its cell's group. ``CellGroup()`` is a cell trained by one process."""
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @classmethod
+    def join(cls, rank: int, size: int, address: str, device: torch.device) -> "CellGroup":
+        """Join the group at ``address`` (``tcp://host:port``): NCCL on CUDA, gloo on a CPU."""
+        import torch.distributed as dist
+        if size > 1:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=address, rank=rank, world_size=size,
+                                    timeout=timedelta(seconds=dist_timeout()),
+                                    device_id=device if device.type == "cuda" else None)
+        return cls(rank, size)
+
+    def leave(self) -> None:
+        import torch.distributed as dist
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---- collectives (no-ops for one process) ----------------------------------------------
+
+    def _device(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        return tensor.cuda() if dist.get_backend() == "nccl" else tensor
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of ``tensor`` over the ranks (a new tensor on ``tensor``'s device)."""
+        if not self.distributed:
+            return tensor
+        import torch.distributed as dist
+        t = self._device(tensor.detach().clone())
+        _collective(dist.all_reduce, t)
+        return t.to(tensor.device)
+
+    def min(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+        t = self._device(torch.tensor([value], dtype=torch.int64))
+        _collective(dist.all_reduce, t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def send(self, message: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """The leader's ``message`` on every rank (JSON over a broadcast; the others pass None)."""
+        if not self.distributed:
+            return message or {}
+        import torch.distributed as dist
+        data = json.dumps(message).encode() if self.leader else b""
+        length = self._device(torch.tensor([len(data)], dtype=torch.int64))
+        _collective(dist.broadcast, length, src=0)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.leader else \
+            torch.empty(int(length.item()), dtype=torch.uint8)
+        payload = self._device(payload)
+        _collective(dist.broadcast, payload, src=0)
+        return json.loads(bytes(payload.cpu().tolist()).decode())
+
+    def leader_says(self, go_on: bool, why: str = "") -> None:
+        """Every rank learns whether the leader goes on; the others raise :class:`StoppedByLeader`
+        when it does not (the leader raises its own reason)."""
+        if not self.distributed:
+            return
+        said = self.send({"go_on": go_on, "why": why} if self.leader else None)
+        if not said["go_on"] and not self.leader:
+            raise StoppedByLeader(said["why"])
+
+
+def _collective(fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except (RuntimeError, ValueError) as e:  # gloo: a closed connection or a timeout; NCCL: its watchdog
+        raise GroupBroken(f"a process of this cell's group stopped answering ({str(e).splitlines()[0][:200]})") from e
