@@ -107,13 +107,13 @@ def _launcher(launcher, slurm, slurm_profile, follow, devices) -> bool:
 
 
 def _launch_slurm(spec, kind, *, workers, storage, device, checkpoints, slurm, slurm_profile, follow, spec_args,
-                  trials=None):
+                  trials=None, gpus_per_cell=1):
     from ablate.launch.settings import load_settings
     from ablate.launch.slurm import launch
     from ablate.urls import display_url, storage_option
     settings = load_settings(slurm, slurm_profile)
     done = launch(spec, kind=kind, workers=workers, storage=storage, checkpoints=checkpoints, device=device,
-                  settings=settings, trials=trials, spec_args=spec_args)
+                  settings=settings, trials=trials, spec_args=spec_args, gpus_per_cell=gpus_per_cell)
     job, stores = done.launch, done.stores
     status = spec_args.command("status", spec, *storage_option(storage))
     click.echo(f"{done.spec_name}: {done.queued}; ledger {display_url(stores.ledger)}; "
@@ -212,6 +212,9 @@ _worker_options = [
                  "sqlite:///ablate-ledger.db); postgresql://... to share work between machines"),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N"),
     click.option("--devices", default=None, help="one worker per listed GPU, e.g. 0,1,2,3 (overrides --workers)"),
+    click.option("--gpus-per-cell", default=1, show_default=True, type=click.IntRange(min=1),
+                 help="processes that train one cell together (torch.distributed): GPUs of --devices per cell, "
+                 "or CPU processes with --device cpu"),
     click.option("--checkpoints", default=None, help="checkpoint folder, shared by all workers of a grid "
                  "(default: $ABLATE_CHECKPOINTS or ./checkpoints)"),
 ]
@@ -228,7 +231,8 @@ def _with_worker_options(f):
 @_with_worker_options
 @spec_options
 @_with_launcher_options
-def run(spec, workers, storage, device, devices, checkpoints, spec_args, launcher, slurm, slurm_profile, follow):
+def run(spec, workers, storage, device, devices, gpus_per_cell, checkpoints, spec_args, launcher, slurm, slurm_profile,
+        follow):
     """Train every cell of SPEC's grid once; re-running resumes and skips finished cells.
 
     With --launcher slurm the workers are the tasks of one Slurm job array (--workers N tasks)
@@ -236,13 +240,14 @@ def run(spec, workers, storage, device, devices, checkpoints, spec_args, launche
     """
     if _launcher(launcher, slurm, slurm_profile, follow, devices):
         _launch_slurm(spec, "grid", workers=workers, storage=storage, device=device, checkpoints=checkpoints,
-                      slurm=slurm, slurm_profile=slurm_profile, follow=follow, spec_args=spec_args)
+                      slurm=slurm, slurm_profile=slurm_profile, follow=follow, spec_args=spec_args,
+                      gpus_per_cell=gpus_per_cell)
         return
     from ablate.runner import run_grid
     from ablate.summary import print_summary
     with _resumable("grid"):
         summary = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
-                           checkpoints=checkpoints, spec_args=spec_args)
+                           checkpoints=checkpoints, spec_args=spec_args, gpus_per_cell=gpus_per_cell)
     print_summary(summary, spec_path=spec, spec_args=spec_args)
     sys.exit(0 if summary.ok else 1)
 
@@ -253,18 +258,20 @@ def run(spec, workers, storage, device, devices, checkpoints, spec_args, launche
 @_with_worker_options
 @spec_options
 @_with_launcher_options
-def search(spec, trials, workers, storage, device, devices, checkpoints, spec_args, launcher, slurm, slurm_profile,
-           follow):
+def search(spec, trials, workers, storage, device, devices, gpus_per_cell, checkpoints, spec_args, launcher, slurm,
+           slurm_profile, follow):
     """Run SPEC's Optuna search up to its number of trials; re-running continues the same study."""
     if _launcher(launcher, slurm, slurm_profile, follow, devices):
         _launch_slurm(spec, "search", workers=workers, storage=storage, device=device, checkpoints=checkpoints,
-                      slurm=slurm, slurm_profile=slurm_profile, follow=follow, trials=trials, spec_args=spec_args)
+                      slurm=slurm, slurm_profile=slurm_profile, follow=follow, trials=trials, spec_args=spec_args,
+                      gpus_per_cell=gpus_per_cell)
         return
     from ablate.runner import run_search
     from ablate.summary import print_search_summary
     with _resumable("search"):
         counts = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
-                            devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args)
+                            devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args,
+                            gpus_per_cell=gpus_per_cell)
     click.echo("trials: " + ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())))
     print_search_summary(spec, spec_args, storage)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ablate import checkpoint, names
+from ablate.cell_group import CellGroup, GroupBroken, StoppedByLeader, free_port
 from ablate.checkpoint import DEFAULT_ROOT
 from ablate.errors import AblateError
 from ablate.spec.builder import SpecArgs
@@ -26,6 +27,8 @@ POLL_SECONDS = 2.0
 #: a spawned worker's exit status when it could not write a checkpoint (sysexits' EX_TEMPFAIL:
 #: run again once there is room); its parent then stops the others, which would meet it too
 CHECKPOINT_STOP_EXIT = 75
+#: a worker's exit status when a process of its cell's group died: its cell resumes at the next run
+GROUP_BROKEN_EXIT = 76
 
 
 @dataclass
@@ -44,6 +47,10 @@ class Context:
     workers: int = 1  # how many workers share this invocation (for the ETA)
     index: int = 0  # this worker's number among them
     spec_args: SpecArgs = SpecArgs()  # --set, --name, --max-cells: every worker loads the same spec
+    gpus_per_cell: int = 1  # processes (GPUs) that train one cell together
+    rank: int = 0  # this process's rank in its cell's group (0: the worker that claims and records)
+    address: str = ""  # the group's rendezvous, tcp://host:port
+    group: Optional[CellGroup] = None  # joined in the worker process
 
     def log(self, msg: str) -> None:
         print(f"{self.prefix}{msg}", flush=True)
@@ -131,10 +138,13 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {step} (top-1 {stats.val_top1:.2f})")
 
+    group = ctx.group or CellGroup()
     try:
         with ledger.heartbeat(trial):
+            group.send({"cell": cfg.model_dump(mode="json"), "checkpoint_dir": str(ckpt_dir)})
             metrics = train_cell(cfg, device=device, checkpoint_dir=ckpt_dir, on_epoch=on_epoch,
-                                 on_start=run.set_tags, log=lambda m: ctx.log(f"  {m}"), progress=ctx.progress)
+                                 on_start=run.set_tags, group=group, log=lambda m: ctx.log(f"  {m}"),
+                                 progress=ctx.progress)
     except optuna.TrialPruned as e:
         _record(run, ledger, trial, "PRUNED", reason=str(e))
         ctx.log(f"cell {key}: {e}")
@@ -150,6 +160,11 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
             raise SystemExit(CHECKPOINT_STOP_EXIT) from None  # a spawned worker: its parent says the rest
         raise
     except Exception as e:
+        if group.distributed and (isinstance(e, GroupBroken) or is_out_of_memory(e)):
+            # not the cell's fault: the attempt ends, the group with it, and the cell resumes
+            ledger.release_gone(lambda t: t.number == trial.number)
+            ctx.log(f"cell {key}: stopped: {describe_failure(e)}; it resumes from its last checkpoint at the next run")
+            raise SystemExit(GROUP_BROKEN_EXIT) from None
         reason = describe_failure(e)
         if is_out_of_memory(e) and device.type == "cuda":
             import torch
@@ -159,6 +174,9 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
             traceback.print_exc()
         _record(run, ledger, trial, "FAIL", reason=reason)
         ctx.log(f"cell {key}: FAILED: {reason}")
+        if group.distributed and not isinstance(e, CellFailed):
+            # the other ranks may be waiting in a collective this rank never reaches: end the group
+            raise SystemExit(GROUP_BROKEN_EXIT) from None
         return "FAIL"
     # val_top1/val_top5/losses are already the last per-epoch values; log the run-level ones
     per_epoch = ("epochs", "train_loss", "val_loss", "val_top1", "val_top5")
@@ -228,7 +246,36 @@ def _wait_for_others(ctx: Context, what: str, said: bool) -> bool:
     if not said:
         ctx.log(f"waiting: {what} running in other workers")
     time.sleep(POLL_SECONDS)
+    _keep_group(ctx)
     return True
+
+
+def _keep_group(ctx: Context) -> None:
+    """Tell the other ranks of this worker's group that it is still there (they wait in a broadcast)."""
+    if ctx.group is not None and ctx.group.distributed:
+        ctx.group.send({"idle": True})
+
+
+def follow_cells(ctx: Context) -> None:
+    """A rank other than 0: train every cell the group's leader hands over, until it says stop.
+
+    Only the leader records; a cell that fails here fails there too (the checks are agreed), so
+    this rank just waits for the next one."""
+    from ablate.config import CellConfig
+    from ablate.train import CellFailed, resolve_device, train_cell
+    _setup_worker(ctx)
+    device = resolve_device(ctx.device)
+    while True:
+        message = ctx.group.send()
+        if message.get("stop"):
+            return
+        if "cell" not in message:
+            continue  # the leader is waiting for work
+        try:
+            train_cell(CellConfig(**message["cell"]), device=device, checkpoint_dir=Path(message["checkpoint_dir"]),
+                       group=ctx.group, log=lambda m: None, progress=False)
+        except (CellFailed, StoppedByLeader):
+            continue
 
 
 def grid_worker(ctx: Context) -> None:
@@ -281,6 +328,7 @@ def _wait_for_same_config(ledger, trial, key: str, ctx: Context) -> None:
             ctx.log(f"trial {trial.number}: same configuration as a running trial; waiting for its result")
             said = True
         time.sleep(POLL_SECONDS if same else 0.2)
+        _keep_group(ctx)
         ledger.recover_dead()
 
 
@@ -337,21 +385,28 @@ def _run_workers(target: Callable[[Context], None], ctx: Context, workers: int, 
     through :func:`ablate.lifecycle.sigterm_as_interrupt`) or fails, killed by the kernel when it
     is killed. Their cells stay RUNNING in the ledger, to resume.
     """
-    if workers == 1:
+    per_cell = ctx.gpus_per_cell
+    if workers == 1 and per_cell == 1:
         if devices:
             ctx.device = devices[0]
         target(ctx)
         return
     procs = []
     mp_ctx = mp.get_context("spawn")
-    threads = ctx.threads or max(1, (os.cpu_count() or 1) // workers)
+    threads = ctx.threads or max(1, usable_cpus() // (workers * per_cell))
     try:
         for i in range(workers):
-            wctx = Context(**{**ctx.__dict__, "prefix": f"[w{i}] ", "index": i, "threads": threads,
-                              "progress": False, "device": devices[i] if devices else ctx.device})
-            p = mp_ctx.Process(target=_worker_process, args=(target, wctx, os.getpid()), name=f"ablate-worker-{i}")
-            p.start()
-            procs.append(p)
+            address = f"tcp://127.0.0.1:{free_port()}" if per_cell > 1 else ""
+            for rank in range(per_cell):
+                n = i * per_cell + rank
+                name = f"[w{i}] " if per_cell == 1 else f"[w{i}.{rank}] "
+                wctx = Context(**{**ctx.__dict__, "prefix": name if workers > 1 or rank else "", "index": i,
+                                  "threads": threads, "progress": False if workers > 1 or rank else ctx.progress,
+                                  "device": devices[n] if devices else ctx.device, "rank": rank, "address": address})
+                p = mp_ctx.Process(target=_worker_process, args=(target if rank == 0 else follow_cells, wctx, os.getpid()),
+                                   name=f"ablate-worker-{i}" + (f".{rank}" if per_cell > 1 else ""))
+                p.start()
+                procs.append(p)
         from multiprocessing.connection import wait
         while (running := [p for p in procs if p.exitcode is None]) and not _stopped_on_checkpoint(procs):
             wait([p.sentinel for p in running])
@@ -364,7 +419,11 @@ def _run_workers(target: Callable[[Context], None], ctx: Context, workers: int, 
         raise checkpoint.CheckpointWriteFailed(
             f"{', '.join(stopped)} could not write a checkpoint (the line above says which and why), so every "
             "worker was stopped; run again once it is writable: finished cells are kept and the others resume")
-    bad = [p.name for p in procs if p.exitcode not in (0, None)]
+    broken = [p.name for p in procs if p.exitcode == GROUP_BROKEN_EXIT]
+    if broken:
+        ctx.log(f"warning: worker(s) {', '.join(broken)} stopped: a process of their cell's group died; "
+                "its cell resumes from its last checkpoint at the next run")
+    bad = [p.name for p in procs if p.exitcode not in (0, None, GROUP_BROKEN_EXIT)]
     if bad:
         ctx.log(f"warning: worker(s) {', '.join(bad)} exited abnormally")
 
@@ -385,7 +444,20 @@ def _worker_process(target: Callable[[Context], None], ctx: Context, parent_pid:
     # the parent stops a worker with SIGTERM: leave through Python's exit (its cell stays RUNNING
     # to resume), so that what the process holds is released rather than reported leaked
     signal.signal(signal.SIGTERM, _leave)
-    target(ctx)
+    if ctx.gpus_per_cell == 1:
+        target(ctx)
+        return
+    from ablate.train import resolve_device
+    ctx.group = CellGroup.join(ctx.rank, ctx.gpus_per_cell, ctx.address, resolve_device(ctx.device))
+    try:
+        target(ctx)
+        if ctx.group.leader:
+            ctx.group.send({"stop": True})
+    except GroupBroken as e:
+        ctx.log(f"stopped: {e}")
+        raise SystemExit(GROUP_BROKEN_EXIT) from None
+    finally:
+        ctx.group.leave()
 
 
 def _leave(signum, frame) -> None:
@@ -423,23 +495,40 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _worker_count(device: str, devices: list[str], workers: int) -> int:
-    """Check the devices and the number of workers before anything is written; one worker per listed GPU.
+def _worker_count(device: str, devices: list[str], workers: int, gpus_per_cell: int = 1) -> int:
+    """Check the devices and the number of workers before anything is written; one worker per listed GPU
+    (per ``gpus_per_cell`` of them). Returns the number of workers (cells trained at once).
 
-    Each worker is a training process with its own data loading, so more workers than CPU cores
-    only make every one of them slower (and a typo such as --workers 100000 would start that many).
+    Each process trains with its own data loading, so more processes than CPU cores only make
+    every one of them slower (and a typo such as --workers 100000 would start that many).
     """
     if devices:
         for d in devices:
             check_device(d, "--devices")
     else:
         check_device(device)
-    count, cap = len(devices) or workers, usable_cpus()
-    if count > cap:
-        option = "--devices" if devices else "--workers"
-        raise AblateError(f"{option}: {count} workers, more than the {cap} CPU cores this process may use "
-                          f"(allowed: 1 to {cap} workers)")
+    if devices and len(devices) % gpus_per_cell:
+        raise AblateError(f"--gpus-per-cell: {gpus_per_cell} does not divide the {len(devices)} GPUs of --devices "
+                          f"(allowed: a divisor of {len(devices)})")
+    count = len(devices) // gpus_per_cell if devices else workers
+    processes, cap = count * gpus_per_cell, usable_cpus()
+    if processes > cap:
+        option = "--devices" if devices else "--workers" if gpus_per_cell == 1 else "--gpus-per-cell"
+        raise AblateError(f"{option}: {processes} training processes, more than the {cap} CPU cores this process "
+                          f"may use (allowed: 1 to {cap} processes, workers x --gpus-per-cell)")
     return count
+
+
+def check_split(spec, gpus_per_cell: int) -> None:
+    """Every cell's batch divides over ``gpus_per_cell`` processes (and its micro-batch), before anything runs."""
+    configs = [c.config for c in spec.cells()] if spec.search is None else [spec.base]
+    for cfg in configs:
+        t = cfg.train
+        micro = t.micro_batch if isinstance(t.micro_batch, int) else 1
+        if t.batch_size % (gpus_per_cell * micro):
+            what = f"{gpus_per_cell} processes x micro_batch {micro}" if micro > 1 else f"{gpus_per_cell} processes"
+            raise AblateError(f"{spec.path}: train.batch_size: {t.batch_size} does not divide over --gpus-per-cell "
+                              f"{what} (allowed: a multiple of {gpus_per_cell * micro})")
 
 
 def _run_under_parent(target: Callable[[Context], None], ctx: Context, workers: int, devices: list[str],
@@ -492,7 +581,7 @@ class Summary:
 
 
 def _prepare(spec_path: str, spec_args: SpecArgs, kind: str, device: str, devices: Optional[list[str]],
-             workers: int, storage: Optional[str]):
+             workers: int, storage: Optional[str], gpus_per_cell: int = 1):
     """What ``run`` and ``search`` check before anything is written: the spec (of this ``kind``),
     the devices and workers, and both stores. Returns (spec, devices, workers, ledger URL)."""
     from ablate.ledger import storage_url
@@ -506,7 +595,10 @@ def _prepare(spec_path: str, spec_args: SpecArgs, kind: str, device: str, device
     if kind == "search" and spec.search is None:
         raise AblateError(f"{spec_path}: search: this spec has no search section (allowed: `ablate run {spec_path}` for a grid)")
     devices = devices or []
-    workers = _worker_count(device, devices, workers)
+    if gpus_per_cell < 1:
+        raise AblateError(f"--gpus-per-cell: {gpus_per_cell} (allowed: a positive integer)")
+    workers = _worker_count(device, devices, workers, gpus_per_cell)
+    check_split(spec, gpus_per_cell)
     url = storage_url(storage)
     check_stores(url)  # both stores usable, before either is written
     return spec, devices, workers, url
@@ -514,11 +606,12 @@ def _prepare(spec_path: str, spec_args: SpecArgs, kind: str, device: str, device
 
 def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None, device: str = "auto",
              devices: Optional[list[str]] = None, checkpoints: Optional[str] = None,
-             progress: Optional[bool] = None, spec_args: SpecArgs = SpecArgs()) -> Summary:
+             progress: Optional[bool] = None, spec_args: SpecArgs = SpecArgs(), gpus_per_cell: int = 1) -> Summary:
     """``ablate run``: every cell of the spec's grid trained once, recorded in MLflow."""
     from ablate import tracking
 
-    spec, devices, workers, url = _prepare(spec_path, spec_args, "grid", device, devices, workers, storage)
+    spec, devices, workers, url = _prepare(spec_path, spec_args, "grid", device, devices, workers, storage,
+                                           gpus_per_cell)
     cells = spec.cells()
     ledger = _open_ledger(spec, url)
     enqueued, done = ledger.enqueue_cells(sorted(cells, key=_estimated_cost, reverse=True))
@@ -538,7 +631,8 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
         return summarize_grid(spec, ledger)
     parent = tracking.start_parent(experiment_id, "grid", str(spec_path), tags=spec_tags(spec))
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
-                  checkpoints=root, device=device, progress=progress, workers=workers, spec_args=spec_args)
+                  checkpoints=root, device=device, progress=progress, workers=workers, spec_args=spec_args,
+                  gpus_per_cell=gpus_per_cell)
     _run_under_parent(grid_worker, ctx, workers, devices,
                       outcome=lambda: "FINISHED" if summarize_grid(spec, ledger).ok else "FAILED")
     summary = summarize_grid(spec, ledger)
@@ -579,14 +673,16 @@ def summarize_grid(spec, ledger) -> Summary:
 
 def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1, storage: Optional[str] = None,
                device: str = "auto", devices: Optional[list[str]] = None, checkpoints: Optional[str] = None,
-               progress: Optional[bool] = None, spec_args: SpecArgs = SpecArgs()) -> dict[str, int]:
+               progress: Optional[bool] = None, spec_args: SpecArgs = SpecArgs(),
+               gpus_per_cell: int = 1) -> dict[str, int]:
     """``ablate search``: continue the spec's study until it holds ``trials`` finished trials."""
     from ablate import tracking
     from ablate.search import counted_trials
 
     if trials is not None and trials < 1:
         raise AblateError(f"--trials: {trials} (allowed: a positive integer)")
-    spec, devices, workers, url = _prepare(spec_path, spec_args, "search", device, devices, workers, storage)
+    spec, devices, workers, url = _prepare(spec_path, spec_args, "search", device, devices, workers, storage,
+                                           gpus_per_cell)
     target = trials or spec.search.trials
     ledger = _open_ledger(spec, url)
     ledger.recover_dead()
@@ -608,7 +704,7 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=root, device=device, progress=progress, trials=target,
-                  workers=workers, spec_args=spec_args)
+                  workers=workers, spec_args=spec_args, gpus_per_cell=gpus_per_cell)
     _run_under_parent(search_worker, ctx, workers, devices)
     _, running, waiting = counted_trials(ledger)
     if not running and not waiting:

@@ -54,7 +54,7 @@ class Submitted:
 
 def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str] = None,
            checkpoints: Optional[str] = None, device: str = "auto", settings: SlurmSettings,
-           trials: Optional[int] = None, spec_args: Optional[SpecArgs] = None) -> Submitted:
+           trials: Optional[int] = None, spec_args: Optional[SpecArgs] = None, gpus_per_cell: int = 1) -> Submitted:
     """Queue the spec's work and submit its workers as one job array; return without waiting.
 
     Everything that can be refused is refused before anything is written or submitted: the
@@ -74,6 +74,11 @@ def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str
                           "for a grid)")
     if trials is not None and trials < 1:
         raise AblateError(f"--trials: {trials} (allowed: a positive integer)")
+    if settings.gpus_per_task and settings.gpus_per_task % gpus_per_cell:
+        raise AblateError(f"--gpus-per-cell: {gpus_per_cell} does not divide the {settings.gpus_per_task} GPUs of "
+                          f"--slurm gpus_per_task (allowed: a divisor of {settings.gpus_per_task}: a cell spans "
+                          "GPUs of one task)")
+    runner.check_split(spec, gpus_per_cell)
     where = placement(settings)
     stores = check_shared_stores(storage_url(storage), tracking.tracking_uri(), runner.checkpoint_root(checkpoints),
                                  settings.logs, where)
@@ -106,7 +111,8 @@ def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str
     gpus = settings.gpus_per_task
     ctx = Context(spec_path=os.path.abspath(spec_path), storage="", experiment_id=experiment_id,
                   parent_run_id=parent, checkpoints=stores.checkpoints, device=device, progress=False,
-                  trials=target or 0, workers=workers * max(1, gpus), spec_args=spec_args)
+                  trials=target or 0, workers=workers * max(1, max(1, gpus) // gpus_per_cell), spec_args=spec_args,
+                  gpus_per_cell=gpus_per_cell)
     try:
         # the store URLs reach the tasks through the environment sbatch passes on, not in a file
         with _environment(ABLATE_STORAGE=stores.ledger, MLFLOW_TRACKING_URI=stores.tracking,
@@ -216,7 +222,8 @@ class SlurmWorker:
             raise RuntimeError("ABLATE_STORAGE is not set in this task: the job must get the submitting "
                                "environment (sbatch --export=ALL)") from None
         cpus = _allocated_cpus()
-        ctx = replace(self.ctx, storage=storage, threads=max(1, cpus // max(1, self.gpus)) if cpus else 0)
+        processes = max(1, self.gpus, self.ctx.gpus_per_cell)
+        ctx = replace(self.ctx, storage=storage, threads=max(1, cpus // processes) if cpus else 0)
         ctx.log(f"task {task} on {socket.gethostname()}: {max(1, self.gpus)} {self.kind} worker(s)"
                 f"{', CUDA_VISIBLE_DEVICES=' + os.environ['CUDA_VISIBLE_DEVICES'] if 'CUDA_VISIBLE_DEVICES' in os.environ else ''}"
                 f"{f', {cpus} CPUs' if cpus else ''}; ledger {display_url(storage)}")
@@ -230,8 +237,10 @@ class SlurmWorker:
         # once loses less than training on until SIGKILL (KillWait later) cuts an epoch anyway
         signal.signal(signal.SIGTERM, _stop)
         target = runner.grid_worker if self.kind == "grid" else runner.search_worker
-        if self.gpus > 1:
-            runner._run_workers(target, ctx, self.gpus, [f"cuda:{i}" for i in range(self.gpus)])
+        if self.gpus > 1 or ctx.gpus_per_cell > 1:
+            # one worker per GPU of the task, or per --gpus-per-cell of them (CPU processes without GPUs)
+            devices = [f"cuda:{i}" for i in range(self.gpus)] if self.gpus else []
+            runner._run_workers(target, ctx, max(1, self.gpus) // ctx.gpus_per_cell if self.gpus else 1, devices)
         else:
             target(ctx)
         return _close_parent_if_done(spec, ledger, ctx)
