@@ -273,10 +273,9 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
             if group.distributed or t.micro_batch != "auto" or micro == 1:
                 raise
             memory.put(memory_key, micro // 2)
+            where = f"from the last checkpoint (epoch {epoch})" if epoch else "from the start"
             log(f"out of memory at micro-batch {micro} ({str(e).splitlines()[0][:120]}); continuing with "
-                f"micro-batch {micro // 2} from the last checkpoint (epoch {start_epoch if state is None else state['epoch']})"
-                if state is not None or start_epoch else
-                f"out of memory at micro-batch {micro}; starting over with micro-batch {micro // 2}")
+                f"micro-batch {micro // 2} {where}")
             del optimizer, net, forward, model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
