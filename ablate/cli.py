@@ -451,15 +451,25 @@ def data_cache(source, size, out, workers, force):
 @click.option("--no-data-check", is_flag=True, hidden=True,
               help="accepted for old scripts: plan never needs the data in place")
 @spec_options
-def plan(spec, as_json, no_data_check, spec_args):
+@click.option("--gpu-memory", default=None, metavar="SIZE",
+              help="memory of one GPU for the micro-batch column, e.g. 80GB, 24G, 48GiB (default: this machine's "
+              "GPU, else 80 GB)")
+@click.option("--gpus-per-cell", default=1, show_default=True, type=click.IntRange(min=1),
+              help="processes that train one cell together (the batch is split over them)")
+def plan(spec, as_json, no_data_check, spec_args, gpu_memory, gpus_per_cell):
     """Validate SPEC and show its cells, params, GMACs and an estimated GPU-hours cost.
 
     Reads no dataset, trains nothing and writes nothing. The data need not be in place yet: a
     dataset root that does not exist, or whose ${VAR} is unset, is named in the plan (ablate
     run refuses it).
     """
+    from ablate.memory import parse_size
     from ablate.plan import plan as make_plan
-    result = make_plan(spec_args.load(spec, check_paths=False))
+    try:
+        memory = parse_size(gpu_memory) if gpu_memory is not None else None
+    except ValueError as e:
+        raise AblateError(f"--gpu-memory: {e}") from None
+    result = make_plan(spec_args.load(spec, check_paths=False), gpu_memory=memory, processes=gpus_per_cell)
     click.echo(result.to_json() if as_json else result.to_text())
 
 

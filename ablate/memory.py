@@ -39,11 +39,11 @@ def activation_bytes(model, precision: str = "bf16", *, device_type: str = "cuda
     m, c, h = model.num_patches, model.width, model.hidden
     low = _bytes(precision)
     norm = 4 if precision != "fp32" and device_type == "cuda" else low
-    stats = 2 * 4 * m if model.norm == "layernorm" else 0
+    stats = 2 * 4 * m if model.norm == "layernorm" else 0  # one norm's mean and rstd
     # FC1, FC2, FC3 inputs and the first GELU's: M·c each; FC4's input and the second GELU's: M·h each
-    block = low * (4 * m * c + 2 * m * h) + 2 * norm * m * c + stats
-    embed = low * model.in_chans * model.image_size ** 2 + norm * m * c + stats // 2
-    head = 4 * m * c + 4 * c  # the final norm's input and the pooled features
+    block = low * (4 * m * c + 2 * m * h) + 2 * (norm * m * c + stats)
+    embed = low * model.in_chans * model.image_size ** 2 + norm * m * c + stats  # the image, the patch norm
+    head = low * c + (norm * m * c + stats if model.norm_position == "pre" else 0)  # pooled features (+ final norm)
     if grad_checkpointing:
         return embed + model.depth * 4 * m * c + block + head
     return embed + model.depth * block + head
@@ -152,3 +152,46 @@ def probe_micro_batch(try_step: Callable[[int], None], per_rank: int, *, is_oom:
                                "set train.grad_checkpointing: true or a smaller train.batch_size")
         log(f"memory: micro-batch {micro} does not fit ({why}); trying {micro // 2}")
         micro //= 2
+
+
+# ---- the plan's memory column ----------------------------------------------------------------------
+
+#: the memory the plan assumes when it is not told and sees no GPU: an 80 GB H100/A100
+DEFAULT_GPU_MEMORY = 80 * 10 ** 9
+_UNITS = {"": 10 ** 9, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6, "g": 10 ** 9, "gb": 10 ** 9,
+          "t": 10 ** 12, "tb": 10 ** 12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_size(text: str) -> int:
+    """``80GB``, ``24G``, ``48GiB``, ``81920MiB`` or a bare number of GB, in bytes."""
+    import re
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} (allowed: a size such as 80GB, 24G, 48GiB or 81920MiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def local_gpu_memory() -> Optional[int]:
+    """The memory of this machine's first GPU, from nvidia-smi (no CUDA start-up); None without one."""
+    import shutil
+    import subprocess
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.split()
+        return int(float(out[0]) * 2 ** 20) if out else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def plan_memory(model, params: int, batch: int, processes: int, memory: int, precision: str = "bf16"):
+    """(activation bytes per image, micro-batch that fits ``memory``, that with checkpointing) for
+    a cell on CUDA: the plan's estimate of what ``train.micro_batch: auto`` will find."""
+    per_image = activation_bytes(model, precision)
+    per_rank = batch // processes
+    fixed = state_bytes(params)
+    return (per_image, fitting_micro_batch(per_image, fixed, memory, per_rank),
+            fitting_micro_batch(activation_bytes(model, precision, grad_checkpointing=True), fixed, memory, per_rank))

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from ablate.config import CellConfig, DataConfig, flat_params
 from ablate.errors import AblateError
+from ablate.memory import DEFAULT_GPU_MEMORY, plan_memory
 from ablate.spec.reference import matching_row
 from ablate.units import PaperUnits, macs_in, paper_number, params_in
 
@@ -86,6 +87,10 @@ class PlanRow(PaperUnits):
     val_images: Optional[int]
     gpu_hours: Optional[float]
     reference: Optional[dict] = None   # the spec's matching reference row (the paper's numbers)
+    activation_mb: float = 0.0         # what autograd keeps per training image (analytic, bf16 on CUDA), MB
+    micro_batch: int = 0               # the micro-batch that fits the plan's GPU memory (0: not even 1)
+    micro_batch_checkpointed: int = 0  # ... with train.grad_checkpointing
+    batch_size: int = 0
 
     def params_in_paper_units(self) -> float:
         """Paper-convention parameters in the unit the reference row uses (M = 10^6, Mi = 2^20)."""
@@ -141,6 +146,9 @@ class Plan:
     origin: str = ""                    # Spec.origin(): the spec and --set behind another experiment name
     overrides: dict[str, Any] = field(default_factory=dict)
     data_problems: list[str] = field(default_factory=list)   # why `ablate run` would refuse the data now
+    gpu_memory: int = DEFAULT_GPU_MEMORY   # bytes of one GPU, for the micro-batch column
+    gpu_memory_source: str = "80 GB, an H100/A100 (no GPU here; --gpu-memory to choose)"
+    processes: int = 1                     # --gpus-per-cell
 
     @property
     def configurations(self) -> int:
@@ -188,28 +196,41 @@ class Plan:
         return format_plan(self)
 
 
-def _row(cell_config: CellConfig, key: str, seed: int, values: dict, reference: Optional[dict]) -> PlanRow:
+def _row(cell_config: CellConfig, key: str, seed: int, values: dict, reference: Optional[dict],
+         memory: int = DEFAULT_GPU_MEMORY, processes: int = 1) -> PlanRow:
     from ablate.models.cost import model_cost
 
     cost = model_cost(cell_config.model, cell_config.num_classes)
     sizes = dataset_sizes(cell_config.data)
-    epochs = cell_config.train.epochs
-    hours = estimate_gpu_hours(cost.macs, epochs, *sizes) if sizes else None
+    t = cell_config.train
+    hours = estimate_gpu_hours(cost.macs, t.epochs, *sizes) if sizes else None
+    per_image, micro, micro_ckpt = plan_memory(cell_config.model, cost.params, t.batch_size, processes, memory,
+                                               t.amp if t.amp != "off" else "fp32")
     return PlanRow(key=key, seed=seed, values=values, params=cost.params, params_paper=cost.params_paper,
-                   macs=cost.macs, flops=cost.flops, epochs=epochs,
+                   macs=cost.macs, flops=cost.flops, epochs=t.epochs,
                    train_images=sizes[0] if sizes else None, val_images=sizes[1] if sizes else None,
-                   gpu_hours=hours, reference=reference)
+                   gpu_hours=hours, reference=reference, activation_mb=per_image / 1e6, micro_batch=micro,
+                   micro_batch_checkpointed=micro_ckpt, batch_size=t.batch_size)
 
 
-def plan(spec) -> Plan:
-    """The plan of a loaded :class:`~ablate.spec.Spec`: rows, totals and a compute estimate."""
+def plan(spec, gpu_memory: Optional[int] = None, processes: int = 1) -> Plan:
+    """The plan of a loaded :class:`~ablate.spec.Spec`: rows, totals, a compute estimate, and the
+    micro-batch that fits ``gpu_memory`` bytes (default: this machine's GPU, else 80 GB)."""
+    from ablate.memory import local_gpu_memory
+    source = "--gpu-memory"
+    if gpu_memory is None:
+        gpu_memory = local_gpu_memory()
+        source = "this machine's GPU"
+    if gpu_memory is None:
+        gpu_memory, source = DEFAULT_GPU_MEMORY, "no GPU here: an 80 GB H100/A100; --gpu-memory to choose"
     result = Plan(name=spec.name, path=str(spec.path), kind=spec.kind, varied=list(spec.varied),
                   seeds=list(spec.seeds), data=spec.base.data.name, images=dataset_sizes(spec.base.data),
                   reference_source=(spec.reference or {}).get("source"), spec_name=spec.spec_name,
-                  origin=spec.origin(), overrides=dict(spec.overrides), data_problems=list(spec.data_problems))
+                  origin=spec.origin(), overrides=dict(spec.overrides), data_problems=list(spec.data_problems),
+                  gpu_memory=gpu_memory, gpu_memory_source=source, processes=processes)
     for cell in spec.cells():
         result.rows.append(_row(cell.config, cell.key, cell.seed, cell.values,
-                                matching_row(spec.reference, flat_params(cell.config))))
+                                matching_row(spec.reference, flat_params(cell.config)), gpu_memory, processes))
     if spec.search is not None:
         result.search = _search_plan(spec)
     return result
@@ -301,6 +322,24 @@ def _table(header: list[str], body: list[list[str]], left: int) -> list[str]:
     return [line(header)] + [line(r) for r in body]
 
 
+def _micro(r: PlanRow) -> str:
+    """``1024`` (the whole batch fits), ``256 x4`` (passes per step), ``ckpt 64`` (only with checkpointing)."""
+    if r.micro_batch:
+        passes = r.batch_size // r.micro_batch
+        return str(r.micro_batch) + (f" x{passes}" if passes > 1 else "")
+    if r.micro_batch_checkpointed:
+        return f"ckpt {r.micro_batch_checkpointed}"
+    return "none"
+
+
+def _memory_note(p: Plan) -> str:
+    per = f" per process of {p.processes}" if p.processes > 1 else ""
+    return (f"MB/img: what autograd keeps per training image (analytic, bf16 autocast on CUDA); micro: the largest "
+            f"micro-batch{per} that fits {p.gpu_memory / 1e9:.0f} GB ({p.gpu_memory_source}) with the weights, "
+            f"gradients and AdamW state, x passes per step (what train.micro_batch: auto finds by probing; ckpt: "
+            "only with train.grad_checkpointing: true)")
+
+
 def format_plan(p: Plan) -> str:
     data = f"{p.data} (" + (f"{p.images[0]:,} train / {p.images[1]:,} val images" if p.images
                             else "image counts unknown") + ")"
@@ -325,7 +364,7 @@ def format_plan(p: Plan) -> str:
                   f"{_plural(len(p.seeds), 'seed')}; data: {data}", ""]
         varied = [k for k in p.varied if k != "train.seed"] + (["train.seed"] if "train.seed" in p.varied else [])
         labels = varied or ["cell"]
-        header = labels + ["params (M)", "GMACs", "epochs", "GPU-h"]
+        header = labels + ["params (M)", "GMACs", "epochs", "GPU-h", "MB/img", "micro"]
         ref = p.reference_source is not None
         if ref:
             header += ["| paper top-1", "top-5", "params", "GMACs"]
@@ -337,12 +376,12 @@ def format_plan(p: Plan) -> str:
             gi = " Gi" if row.get("macs_unit") == "Gi" else ""
             line = [_fmt(r.values[k]) for k in varied] or ["base"]
             line += [paper_number(r.params_in_paper_units()) + mi, paper_number(r.gmacs_in_paper_units()) + gi,
-                     str(r.epochs), _hours(r.gpu_hours)]
+                     str(r.epochs), _hours(r.gpu_hours), f"{r.activation_mb:.3g}", _micro(r)]
             if ref:
                 line += [_paper(row.get("top1")), _paper(row.get("top5")),
                          _fmt(row.get("params_m", "-")) + mi, _fmt(row.get("gmacs", "-")) + gi]
             body.append(line + [r.key])
-        total = ["total"] + [""] * (len(labels) + 2) + [_hours(p.gpu_hours)]
+        total = ["total"] + [""] * (len(labels) + 2) + [_hours(p.gpu_hours), "", ""]
         body.append(total + [""] * (len(header) - len(total)))
         lines += _table(header, body, left=len(labels))
         if p.gpu_hours is not None:
@@ -350,6 +389,13 @@ def format_plan(p: Plan) -> str:
                 f"{g} GPU{'s' if g > 1 else ''} {_hours(p.wall_hours(g))} h" for g in WALL_GPUS)]
         if p.reference_source:
             lines += ["", f"paper: {p.reference_source}"]
+        lines += ["", _memory_note(p)]
+        tight = [r for r in p.rows if not r.micro_batch]
+        if tight:
+            lines += [f"warning: {_plural(len(tight), 'cell')} cannot fit {p.gpu_memory / 1e9:.0f} GB even at micro-batch "
+                      "1 without activation checkpointing: set train.grad_checkpointing: true"
+                      + ("" if all(r.micro_batch_checkpointed for r in tight) else
+                         " (some do not fit even then: a smaller model or a larger GPU)")]
     if p.data_problems:
         lines += ["", "data not in place yet (`ablate run` refuses to start until it is):"]
         lines += [f"  {problem}" for problem in p.data_problems]
