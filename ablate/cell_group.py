@@ -130,8 +130,26 @@ class CellGroup:
             raise StoppedByLeader(said["why"])
 
 
+def is_group_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another rank is gone or silent: torch's
+    distributed errors, and gloo's, which DistributedDataParallel's gradient reduction raises as a
+    plain RuntimeError ("Connection reset by peer", "Connection closed by peer", a timeout)."""
+    import torch.distributed as dist
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("gloo" in text or "NCCL" in text or "Connection reset by peer" in text
+                                            or "Connection closed by peer" in text)
+
+
+def group_broken(e: BaseException) -> GroupBroken:
+    return GroupBroken(f"a process of this cell's group stopped answering ({str(e).splitlines()[0][:200]})")
+
+
 def _collective(fn, *args, **kwargs) -> None:
     try:
         fn(*args, **kwargs)
-    except (RuntimeError, ValueError) as e:  # gloo: a closed connection or a timeout; NCCL: its watchdog
-        raise GroupBroken(f"a process of this cell's group stopped answering ({str(e).splitlines()[0][:200]})") from e
+    except RuntimeError as e:
+        if not is_group_failure(e):
+            raise
+        raise group_broken(e) from e

@@ -265,6 +265,7 @@ def follow_cells(ctx: Context) -> None:
     from ablate.train import CellFailed, resolve_device, train_cell
     _setup_worker(ctx)
     device = resolve_device(ctx.device)
+    ctx.log(f"rank {ctx.rank} of {ctx.gpus_per_cell} on {device} (pid {os.getpid()}): trains the cells rank 0 hands over")
     while True:
         message = ctx.group.send()
         if message.get("stop"):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ablate import checkpoint, names
 from ablate.batching import BatchSplit, mixup_once_per_step
-from ablate.cell_group import CellGroup
+from ablate.cell_group import CellGroup, group_broken, is_group_failure
 from ablate.config import CellConfig
 from ablate.data.seeding import derive_seed
 from ablate.memory import SAFETY, MicroBatchMemory
@@ -269,8 +269,10 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
                         done = sums.tolist()
                         bar.set_postfix(loss=f"{done[0] / max(done[1], 1):.3f}",
                                         img_s=f"{done[1] * group.size / (time.perf_counter() - epoch_start):.0f}")
-        except torch.OutOfMemoryError as e:
-            if group.distributed or t.micro_batch != "auto" or micro == 1:
+        except RuntimeError as e:
+            if group.distributed and is_group_failure(e):
+                raise group_broken(e) from e  # another rank is gone: the attempt ends, the cell resumes
+            if not isinstance(e, torch.OutOfMemoryError) or group.distributed or t.micro_batch != "auto" or micro == 1:
                 raise
             memory.put(memory_key, micro // 2)
             where = f"from the last checkpoint (epoch {epoch})" if epoch else "from the start"
