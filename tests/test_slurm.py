@@ -413,3 +413,38 @@ def test_unusable_stores_and_refused_requests_exit_2_and_submit_nothing(slurm):
     result = _cli("cancel", str(spec))
     assert result.exit_code == 2 and "nothing to cancel" in result.stderr
     _nothing_written(slurm, "u.yaml")
+
+
+@pytest.mark.slow
+def test_a_cell_spans_the_processes_of_one_task(slurm):
+    """--gpus-per-cell 2: each array task is one cell's group of two processes (srun tasks, rank and
+    rendezvous from submitit), here CPU processes over gloo; rank 0 alone claims and records."""
+    spec = write_spec(slurm / "c.yaml", name="sl-group", extra="grid:\n  model.shift: [none, four]\n")
+    result = run_ablate("run", str(spec), "--launcher", "slurm", "--device", "cpu", "--gpus-per-cell", "2",
+                        "--slurm", "cpus_per_task=1", "--follow", cwd=slurm, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sl-group: grid of 2 cells: 2 finished, 0 running" in result.stdout
+    assert _finished_by_key("sl-group") == {c.key: 1 for c in load_spec(spec).cells()}
+    logs = _logs(slurm, "sl-group")
+    assert "rank 0 of a 2-process cell group on cpu" in logs and "rank 1 of a 2-process cell group" in logs
+    assert logs.count("batch: 64 per step = 2 process(es) x 1 pass(es) x 32 images") == 2
+    assert logs.count("training on") == 2 and "Traceback" not in logs
+    assert {r.data.tags["ablate.processes"] for r in _cell_runs("sl-group")} == {"2"}
+
+
+def test_cell_shapes_on_slurm_are_checked_before_anything(workdir):
+    spec = write_spec(workdir / "s.yaml", name="sl-shape")
+    cases = [
+        ([], ["--slurm", "nodes=2"], "--slurm nodes: 2 (allowed: 1, or more with --gpus-per-cell"),
+        (["--gpus-per-cell", "2"], ["--slurm", "nodes=3"], "--slurm nodes: 3 does not divide --gpus-per-cell 2"),
+        (["--gpus-per-cell", "4"], ["--slurm", "nodes=2", "--slurm", "gpus_per_task=4"],
+         "--slurm gpus_per_task: 4 with --gpus-per-cell 4 on 2 node(s) (allowed: 2"),
+        (["--gpus-per-cell", "2"], ["--set", "train.batch_size=63"],
+         "train.batch_size: 63 does not divide over --gpus-per-cell 2 processes"),
+        ([], ["--slurm", "sbatch=--ntasks-per-node=4"], "--slurm: sbatch: --ntasks-per-node: each array task is one"),
+    ]
+    for options, settings, message in cases:
+        result = _cli("run", str(spec), "--launcher", "slurm", *options, *settings)
+        assert result.exit_code == 2, (options, settings, result.output)
+        assert message in result.stderr.splitlines()[-1], (options, result.stderr)
+    _nothing_written(workdir, "s.yaml")

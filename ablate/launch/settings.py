@@ -39,7 +39,9 @@ KEYS = {
     "time": "time limit per task: minutes, HH:MM:SS or D-HH:MM:SS (default: the partition's); "
             "a task that reaches it is requeued and resumes",
     "gpus_per_task": "GPUs per array task, N or TYPE:N (sbatch --gres=gpu:...); a task with N > 1 "
-                     "runs N workers, one per GPU",
+                     "runs N workers, one per GPU (with --gpus-per-cell: the GPUs per node of one cell)",
+    "nodes": "nodes per array task with --gpus-per-cell: one cell's processes spread over them "
+             "(--gpus-per-cell / nodes per node; default 1)",
     "cpus_per_task": "CPU cores per array task (sbatch --cpus-per-task); also the worker's torch threads",
     "mem": "memory per task, e.g. 64G (sbatch --mem)",
     "constraint": "node features to require (sbatch --constraint)",
@@ -60,9 +62,9 @@ RESERVED_SBATCH = {
     "open-mode": "ablate appends, so a requeued task keeps its earlier log",
     "signal": "ablate asks for USR2 before the time limit, to requeue the task",
     "export": "tasks need the submitting environment (the store URLs travel in it)",
-    "nodes": "each array task is one worker process on one node",
-    "ntasks": "each array task is one worker process on one node",
-    "ntasks-per-node": "each array task is one worker process on one node",
+    "nodes": "it has its own key (allowed: nodes=N, with --gpus-per-cell)",
+    "ntasks": "each array task is one worker, or with --gpus-per-cell one process per GPU of a cell",
+    "ntasks-per-node": "each array task is one worker, or with --gpus-per-cell one process per GPU of a cell",
     "wrap": "ablate writes the batch script",
     **{k.replace("_", "-"): f"it has its own key (allowed: {k}=...)" for k in
        ("partition", "account", "qos", "time", "cpus_per_task", "mem", "constraint", "nodelist", "exclude")},
@@ -91,6 +93,7 @@ class SlurmSettings:
     nodelist: Optional[str] = None
     exclude: Optional[str] = None
     max_running: Optional[int] = None
+    nodes: int = 1
     sbatch: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)
     logs: str = "slurm-logs"
@@ -200,7 +203,7 @@ def _set(settings: SlurmSettings, where: str, key: str, value: Any, problems: li
         if not m:
             return bad("a number of GPUs, or TYPE:N such as a100:1")
         settings.gpus_per_task, settings.gpu_type = int(m["count"]), m["type"]
-    elif key in ("cpus_per_task", "max_running"):
+    elif key in ("cpus_per_task", "max_running", "nodes"):
         if not text.isdigit() or int(text) < 1:
             return bad("a positive integer")
         setattr(settings, key, int(text))

@@ -74,17 +74,14 @@ def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str
                           "for a grid)")
     if trials is not None and trials < 1:
         raise AblateError(f"--trials: {trials} (allowed: a positive integer)")
-    if settings.gpus_per_task and settings.gpus_per_task % gpus_per_cell:
-        raise AblateError(f"--gpus-per-cell: {gpus_per_cell} does not divide the {settings.gpus_per_task} GPUs of "
-                          f"--slurm gpus_per_task (allowed: a divisor of {settings.gpus_per_task}: a cell spans "
-                          "GPUs of one task)")
+    _check_cell_shape(settings, gpus_per_cell)
     runner.check_split(spec, gpus_per_cell)
     where = placement(settings)
     stores = check_shared_stores(storage_url(storage), tracking.tracking_uri(), runner.checkpoint_root(checkpoints),
                                  settings.logs, where)
     check_stores(stores.ledger, stores.tracking)  # each one usable, before either is written
     folder = Path(stores.logs) / spec.slug
-    executor = _executor(settings, folder, spec.slug, workers, where)
+    executor = _executor(settings, folder, spec.slug, workers, where, gpus_per_cell)
     _test_only(executor, workers)
 
     # ---- from here on, things are written: the queue, the experiment, the parent run, the jobs
@@ -108,10 +105,10 @@ def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str
         # tagged as Slurm's from the start: its tasks, not this process, run (and close) it
         parent = tracking.start_parent(experiment_id, kind, str(spec_path), tags={names.LAUNCHER: "slurm"},
                                        local=False)
-    gpus = settings.gpus_per_task
+    gpus = settings.gpus_per_task if gpus_per_cell == 1 else 0  # a cell's group: one process per GPU
     ctx = Context(spec_path=os.path.abspath(spec_path), storage="", experiment_id=experiment_id,
                   parent_run_id=parent, checkpoints=stores.checkpoints, device=device, progress=False,
-                  trials=target or 0, workers=workers * max(1, max(1, gpus) // gpus_per_cell), spec_args=spec_args,
+                  trials=target or 0, workers=workers * max(1, gpus), spec_args=spec_args,
                   gpus_per_cell=gpus_per_cell)
     try:
         # the store URLs reach the tasks through the environment sbatch passes on, not in a file
@@ -149,7 +146,24 @@ def _environment(**values: str):
                 os.environ[k] = v
 
 
-def _executor(settings: SlurmSettings, folder: Path, slug: str, workers: int, where: Placement):
+def _check_cell_shape(settings: SlurmSettings, gpus_per_cell: int) -> None:
+    """A cell of ``gpus_per_cell`` processes as one array task: ``nodes`` nodes, the same share on each."""
+    if gpus_per_cell == 1:
+        if settings.nodes > 1:
+            raise AblateError(f"--slurm nodes: {settings.nodes} (allowed: 1, or more with --gpus-per-cell: one cell "
+                              "spread over several nodes)")
+        return
+    if gpus_per_cell % settings.nodes:
+        raise AblateError(f"--slurm nodes: {settings.nodes} does not divide --gpus-per-cell {gpus_per_cell} "
+                          f"(allowed: a divisor of {gpus_per_cell}: each node runs the same number of processes)")
+    per_node = gpus_per_cell // settings.nodes
+    if settings.gpus_per_task and settings.gpus_per_task != per_node:
+        raise AblateError(f"--slurm gpus_per_task: {settings.gpus_per_task} with --gpus-per-cell {gpus_per_cell} on "
+                          f"{settings.nodes} node(s) (allowed: {per_node}, the GPUs of one cell on each node)")
+
+
+def _executor(settings: SlurmSettings, folder: Path, slug: str, workers: int, where: Placement,
+              gpus_per_cell: int = 1):
     import submitit
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=TIMEOUT_REQUEUES)
     extra = {"export": "ALL", **settings.sbatch_options()}  # ALL: even where SBATCH_EXPORT says otherwise
@@ -169,6 +183,8 @@ def _executor(settings: SlurmSettings, folder: Path, slug: str, workers: int, wh
             params[key] = getattr(settings, key)
     if settings.gpus_per_task:
         params["gres"] = f"gpu:{settings.gpu_type + ':' if settings.gpu_type else ''}{settings.gpus_per_task}"
+    if gpus_per_cell > 1:  # one array task is one cell's group: a process per GPU, over `nodes` nodes
+        params.update(nodes=settings.nodes, ntasks_per_node=gpus_per_cell // settings.nodes)
     executor.update_parameters(**params)
     return executor
 
@@ -222,8 +238,9 @@ class SlurmWorker:
             raise RuntimeError("ABLATE_STORAGE is not set in this task: the job must get the submitting "
                                "environment (sbatch --export=ALL)") from None
         cpus = _allocated_cpus()
-        processes = max(1, self.gpus, self.ctx.gpus_per_cell)
-        ctx = replace(self.ctx, storage=storage, threads=max(1, cpus // processes) if cpus else 0)
+        ctx = replace(self.ctx, storage=storage, threads=max(1, cpus // max(1, self.gpus)) if cpus else 0)
+        if ctx.gpus_per_cell > 1:
+            return self._cell_group(ctx, task, storage)
         ctx.log(f"task {task} on {socket.gethostname()}: {max(1, self.gpus)} {self.kind} worker(s)"
                 f"{', CUDA_VISIBLE_DEVICES=' + os.environ['CUDA_VISIBLE_DEVICES'] if 'CUDA_VISIBLE_DEVICES' in os.environ else ''}"
                 f"{f', {cpus} CPUs' if cpus else ''}; ledger {display_url(storage)}")
@@ -237,12 +254,47 @@ class SlurmWorker:
         # once loses less than training on until SIGKILL (KillWait later) cuts an epoch anyway
         signal.signal(signal.SIGTERM, _stop)
         target = runner.grid_worker if self.kind == "grid" else runner.search_worker
-        if self.gpus > 1 or ctx.gpus_per_cell > 1:
-            # one worker per GPU of the task, or per --gpus-per-cell of them (CPU processes without GPUs)
-            devices = [f"cuda:{i}" for i in range(self.gpus)] if self.gpus else []
-            runner._run_workers(target, ctx, max(1, self.gpus) // ctx.gpus_per_cell if self.gpus else 1, devices)
+        if self.gpus > 1:
+            runner._run_workers(target, ctx, self.gpus, [f"cuda:{i}" for i in range(self.gpus)])
         else:
             target(ctx)
+        return _close_parent_if_done(spec, ledger, ctx)
+
+    def _cell_group(self, ctx: Context, task: str, storage: str) -> str:
+        """One process of a task that is one cell's group (--gpus-per-cell): Slurm started one per
+        GPU (or CPU process), on one or several nodes; submitit says which rank this is and where
+        rank 0 listens. Rank 0 is the worker that claims and records; the others follow it."""
+        from submitit.helpers import TorchDistributedEnvironment
+
+        from ablate import runner
+        from ablate.cell_group import CellGroup, GroupBroken
+        from ablate.train import resolve_device
+        env = TorchDistributedEnvironment()
+        has_gpus = "CUDA_VISIBLE_DEVICES" in os.environ and ctx.device != "cpu"
+        device = f"cuda:{env.local_rank}" if has_gpus else ctx.device
+        ctx = replace(ctx, rank=env.rank, device=device, prefix=f"[rank {env.rank}] " if env.rank else "")
+        ctx.log(f"task {task} on {socket.gethostname()}: rank {env.rank} of a {env.world_size}-process cell group "
+                f"on {device}; rank 0 at {env.master_addr}:{env.master_port}; ledger {display_url(storage)}")
+        spec = ctx.spec_args.load(ctx.spec_path)
+        ledger = runner._open_ledger(spec, storage) if env.rank == 0 else None
+        if ledger is not None:
+            released = ledger.release_gone(lambda t: t.user_attrs.get(names.SLURM_TASK) == task)
+            if released:
+                ctx.log(f"task {task}: released trial(s) {released} of its previous run, to resume them")
+        signal.signal(signal.SIGTERM, _stop)
+        ctx.group = CellGroup.join(env.rank, env.world_size, f"tcp://{env.master_addr}:{env.master_port}",
+                                   resolve_device(device))
+        try:
+            if env.rank:
+                runner.follow_cells(ctx)
+                return "follower"
+            (runner.grid_worker if self.kind == "grid" else runner.search_worker)(ctx)
+            ctx.group.send({"stop": True})
+        except GroupBroken as e:
+            ctx.log(f"stopped: {e}; its cell resumes from its last checkpoint")
+            raise SystemExit(runner.GROUP_BROKEN_EXIT) from None
+        finally:
+            ctx.group.leave()
         return _close_parent_if_done(spec, ledger, ctx)
 
     def checkpoint(self):
