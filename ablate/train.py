@@ -47,6 +47,7 @@ class EpochStats:
     val_top5: float
     lr: float
     images_per_second: float
+    data_wait_share: float  # of the epoch's training time, the host waited for the next batch
 
 
 def seed_everything(seed: int) -> None:
@@ -240,9 +241,15 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
         checked = step
         bar = tqdm(loaders.train, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
                    leave=False, disable=not show_bar, dynamic_ncols=True)
+        waited, batches = 0.0, iter(bar)
         try:
-            for images, targets in bar:
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            while True:
+                asked = time.perf_counter()
+                item = next(batches, None)
+                waited += time.perf_counter() - asked
+                if item is None:
+                    break
+                images, targets = item[0].to(device, non_blocking=True), item[1].to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 passes = list(split.micro_batches(images, targets))
                 with mixup_once_per_step() as mix:
@@ -296,7 +303,8 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
                              f"after epoch {epoch + 1} (step {step})")
         stats = EpochStats(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), val_loss=val_loss,
                            val_top1=top1, val_top5=top5, lr=optimizer.param_groups[0]["lr"],
-                           images_per_second=seen / max(epoch_train_time, 1e-9))
+                           images_per_second=seen / max(epoch_train_time, 1e-9),
+                           data_wait_share=waited / max(epoch_train_time, 1e-9))
         history.append(asdict(stats))
         elapsed += time.perf_counter() - epoch_start
         train_images += seen

@@ -21,6 +21,9 @@ def test_gpu_acceptance_smoke_run_on_cpu(tmp_path):
     assert float(lines["data_images_per_second"]) > 0
     assert 0 <= float(lines["data_wait_share_blocked"].rstrip("%")) <= 100
     assert lines["data_images_per_second_target"].endswith("n/a (smoke run)")
+    # the trainer users run, measured beside the ideal step
+    assert float(lines["trainer_images_per_second"]) > 0 and float(lines["trainer_over_ideal"]) > 0
+    assert 0 <= float(lines["trainer_data_wait_share"].rstrip("%")) <= 100
 
 
 def test_gpu_acceptance_refuses_a_machine_without_cuda():
