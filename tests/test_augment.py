@@ -293,3 +293,28 @@ def test_deit_recipe_20000_samples_on_the_cache_loader(deit_tree):
     assert loaders.kind == "cache"
     assert draw(loaders, 20000) >= 20000
     assert loaders.skipped() == 0
+
+
+def test_the_folder_transforms_travel_to_spawned_data_workers():
+    """A worker of `ablate run --workers N` (or of a cell's group) is a spawned process, and so are
+    its DataLoader's workers: the transform reaches them by pickle. The posterize patch was a
+    closure, and every such cell with RandAugment failed with "Can't pickle local object"."""
+    import pickle
+
+    from PIL import Image
+
+    from ablate.config import CellConfig
+    from ablate.data.seeding import seeded_global_rngs
+    from ablate.data.transforms import folder_transforms
+
+    cfg = CellConfig.model_validate({"data": {"name": "digits"}, "model": {"image_size": 32, "patch_size": 4},
+                                     "train": {"randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25}})
+    train_tf, val_tf = folder_transforms(cfg)
+    again = pickle.loads(pickle.dumps(train_tf))
+    pickle.loads(pickle.dumps(val_tf))
+    image = Image.new("RGB", (40, 36), (120, 30, 200))
+    with seeded_global_rngs(7):
+        a = train_tf(image)
+    with seeded_global_rngs(7):
+        b = again(image)
+    assert torch.equal(a, b)

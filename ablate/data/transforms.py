@@ -24,12 +24,17 @@ from ablate.data.rand_augment import MIN_POSTERIZE_BITS
 from ablate.errors import AblateError
 
 
-def _at_least_one_bit(level_to_arg: Callable) -> Callable:
-    def posterize_bits(level, hparams):
-        bits, = level_to_arg(level, hparams)
-        return max(MIN_POSTERIZE_BITS, bits),
+class _AtLeastOneBit:
+    """timm's posterize level -> bits, never fewer than one. A class rather than a closure: the
+    transform travels to DataLoader workers by pickle where they are spawned (a worker process of
+    ``ablate run --workers N`` or ``--gpus-per-cell N`` starts its loaders' workers that way)."""
 
-    return posterize_bits
+    def __init__(self, level_to_arg: Callable):
+        self.level_to_arg = level_to_arg
+
+    def __call__(self, level, hparams):
+        bits, = self.level_to_arg(level, hparams)
+        return max(MIN_POSTERIZE_BITS, bits),
 
 
 def policy_ops(policy) -> list:
@@ -54,7 +59,7 @@ def keep_one_posterize_bit(transform) -> int:
     for policy in policies:
         for op in policy_ops(policy):
             if op.aug_fn is auto_augment.posterize:
-                op.level_fn = _at_least_one_bit(op.level_fn)
+                op.level_fn = _AtLeastOneBit(op.level_fn)
     return len(policies)
 
 
