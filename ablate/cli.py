@@ -22,7 +22,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except AblateError as e:
             for line in str(e).splitlines():
-                click.echo(f"error: {line}", err=True)
+                # a name from a command line may hold bytes that are not UTF-8: shown escaped, never a traceback
+                click.echo(f"error: {line}".encode("utf-8", "backslashreplace").decode("utf-8"), err=True)
             sys.exit(e.exit_code)
 
 
@@ -172,7 +173,7 @@ def cancel(spec, storage, spec_args):
     if result.released:
         click.echo(f"{len(result.released)} running cell(s) queued again, to resume from their checkpoints")
     verb = "search" if result.launches[-1].kind == "search" else "run"
-    again = spec_args.command(verb, spec, "--launcher", "slurm", *storage_option(storage))
+    again = spec_args.command(verb, spec, "--launcher", "slurm", *result.launches[-1].options, *storage_option(storage))
     click.echo(f"the next launch finishes the rest: {again}")
 
 

@@ -318,7 +318,8 @@ def test_follow_stops_on_ctrl_c_cancel_stops_the_jobs_and_a_relaunch_finishes_th
           "a cell mid-way", every=0.2)
     result = _cli("cancel", str(spec))
     assert result.exit_code == 0 and f"cancelled Slurm job(s) {job} (2 task(s))" in result.stdout, result.output
-    assert f"the next launch finishes the rest: ablate run {spec} --launcher slurm\n" in result.stdout
+    # the relaunch repeats the launch's worker options
+    assert f"the next launch finishes the rest: ablate run {spec} --launcher slurm --workers 2\n" in result.stdout
     assert _slurm("squeue", "-h", "-j", job, "-o", "%i").split() == []
     status = _status(spec)
     assert not status.done and status.counts["running"] == 0 and status.counts["interrupted"] == 0

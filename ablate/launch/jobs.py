@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional
 
 from ablate import names
@@ -37,6 +37,7 @@ class Launch:
     parent_run: str        # the MLflow parent run its tasks record under
     submitted: float       # epoch seconds
     trials: Optional[int] = None  # search: the study's target number of trials
+    options: list[str] = field(default_factory=list)  # its worker options (--workers, --device, --gpus-per-cell)
 
 
 @dataclass

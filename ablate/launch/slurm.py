@@ -121,8 +121,10 @@ def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str
             tracking.finish_run(parent, "FAILED")
         raise AblateError(f"--launcher slurm: submitting failed ({' '.join(str(e).split())[:500]})") from None
     job = jobs[0].job_id.split("_")[0]
+    options = (["--workers", str(workers)] if workers > 1 else []) + (["--device", device] if device != "auto" else []) \
+        + (["--gpus-per-cell", str(gpus_per_cell)] if gpus_per_cell > 1 else [])
     record = Launch(job=job, kind=kind, tasks=workers, logs=str(folder), parent_run=parent,
-                    submitted=time.time(), trials=target)
+                    submitted=time.time(), trials=target, options=options)
     record_launch(ledger, record)
     with _environment(MLFLOW_TRACKING_URI=stores.tracking):
         from ablate.locks import retry_busy
