@@ -30,9 +30,16 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``, a classic trap)."""
+    """SafeLoader with two YAML 1.2 core rules where YAML 1.1 sets classic traps: ``1e-3`` is a
+    float (YAML 1.1 wants ``1.0e-3``), and only true/false are booleans (YAML 1.1 also reads
+    yes/no/on/off, so ``amp: off`` would be ``false``, not the setting's value ``off``)."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {  # SafeLoader's resolvers without its YAML 1.1 booleans
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
