@@ -26,7 +26,7 @@ from ablate.spec.reference import check_reference, read_reference, rows_for_over
 from ablate.spec.report_options import check_baseline, read_report
 from ablate.spec.space import read_search
 from ablate.spec.types import SETTINGS, Cell, SearchSpec, Spec
-from ablate.spec.yaml_source import expand_env
+from ablate.spec.yaml_source import expand_env, has_surrogate
 
 #: the most cells (configurations x seeds) a grid may have unless the caller raises the cap
 MAX_CELLS = 10_000
@@ -83,6 +83,8 @@ def name_problem(name: Any, given: bool = True) -> Optional[str]:
         return f"{len(name)} characters (allowed: at most {MAX_NAME})"
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         return f"contains control characters (allowed: printable text) {example}"
+    if has_surrogate(name):
+        return f"holds a lone surrogate (bytes that are not UTF-8 text) {example}"
     if not re.search(r"[A-Za-z0-9]", name):
         return f"{name!r} has no letter or digit {example}"
     return None

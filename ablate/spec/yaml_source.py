@@ -46,6 +46,14 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"))
 
 
+class _NotText(Exception):
+    """Raised for a string no file, terminal or database can hold; the document is not used."""
+
+    def __init__(self, line: int, field: str, problem: str):
+        super().__init__(problem)
+        self.line, self.field, self.problem = line, field, problem
+
+
 class _TooLarge(Exception):
     """Raised inside the construction of a document that exceeds a bound; reported as a problem."""
 
@@ -77,7 +85,14 @@ def read_yaml_text(text: str, shown: str, problems: Problems, line_of: Callable[
                    empty: tuple[str, str]) -> tuple[Any, dict[tuple, int]]:
     """A YAML document from ``text``; ``line_of(line)`` places a problem (a file's line, or an
     option); ``empty`` is the (field, problem) reported for a document with nothing in it."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.YAMLError as e:  # the reader refuses a character YAML does not allow (a lone surrogate)
+        what = (f"character #x{e.character:04x} at position {e.position}: {e.reason}"
+                if isinstance(e, yaml.reader.ReaderError) else _first_line(e))
+        line = text.count("\n", 0, e.position) + 1 if isinstance(e, yaml.reader.ReaderError) else 1
+        problems.add(line_of(line), "yaml", f"{what} (allowed: printable UTF-8 text)")
+        return None, {}
     try:
         try:
             too_deep = _too_deep(text)
@@ -106,6 +121,9 @@ def read_yaml_text(text: str, shown: str, problems: Problems, line_of: Callable[
         except _TooLarge as e:  # reported at the top-level key whose value grew too large
             top = e.path[:1]
             problems.add(line_of(lines.get(top, 1)), str(top[0]) if top else "yaml", str(e))
+            return None, {}
+        except _NotText as e:  # one line: whatever reads the string next would only stumble on it again
+            problems.add(line_of(e.line), e.field, e.problem)
             return None, {}
     finally:
         loader.dispose()
@@ -175,11 +193,31 @@ class _Builder:
         if isinstance(node, yaml.SequenceNode):
             return [self.construct(item, path + (i,), lines) for i, item in enumerate(node.value)]
         try:
-            return self.loader.construct_object(node)
+            value = self.loader.construct_object(node)
         except yaml.constructor.ConstructorError:
             self.problems.add(self.line_of(line), dotted, f"YAML tag {node.tag} is not allowed (allowed: plain "
                               "strings, numbers, booleans, null)")
             return None
+        if isinstance(value, str) and has_surrogate(value):
+            is_key = path[-1:] == ("<key>",)
+            raise _NotText(line, (".".join(str(p) for p in path[:-1]) or "spec") if is_key else dotted,
+                           f"{'a key' if is_key else 'the string'} holds a lone surrogate ({_first_surrogate(value)}), "
+                           "which is not text (allowed: valid Unicode text)")
+        return value
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def has_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone UTF-16 surrogate (YAML's ``"\\ud800"``, or undecodable bytes of a
+    command line): Python keeps it, but no file, terminal or database can be given it as UTF-8."""
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
+def _first_surrogate(text: str) -> str:
+    return next(f"\\u{ord(c):04x}" for c in text if "\ud800" <= c <= "\udfff")
 
 
 # ---- environment variables -------------------------------------------------------------------
