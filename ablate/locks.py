@@ -19,8 +19,13 @@ T = TypeVar("T")
 
 
 def sqlite_path(url: str) -> Optional[str]:
-    """The file behind a ``sqlite:///path`` URL, or None for other databases."""
-    return url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
+    """The file behind a SQLite URL of any driver (``sqlite:///path``, ``sqlite+pysqlite:///path``),
+    or None for other databases (and for ``sqlite://``, which names no file)."""
+    from ablate.urls import database_url
+    parsed = database_url(url)
+    if parsed is None or parsed.get_backend_name().lower() != "sqlite":
+        return None
+    return parsed.database
 
 
 @contextmanager

@@ -45,7 +45,7 @@ from ablate.pareto import pareto_front
 from ablate.report_stats import LEGEND, NO_INTERVAL, Difference, difference, format_difference
 from ablate.spec.types import path_slug
 from ablate.units import MACS_UNITS, macs_in, params_in
-from ablate.urls import display_url
+from ablate.urls import display_url, is_sqlite
 
 SEED = "train.seed"
 ARTIFACT_DIR = "report"
@@ -730,7 +730,8 @@ def shown_store(uri: str, cwd: Optional[str] = None) -> str:
     """The tracking URI as a report shows it: password masked, a local file relative to the
     working directory, and a local file elsewhere by its name alone (never an absolute path)."""
     shown = display_url(uri, cwd)
-    for prefix in ("sqlite:///", "file://", ""):
+    sqlite = shown.split(":///", 1)[0] + ":///" if is_sqlite(shown) else "sqlite:///"  # any driver: sqlite+pysqlite
+    for prefix in (sqlite, "file://", ""):
         rest = shown[len(prefix):]
         if shown.startswith(prefix) and os.path.isabs(rest):
             return f"{prefix}<outside the working directory>/{Path(rest).name}"

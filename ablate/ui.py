@@ -27,7 +27,8 @@ from urllib.parse import urlencode
 
 from ablate import names
 from ablate.errors import AblateError
-from ablate.urls import mask_url
+from ablate.locks import sqlite_path
+from ablate.urls import absolute_sqlite, mask_url
 
 INSTALL_DASHBOARD = "pip install optuna-dashboard (in a clone of ablate: pip install -e '.[dashboard]')"
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
@@ -42,11 +43,8 @@ def absolute_store_uri(uri: str, cwd: Optional[Path] = None) -> str:
     a plain path is resolved too; every other URL is kept as it is.
     """
     base = Path(cwd) if cwd is not None else Path.cwd()
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if path and path != ":memory:" and not path.startswith("/"):
-            return "sqlite:///" + str((base / path).resolve())
-        return uri
+    if sqlite_path(uri) is not None:
+        return absolute_sqlite(uri, base.resolve())
     if "://" not in uri and not uri.startswith("databricks"):
         return str((base / uri).resolve())
     return uri
@@ -262,7 +260,7 @@ def _servers(host: str, port: int, optuna: bool, storage: Optional[str], optuna_
                               links=lambda: experiment_links(address)))
     if optuna:
         ledger = ledger_store_url(storage)
-        if ledger.startswith("sqlite:///") and not Path(ledger[len("sqlite:///"):]).is_file():
+        if sqlite_path(ledger) is not None and not Path(sqlite_path(ledger)).is_file():
             raise AblateError(f"no ledger at {mask_url(ledger)} (allowed: the --storage URL of an `ablate run` "
                               "or `ablate search`, or $ABLATE_STORAGE)")
         dport = optuna_port or port + 1

@@ -32,3 +32,30 @@ def test_mask_text_hides_passwords_inside_messages():
     assert "hunter2" not in masked and "http://alice:***@mlflow:5000/api" in masked
     assert "postgresql://u:***@db/x" in masked
     assert mask_text("no secrets here", "sqlite:///x.db", "not a url") == "no secrets here"
+
+
+@pytest.mark.parametrize("url, shown", [
+    # SQLAlchemy reads the password up to the "@": a "/" in it is no end of the host
+    ("postgresql://u:pa/ss@h/db", "postgresql://u:***@h/db"),
+    ("postgresql+psycopg://u:pa/ss@h:5432/db?sslmode=require", "postgresql+psycopg://u:***@h:5432/db?sslmode=require"),
+    ("mysql+pymysql://root:a/b/c@localhost/x", "mysql+pymysql://root:***@localhost/x"),
+    ("postgresql://u:pa/ss@h:notaport/db", "postgresql://u:***@h:notaport/db"),  # one SQLAlchemy cannot read
+    ("sqlite+pysqlite:///x.db", "sqlite+pysqlite:///x.db"),
+    ("https://alice:hunter2@mlflow.lab/api?token=t0k", "https://alice:***@mlflow.lab/api?token=***"),
+])
+def test_mask_url_reads_database_urls_as_sqlalchemy_does(url, shown):
+    assert mask_url(url) == shown
+    if "pa/ss" in url:  # a driver may quote the password alone
+        assert "pa/ss" not in mask_text(f"cannot connect to {url}: password pa/ss refused", url)
+
+
+def test_every_sqlite_driver_is_a_sqlite_file(tmp_path):
+    from ablate.locks import sqlite_path, store_lock
+    from ablate.urls import is_sqlite
+    db = tmp_path / "x.db"
+    for url in (f"sqlite:///{db}", f"sqlite+pysqlite:///{db}", f"SQLite:///{db}", f"sqlite:///{db}?timeout=5"):
+        assert is_sqlite(url) and sqlite_path(url) == str(db)
+        with store_lock(url):  # the lock every writer of the store takes
+            assert (tmp_path / "x.db.lock").exists()
+    assert sqlite_path("postgresql://h/db") is None and not is_sqlite("http://h:5000")
+    assert display_url(f"sqlite+pysqlite:///{tmp_path}/sub/x.db", cwd=str(tmp_path)) == "sqlite+pysqlite:///sub/x.db"

@@ -23,7 +23,7 @@ from ablate.errors import AblateError
 from ablate.launch.jobs import run_slurm
 from ablate.launch.settings import SlurmSettings, parse_time
 from ablate.locks import sqlite_path
-from ablate.urls import display_url
+from ablate.urls import absolute_sqlite, display_url
 
 
 @dataclass
@@ -106,14 +106,11 @@ def _local_tracking(uri: str) -> bool:
 
 
 def _absolute_sqlite(url: str) -> str:
-    path = sqlite_path(url)
-    if path is None or path.startswith("/") or path in ("", ":memory:"):
-        return url
-    return "sqlite:///" + os.path.abspath(path)
+    return absolute_sqlite(url)
 
 
 def _absolute_tracking(uri: str) -> str:
-    if uri.startswith("sqlite:///"):
+    if sqlite_path(uri) is not None:
         return _absolute_sqlite(uri)
     if "://" not in uri and not uri.startswith("file:"):
         return os.path.abspath(uri)
