@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from ablate import names
 from ablate.launch.jobs import Launch, SlurmUnavailable, TaskState, job_of, launches, task_states
 from ablate.locks import pid_alive, sqlite_path
-from ablate.urls import display_url, storage_option
+from ablate.urls import database_url, display_url, storage_option
 
 #: the order states are counted and listed in
 STATES = ("finished", "running", "interrupted", "waiting", "new", "failed", "pruned")
@@ -167,10 +167,14 @@ def _cell_runs(name: str) -> tuple[str, dict[str, list[_Run]]]:
     or the experiment does not exist (opening a SQLite store that is not there would create it)."""
     import mlflow
     from mlflow.tracking import MlflowClient
+
+    from ablate.stores import check_tracking_store
     uri = mlflow.get_tracking_uri()
     path = sqlite_path(uri)
     if path is not None and not os.path.exists(path):
         return uri, {}
+    if path is None and not uri.startswith(("http://", "https://")) and not database_url(uri):
+        check_tracking_store(uri, create=False)  # a file store, a plugin's scheme: one line where MLflow refuses it
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:

@@ -51,8 +51,21 @@ def check_stores(ledger_url: str, tracking_uri: Optional[str] = None, *,
     ledger study behind, and a bad ledger URL no MLflow run.
     """
     quiet_store_logs()
+    tracking_uri = tracking_uri or _tracking_uri()
+    _check_not_one_file(ledger_url, tracking_uri)
     check_database(ledger_url, "ledger storage")
-    check_tracking_store(tracking_uri or _tracking_uri(), log=log)
+    check_tracking_store(tracking_uri, log=log)
+
+
+def _check_not_one_file(ledger_url: str, tracking_uri: str) -> None:
+    """The ledger in MLflow's own SQLite file would put Optuna's tables (and its alembic version)
+    beside MLflow's, and every later MLflow command would fail on the schema."""
+    from ablate.locks import sqlite_path
+    ledger, tracking = sqlite_path(ledger_url), sqlite_path(tracking_uri)
+    if ledger and tracking and ledger != ":memory:" and os.path.realpath(ledger) == os.path.realpath(tracking):
+        raise AblateError(f"--storage {display_url(ledger_url)}: the ledger would share MLflow's store "
+                          f"{display_url(tracking_uri)} (allowed: a file of its own, e.g. --storage "
+                          "sqlite:///ablate-ledger.db)")
 
 
 def existing_tracking_store(uri: Optional[str] = None) -> str:
