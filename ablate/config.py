@@ -23,6 +23,12 @@ MAX_PARAMS = 10 ** 11
 MAX_MACS = 10 ** 14
 #: the largest seed: the data pipeline derives its seeds from 32 bits of each coordinate
 MAX_SEED = 2 ** 32 - 1
+#: the most classes of a synthetic dataset: ImageNet-21k has 21,841; 10^8 would make a classifier
+#: of billions of parameters and logits of gigabytes per batch (refused before anything allocates them)
+MAX_CLASSES = 10 ** 6
+#: the largest float a training setting may hold: the optimizer and the schedule turn them into
+#: float32 tensors, and a value beyond it (1e308) overflows there, after the cell has started
+MAX_FLOAT32 = 3.4028234663852886e38
 
 
 class _Section(BaseModel):
@@ -36,7 +42,7 @@ class DataConfig(_Section):
         "digits (embedded 8x8 handwritten digits), synthetic (random tensors)")
     root: Optional[str] = Field(None, description="dataset root with train/ and val/ folders "
                                 "(imagenet100, imagefolder); ${VAR} is expanded")
-    num_classes: PositiveInt = Field(10, le=MAX_SYNTHETIC_IMAGES, description="number of classes (synthetic only)")
+    num_classes: PositiveInt = Field(10, le=MAX_CLASSES, description="number of classes (synthetic only)")
     train_size: PositiveInt = Field(1024, le=MAX_SYNTHETIC_IMAGES,
                                     description="number of training images (synthetic only)")
     val_size: PositiveInt = Field(256, le=MAX_SYNTHETIC_IMAGES,
@@ -90,6 +96,12 @@ class ModelConfig(_Section):
     def _known_shift(cls, v):
         resolve_offsets(v)  # raises ValueError naming the allowed values
         return v
+
+    # -- values that overflow (hidden = mlp_ratio x width): refused before the model checks --
+    @field_validator("mlp_ratio")
+    @classmethod
+    def _fits_float32(cls, v):
+        return _float32(v)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -169,6 +181,25 @@ class TrainConfig(_Section):
             from ablate.augment_policy import check_policy
             check_policy(v)  # timm's own parser; raises ValueError naming the allowed forms
         return v
+
+    # -- input that would fail only once the cell trains: refused with the spec's other problems --
+    @field_validator("lr", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "grad_clip", "mixup", "cutmix")
+    @classmethod
+    def _fits_float32(cls, v):
+        return _float32(v)
+
+    @model_validator(mode="after")
+    def _even_batch_for_mixup(self):
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ValueError(f"batch_size {self.batch_size} is odd, and Mixup/CutMix pair the images of a batch "
+                             "(allowed: an even batch_size, or mixup: 0 and cutmix: 0)")
+        return self
+
+
+def _float32(v: Optional[float]) -> Optional[float]:
+    if v is not None and abs(v) > MAX_FLOAT32:
+        raise ValueError(f"{v:g} does not fit a 32-bit float (allowed: at most {MAX_FLOAT32:.3g})")
+    return v
 
 
 class CellConfig(_Section):
