@@ -7,6 +7,7 @@ spec that sets one of ``grid``/``zip``/``search`` replaces all of the design key
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from ablate.config import SECTIONS
@@ -60,9 +61,11 @@ class SpecFiles:
                 elif len(chain) >= MAX_EXTENDS:
                     self.problems.add(where, "extends", f"a chain of more than {MAX_EXTENDS} files "
                                       f"(allowed: at most {MAX_EXTENDS} specs, each extending the next)")
-                elif not parent.is_file():
+                elif not parent.exists():
                     self.problems.add(where, "extends", f"no such file {extends} (looked for "
                                       f"{parent}) (allowed: an existing spec, relative to this file)")
+                elif unsafe_file(parent):
+                    self.problems.add(where, "extends", f"{extends} ({parent}) {unsafe_file(parent)}")
                 else:
                     self.unreadable = False
                     inherited = self.read(parent, parent_shown, chain + (parent,))
@@ -97,3 +100,25 @@ class SpecFiles:
     def forget(self, *prefix) -> None:
         for p in [p for p in self.origins if p[:len(prefix)] == prefix]:
             del self.origins[p]
+
+
+def unsafe_file(path: Path) -> str | None:
+    """Why a spec that ``extends`` names must not be read, or None. A device or a FIFO would be
+    read without end (``/dev/zero``) or block; a file that another user owns, or that any user
+    may write, could change what this spec trains behind its author's back."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        return f"cannot be read ({e.strerror}) (allowed: a spec file you can read)"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder (allowed: a spec file, relative to this file)"
+    if not stat.S_ISREG(st.st_mode):
+        return ("is not a regular file (a device, a FIFO or a socket) (allowed: a spec file, relative to "
+                "this file)")
+    if st.st_uid not in (0, os.geteuid()):
+        return (f"belongs to another user (uid {st.st_uid}) (allowed: a spec owned by you or by root; "
+                "copy it to extend it)")
+    if st.st_mode & stat.S_IWOTH:
+        return (f"may be written by any user (mode {stat.S_IMODE(st.st_mode):o}) (allowed: a spec only its "
+                f"owner may write: chmod o-w {path})")
+    return None
