@@ -208,3 +208,26 @@ def remove_empty(spec_dir: Path, root: Path, *, remove_root: bool = False) -> No
             folder.rmdir()
         except OSError:  # not empty (another cell's checkpoint), already gone, or not ours to remove
             return
+
+
+# ---- the checkpoint root, checked before anything trains -----------------------------------------
+
+def check_root(root: str | Path, option: str = "--checkpoints") -> None:
+    """Refuse (one-line :class:`AblateError` naming ``option``) a checkpoint root that no cell could
+    write to: a file, a folder that is not writable, or a path below a file. Creates nothing; a
+    root that does not exist yet is fine where its nearest existing folder is writable."""
+    root = Path(root)
+    shown = f"{option} {root}"
+    if root.exists() and not root.is_dir():
+        raise AblateError(f"{shown}: is not a folder (allowed: a folder where each cell keeps its checkpoints, "
+                          "or a path where one may be created)")
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            raise AblateError(f"{shown}: {existing} is not a folder, so nothing can be created below it "
+                              "(allowed: a path under a writable folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == root else f"cannot be created: {existing} is not writable"
+        raise AblateError(f"{shown}: {what} (allowed: a folder you may write to, e.g. --checkpoints "
+                          "./checkpoints)")

@@ -582,7 +582,7 @@ class Summary:
 
 
 def _prepare(spec_path: str, spec_args: SpecArgs, kind: str, device: str, devices: Optional[list[str]],
-             workers: int, storage: Optional[str], gpus_per_cell: int = 1):
+             workers: int, storage: Optional[str], gpus_per_cell: int = 1, checkpoints: Optional[str] = None):
     """What ``run`` and ``search`` check before anything is written: the spec (of this ``kind``),
     the devices and workers, and both stores. Returns (spec, devices, workers, ledger URL)."""
     from ablate.ledger import storage_url
@@ -600,6 +600,8 @@ def _prepare(spec_path: str, spec_args: SpecArgs, kind: str, device: str, device
         raise AblateError(f"--gpus-per-cell: {gpus_per_cell} (allowed: a positive integer)")
     workers = _worker_count(device, devices, workers, gpus_per_cell)
     check_split(spec, gpus_per_cell)
+    checkpoint.check_root(checkpoint_root(checkpoints), "--checkpoints" if checkpoints else
+                          "ABLATE_CHECKPOINTS" if os.environ.get("ABLATE_CHECKPOINTS") else "checkpoint folder")
     url = storage_url(storage)
     check_stores(url)  # both stores usable, before either is written
     return spec, devices, workers, url
@@ -612,7 +614,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     from ablate import tracking
 
     spec, devices, workers, url = _prepare(spec_path, spec_args, "grid", device, devices, workers, storage,
-                                           gpus_per_cell)
+                                           gpus_per_cell, checkpoints)
     cells = spec.cells()
     ledger = _open_ledger(spec, url)
     enqueued, done = ledger.enqueue_cells(sorted(cells, key=_estimated_cost, reverse=True))
@@ -683,7 +685,7 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
     if trials is not None and trials < 1:
         raise AblateError(f"--trials: {trials} (allowed: a positive integer)")
     spec, devices, workers, url = _prepare(spec_path, spec_args, "search", device, devices, workers, storage,
-                                           gpus_per_cell)
+                                           gpus_per_cell, checkpoints)
     target = trials or spec.search.trials
     ledger = _open_ledger(spec, url)
     ledger.recover_dead()
