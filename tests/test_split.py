@@ -196,3 +196,20 @@ def test_no_host_reads_per_step(tmp_path, monkeypatch):
         # per epoch: the loss check, the loss sums, evaluation's sums, the weights check; and one
         # check of the loss every LOG_EVERY steps, never one per step
         assert len(reads) == 2 * 4 + steps // train.LOG_EVERY, (batch, reads)
+
+
+def test_activation_checkpointing_trains_the_same_cell(tmp_path, monkeypatch):
+    from ablate.models import s2mlp
+
+    calls = []
+    real = s2mlp.checkpoint_seq
+    monkeypatch.setattr(s2mlp, "checkpoint_seq", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    train.train_cell(_cfg(epochs=1), device=CPU, checkpoint_dir=plain, log=lambda m: None)
+    lines = []
+    train.train_cell(_cfg(epochs=1, grad_checkpointing=True, micro_batch=16), device=CPU, checkpoint_dir=ckpt,
+                     log=lines.append)
+    assert any("activation checkpointing" in line for line in lines)
+    assert len(calls) == 2 * (1437 // 32) + -(-360 // 32)  # every training pass (2 a step) and evaluation batch
+    for name, value in _weights(plain).items():
+        torch.testing.assert_close(_weights(ckpt)[name], value, atol=WEIGHT_TOLERANCE, rtol=0)
