@@ -533,9 +533,27 @@ class SpecBuilder:
             elif data.name == "imagefolder" and not (Path(data.root) / "train").is_dir():
                 not_ready.append((where, "data.root", f"{data.root} has no train/ folder (allowed: "
                                   "root/train/<class>/<image> and root/val/<class>/<image>)"))
+        not_ready += self._cache_not_ready(cells, base, unset)
         for where, field_name, problem in not_ready:
             if self.check_paths:
                 self.problems.add(where, field_name, problem)
             else:
                 self.data_problems.append(f"{location(where)}: {field_name}: {problem}")
+
+    def _cache_not_ready(self, cells: list[Cell], base: CellConfig, unset: dict) -> list[tuple[Where, str, str]]:
+        """``data.loader: cache`` without a current cache for a configuration's image size: found
+        here, with the data that is not in place, rather than when its first cell starts."""
+        from ablate.data.cache_check import cache_problem
+        out, seen = [], set()
+        for config in [c.config for c in cells] or [base]:
+            data = config.data
+            key = (data.root, data.cache_dir, data.cache_size, config.model.image_size)
+            if data.loader != "cache" or not data.needs_root or ("data", "root") in unset or key in seen:
+                continue
+            seen.add(key)
+            problem = cache_problem(data, config.model.image_size)
+            if problem:
+                field = ("data", "loader") if ("data", "loader") in self.origins else ("data", "root")
+                out.append((self.where(*field), "data.loader", problem))
+        return out
 
