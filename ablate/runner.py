@@ -520,8 +520,11 @@ def _worker_count(device: str, devices: list[str], workers: int, gpus_per_cell: 
     return count
 
 
-def check_split(spec, gpus_per_cell: int) -> None:
-    """Every cell's batch divides over ``gpus_per_cell`` processes (and its micro-batch), before anything runs."""
+def check_batches(spec, gpus_per_cell: int) -> None:
+    """Before anything runs: every cell's batch divides over ``gpus_per_cell`` processes (and its
+    micro-batch), and its training split holds at least one batch (an epoch of no step would train
+    nothing and record chance accuracy as a finished result)."""
+    from ablate.plan import dataset_sizes
     configs = [c.config for c in spec.cells()] if spec.search is None else [spec.base]
     for cfg in configs:
         t = cfg.train
@@ -599,7 +602,7 @@ def _prepare(spec_path: str, spec_args: SpecArgs, kind: str, device: str, device
     if gpus_per_cell < 1:
         raise AblateError(f"--gpus-per-cell: {gpus_per_cell} (allowed: a positive integer)")
     workers = _worker_count(device, devices, workers, gpus_per_cell)
-    check_split(spec, gpus_per_cell)
+    check_batches(spec, gpus_per_cell)
     checkpoint.check_root(checkpoint_root(checkpoints), "--checkpoints" if checkpoints else
                           "ABLATE_CHECKPOINTS" if os.environ.get("ABLATE_CHECKPOINTS") else "checkpoint folder")
     url = storage_url(storage)

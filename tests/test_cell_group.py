@@ -99,6 +99,11 @@ def test_batches_that_do_not_divide_are_refused_before_anything_runs(workdir):
     result = run_ablate("run", str(spec), "--device", "cpu", "--gpus-per-cell", "2", "--set",
                         "train.micro_batch=24", cwd=workdir)
     assert result.returncode == 2 and "micro_batch 24 does not divide batch_size 64" in result.stderr
+    # a batch larger than the training split would train nothing and record chance as a result
+    result = run_ablate("run", str(spec), "--device", "cpu", "--set", "train.batch_size=2048", cwd=workdir)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith(
+        "train.batch_size: 2048 is larger than the 1437 training images of digits: an epoch would train nothing "
+        "(allowed: at most 1437)")
     result = run_ablate("run", str(spec), "--device", "cpu", "--gpus-per-cell", "64", cwd=workdir)
     assert result.returncode == 2 and "--gpus-per-cell: 64 training processes, more than" in result.stderr
     assert not (workdir / "mlflow.db").exists() or not MlflowClient().get_experiment_by_name("nodivide")

@@ -75,7 +75,7 @@ def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str
     if trials is not None and trials < 1:
         raise AblateError(f"--trials: {trials} (allowed: a positive integer)")
     _check_cell_shape(settings, gpus_per_cell)
-    runner.check_split(spec, gpus_per_cell)
+    runner.check_batches(spec, gpus_per_cell)
     where = placement(settings)
     stores = check_shared_stores(storage_url(storage), tracking.tracking_uri(), runner.checkpoint_root(checkpoints),
                                  settings.logs, where)
