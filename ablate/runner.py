@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -130,9 +130,8 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
             f"{'resuming' if run.resumed else 'training'} on {device}")
 
     def on_epoch(stats):
-        metrics = asdict(stats)
-        step = metrics.pop("epoch")
-        run.log_metrics(metrics, step=step)
+        step = stats.epoch
+        run.log_metrics(stats.metrics(), step=step)
         if prune:
             trial.report(stats.val_top1, step)
             if trial.should_prune():
@@ -603,6 +602,8 @@ def _prepare(spec_path: str, spec_args: SpecArgs, kind: str, device: str, device
         raise AblateError(f"--gpus-per-cell: {gpus_per_cell} (allowed: a positive integer)")
     workers = _worker_count(device, devices, workers, gpus_per_cell)
     check_batches(spec, gpus_per_cell)
+    from ablate.devices import peak_from_setting
+    peak_from_setting()  # ABLATE_PEAK_TFLOPS, if set, is a number: refused now rather than in every cell
     checkpoint.check_root(checkpoint_root(checkpoints), "--checkpoints" if checkpoints else
                           "ABLATE_CHECKPOINTS" if os.environ.get("ABLATE_CHECKPOINTS") else "checkpoint folder")
     url = storage_url(storage)

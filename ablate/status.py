@@ -41,6 +41,8 @@ class Row:
     epochs: Optional[int] = None
     top1: Optional[float] = None
     reason: str = ""                # failed / pruned: why; interrupted: what happened
+    images_per_second: Optional[float] = None  # running: its last epoch's training throughput
+    mfu: Optional[float] = None     # ... and model FLOPs utilisation, where the device's peak is known
 
 
 @dataclass
@@ -160,6 +162,8 @@ class _Run:
     top1: Optional[float]
     epochs: Optional[int]            # train.epochs
     reached: int = 0                 # epochs logged so far
+    images_per_second: Optional[float] = None  # the latest logged
+    mfu: Optional[float] = None
 
 
 def _cell_runs(name: str) -> tuple[str, dict[str, list[_Run]]]:
@@ -191,7 +195,8 @@ def _cell_runs(name: str) -> tuple[str, dict[str, list[_Run]]]:
     for run in sorted(runs, key=lambda r: r.info.start_time or 0):
         epochs = run.data.params.get("train.epochs")
         item = _Run(run.info.status, run.data.tags.get(names.TRIAL_NUMBER, ""), run.data.metrics.get("val_top1"),
-                    int(epochs) if epochs and epochs.isdigit() else None)
+                    int(epochs) if epochs and epochs.isdigit() else None,
+                    images_per_second=run.data.metrics.get("images_per_second"), mfu=run.data.metrics.get("mfu"))
         if run.info.status == "RUNNING":  # training, or interrupted: how far it got
             history = client.get_metric_history(run.info.run_id, "train_loss")
             item.reached = max((m.step for m in history), default=0)
@@ -287,6 +292,8 @@ def _running(row: Row, trial, runs: list, gone) -> None:
     row.host = row.worker.rpartition(":")[0]
     row.slurm_task = str(trial.user_attrs.get(names.SLURM_TASK) or "")
     row.epoch = _epoch_reached(runs)
+    if runs:
+        row.images_per_second, row.mfu = runs[-1].images_per_second, runs[-1].mfu
     why = gone(trial)
     row.state, row.reason = ("interrupted", why) if why else ("running", "")
 
@@ -352,7 +359,9 @@ def _epoch_text(r: Row) -> str:
 def _where_or_why(r: Row) -> str:
     if r.state in ("running", "interrupted"):
         where = [r.host, f"worker {r.worker}" if r.worker else "", f"slurm {r.slurm_task}" if r.slurm_task else ""]
-        return " ".join(x for x in [*where, r.reason] if x)
+        speed = "" if r.state != "running" or r.images_per_second is None else \
+            f"{r.images_per_second:.0f} img/s" + (f", MFU {r.mfu:.0%}" if r.mfu is not None else "")
+        return " ".join(x for x in [*where, r.reason] if x) + (f"; {speed}" if speed else "")
     if r.state == "waiting" and r.epoch:
         # the epoch reported last: its checkpoint may not have been written (a kill between the
         # two re-trains that epoch), so the cell resumes from the last checkpoint, not "after epoch N"

@@ -31,6 +31,7 @@ from ablate.batching import BatchSplit, mixup_once_per_step
 from ablate.cell_group import CellGroup, group_broken, is_group_failure
 from ablate.config import CellConfig
 from ablate.data.seeding import derive_seed
+from ablate.devices import peak_flops
 from ablate.memory import SAFETY, MicroBatchMemory
 
 
@@ -48,6 +49,13 @@ class EpochStats:
     lr: float
     images_per_second: float
     data_wait_share: float  # of the epoch's training time, the host waited for the next batch
+    tflops: float           # achieved model TFLOP/s: 6 x MACs per training image (forward + backward)
+    peak_memory_gb: float   # the most device memory allocated (CUDA), or the process's peak RSS (CPU)
+    mfu: Optional[float] = None  # tflops / the device's dense peak, where the peak is known
+
+    def metrics(self) -> dict[str, float]:
+        """The epoch's MLflow metrics (without ``epoch``, the step they are logged at)."""
+        return {k: v for k, v in asdict(self).items() if k != "epoch" and v is not None}
 
 
 def seed_everything(seed: int) -> None:
@@ -128,6 +136,15 @@ def _pass(forward, criterion, images, targets, device, amp: str, scale: float, s
     return loss.detach()
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """The most memory this process held on ``device`` since the last reset (CUDA: allocated by
+    tensors; CPU: the process's peak resident set, which never resets)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
 def _weights_finite(model) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
@@ -166,6 +183,7 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
     cost = model_cost(cfg.model, loaders.num_classes)
+    train_flops = 6 * cost.macs  # per training image: forward (2 x MACs) and backward (4 x MACs)
     memory = MicroBatchMemory()
     memory_key = MicroBatchMemory.key(cfg, device_name(device))
     micro = micro_batch or resolve_micro_batch(cfg, model, device, group, memory, memory_key, log)
@@ -198,6 +216,7 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
         log(f"batch: {t.batch_size} per step = {group.size} process(es) x {split.accum} pass(es) x {micro} images"
             + (", activation checkpointing" if t.grad_checkpointing else ""))
     used = precision(device, t.amp)
+    peak = peak_flops(device_name(device), used)
     if used != t.amp and t.amp != "off":
         log(f"precision: {used} (train.amp {t.amp} applies on CUDA only)")
     if on_start is not None and group.leader:
@@ -231,6 +250,8 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, t.epochs):
         epoch_start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         seed_everything(epoch_seed(t.seed, epoch))
         if group.rank:  # DropPath's draws: independent across ranks (rank 0 draws as a single process)
             torch.manual_seed(derive_seed(epoch_seed(t.seed, epoch), group.rank))
@@ -301,10 +322,12 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
         if not math.isfinite(val_loss) or not _weights_finite(model):
             raise CellFailed(f"diverged: non-finite {'weights' if math.isfinite(val_loss) else 'validation loss'} "
                              f"after epoch {epoch + 1} (step {step})")
+        rate = seen / max(epoch_train_time, 1e-9)
         stats = EpochStats(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), val_loss=val_loss,
                            val_top1=top1, val_top5=top5, lr=optimizer.param_groups[0]["lr"],
-                           images_per_second=seen / max(epoch_train_time, 1e-9),
-                           data_wait_share=waited / max(epoch_train_time, 1e-9))
+                           images_per_second=rate, data_wait_share=waited / max(epoch_train_time, 1e-9),
+                           tflops=rate * train_flops / 1e12, peak_memory_gb=peak_memory_gb(device),
+                           mfu=rate * train_flops / (peak * group.size) if peak else None)
         history.append(asdict(stats))
         elapsed += time.perf_counter() - epoch_start
         train_images += seen
@@ -335,11 +358,18 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
             raise stopped
 
     last = history[-1]
+    rate = train_images / max(train_time, 1e-9)
+    run_cost = {"tflops": rate * train_flops / 1e12,
+                # device-hours: every process of the cell holds its device for the whole wall time
+                "gpu_hours": group.size * elapsed / 3600,
+                "peak_memory_gb": max(h.get("peak_memory_gb", 0.0) for h in history),
+                "data_wait_share": sum(h.get("data_wait_share", 0.0) for h in history) / len(history)}
+    if peak:
+        run_cost["mfu"] = rate * train_flops / (peak * group.size)
     return {"val_top1": last["val_top1"], "val_top5": last["val_top5"], "val_loss": last["val_loss"],
             "train_loss": last["train_loss"], "params": cost.params, "params_paper": cost.params_paper,
-            "macs": cost.macs, "flops": cost.flops, "train_seconds": elapsed,
-            "images_per_second": train_images / max(train_time, 1e-9),
-            "skipped_images": loaders.skipped(), "epochs": len(history)}
+            "macs": cost.macs, "flops": cost.flops, "train_seconds": elapsed, "images_per_second": rate,
+            "skipped_images": loaders.skipped(), "epochs": len(history), **run_cost}
 
 
 def _check_finite(bad: torch.Tensor, group: CellGroup, checked: int, step: int, epoch: int) -> int:

@@ -47,11 +47,6 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 TABLE7 = ROOT / "experiments" / "paper" / "shift-patterns.yaml"
 
-#: dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets;
-#: matched against torch.cuda.get_device_name, most specific first
-PEAK_BF16_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4),
-                    ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0),
-                    ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0))
 TARGETS = {"mfu_compiled": 0.45, "data_images_per_second": 20_000, "data_wait_share": 0.05,
            "trainer_over_ideal": 0.95}
 
@@ -95,8 +90,9 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
         return given
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+    from ablate.devices import peak_flops
+    peak = peak_flops(torch.cuda.get_device_name(device), "bf16")
+    return peak / 1e12 if peak else None
 
 
 # ---- the recipe of the paper specs, shrunk only where --smoke says -------------------------------

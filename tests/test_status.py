@@ -60,7 +60,7 @@ def test_status_shows_every_state_and_writes_nothing(workdir):
     ledger.tell(trial, TrialState.COMPLETE, [61.5])
     trial, run = claim_and_open("four")          # running here, two epochs done
     run.log_metrics({"train_loss": 2.0}, step=1)
-    run.log_metrics({"train_loss": 1.5}, step=2)
+    run.log_metrics({"train_loss": 1.5, "images_per_second": 812.0, "mfu": 0.41}, step=2)
     trial, run = claim_and_open("eight")         # its worker died after one epoch
     run.log_metrics({"train_loss": 2.0}, step=1)
     ledger.storage.set_trial_user_attr(trial._trial_id, tracking.names.WORKER,
@@ -88,6 +88,7 @@ def test_status_shows_every_state_and_writes_nothing(workdir):
     assert text.startswith("st-grid: grid of 5 cells: 1 finished, 1 running, 1 interrupted, 1 waiting, 1 failed; "
                            "elapsed ")
     assert "running      four   2/4" in text and "finished     none   4/4    61.50" in text
+    assert f"worker {rows['four'].worker}; 812 img/s, MFU 41%" in text  # what a running cell achieves
 
     result = CliRunner().invoke(cli, ["status", str(spec_path), "--json"])
     assert result.exit_code == 0, result.output

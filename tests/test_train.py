@@ -100,3 +100,20 @@ def test_compiled_cell_matches_eager(tmp_path):
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=2e-3)
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=2e-3)
     assert abs(compiled["val_top1"] - eager["val_top1"]) <= 1.0  # a few of 360 images may flip
+
+
+def test_every_run_records_what_its_training_cost(tmp_path, monkeypatch):
+    m = train_cell(_cfg(epochs=1), device=CPU, checkpoint_dir=tmp_path / "a", log=lambda m: None)
+    assert m["tflops"] > 0 and m["peak_memory_gb"] > 0 and 0 <= m["data_wait_share"] < 1
+    assert m["gpu_hours"] == m["train_seconds"] / 3600  # one process: device-hours are its wall hours
+    assert "mfu" not in m  # a CPU has no known peak: MFU is not guessed
+    monkeypatch.setenv("ABLATE_PEAK_TFLOPS", "0.5")
+    epochs = []
+    m = train_cell(_cfg(epochs=1), device=CPU, checkpoint_dir=tmp_path / "b", log=lambda m: None,
+                   on_epoch=epochs.append)
+    assert m["mfu"] == pytest.approx(m["tflops"] / 0.5)
+    assert set(epochs[0].metrics()) >= {"images_per_second", "tflops", "mfu", "peak_memory_gb", "data_wait_share"}
+    monkeypatch.setenv("ABLATE_PEAK_TFLOPS", "fast")
+    from ablate.errors import AblateError
+    with pytest.raises(AblateError, match="ABLATE_PEAK_TFLOPS: 'fast'"):
+        train_cell(_cfg(epochs=1), device=CPU, checkpoint_dir=tmp_path / "c", log=lambda m: None)

@@ -1,0 +1,41 @@
+"""What a device can do at its best: the dense peak FLOP/s that MFU is measured against.
+
+Peaks are the vendors' data-sheet figures for dense (no sparsity) tensor-core math at 16-bit
+precision (bf16 or fp16), matched against ``torch.cuda.get_device_name``, most specific first.
+A device not in the table (any CPU, a GPU not listed, fp32 training) has no known peak unless
+``ABLATE_PEAK_TFLOPS`` says it: MFU is then not recorded rather than guessed.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from ablate.errors import AblateError
+
+PEAK_16BIT_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4),
+                     ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0),
+                     ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0))
+
+
+def peak_from_setting() -> Optional[float]:
+    """``ABLATE_PEAK_TFLOPS`` in FLOP/s, or None when unset; a bad value is a one-line error."""
+    raw = os.environ.get("ABLATE_PEAK_TFLOPS", "")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise AblateError(f"ABLATE_PEAK_TFLOPS: {raw!r} (allowed: the device's dense peak in TFLOP/s, a positive number)")
+    return value * 1e12
+
+
+def peak_flops(device_name: str, precision: str) -> Optional[float]:
+    """Dense peak FLOP/s of ``device_name`` computing in ``precision`` (bf16, fp16, fp32); None if unknown."""
+    given = peak_from_setting()
+    if given is not None:
+        return given
+    if precision not in ("bf16", "fp16"):
+        return None
+    return next((peak * 1e12 for key, peak in PEAK_16BIT_TFLOPS if key in device_name), None)
