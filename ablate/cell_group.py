@@ -16,11 +16,12 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from ablate.errors import AblateError
+
+if TYPE_CHECKING:  # torch is imported where a group is used: the runner's light commands (status) import this
+    import torch
 
 #: seconds a rank waits in a collective before the attempt is given up (a rank died)
 DEFAULT_TIMEOUT = 600.0
@@ -68,7 +69,7 @@ class CellGroup:
         return self.size > 1
 
     @classmethod
-    def join(cls, rank: int, size: int, address: str, device: torch.device) -> "CellGroup":
+    def join(cls, rank: int, size: int, address: str, device: "torch.device") -> "CellGroup":
         """Join the group at ``address`` (``tcp://host:port``): NCCL on CUDA, gloo on a CPU."""
         import torch.distributed as dist
         if size > 1:
@@ -85,11 +86,11 @@ class CellGroup:
 
     # ---- collectives (no-ops for one process) ----------------------------------------------
 
-    def _device(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _device(self, tensor: "torch.Tensor") -> "torch.Tensor":
         import torch.distributed as dist
         return tensor.cuda() if dist.get_backend() == "nccl" else tensor
 
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+    def sum(self, tensor: "torch.Tensor") -> "torch.Tensor":
         """The element-wise sum of ``tensor`` over the ranks (a new tensor on ``tensor``'s device)."""
         if not self.distributed:
             return tensor
@@ -101,6 +102,7 @@ class CellGroup:
     def min(self, value: int) -> int:
         if not self.distributed:
             return value
+        import torch
         import torch.distributed as dist
         t = self._device(torch.tensor([value], dtype=torch.int64))
         _collective(dist.all_reduce, t, op=dist.ReduceOp.MIN)
@@ -110,6 +112,7 @@ class CellGroup:
         """The leader's ``message`` on every rank (JSON over a broadcast; the others pass None)."""
         if not self.distributed:
             return message or {}
+        import torch
         import torch.distributed as dist
         data = json.dumps(message).encode() if self.leader else b""
         length = self._device(torch.tensor([len(data)], dtype=torch.int64))

@@ -457,8 +457,13 @@ def data_cache(source, size, out, workers, force):
               "GPU, else 80 GB)")
 @click.option("--gpus-per-cell", default=1, show_default=True, type=click.IntRange(min=1),
               help="processes that train one cell together (the batch is split over them)")
-def plan(spec, as_json, no_data_check, spec_args, gpu_memory, gpus_per_cell):
-    """Validate SPEC and show its cells, params, GMACs and an estimated GPU-hours cost.
+@click.option("--gpu", default=None, metavar="NAME",
+              help="the kind of device to price for, matched in the GPU names runs recorded, e.g. H100, A100, or cpu "
+              "(default: this machine's GPU, else H100)")
+@click.option("--mfu", default=None, type=click.FloatRange(min=0, min_open=True, max=1),
+              help="price cells that no run measured with the FLOP model at this model FLOPs utilisation")
+def plan(spec, as_json, no_data_check, spec_args, gpu_memory, gpus_per_cell, gpu, mfu):
+    """Validate SPEC and show its cells, params, GMACs, memory and GPU-hours priced from measured runs.
 
     Reads no dataset, trains nothing and writes nothing. The data need not be in place yet: a
     dataset root that does not exist, or whose ${VAR} is unset, is named in the plan (ablate
@@ -470,7 +475,8 @@ def plan(spec, as_json, no_data_check, spec_args, gpu_memory, gpus_per_cell):
         memory = parse_size(gpu_memory) if gpu_memory is not None else None
     except ValueError as e:
         raise AblateError(f"--gpu-memory: {e}") from None
-    result = make_plan(spec_args.load(spec, check_paths=False), gpu_memory=memory, processes=gpus_per_cell)
+    result = make_plan(spec_args.load(spec, check_paths=False), gpu_memory=memory, processes=gpus_per_cell,
+                       gpu=gpu, mfu=mfu)
     click.echo(result.to_json() if as_json else result.to_text())
 
 

@@ -39,3 +39,20 @@ def peak_flops(device_name: str, precision: str) -> Optional[float]:
     if precision not in ("bf16", "fp16"):
         return None
     return next((peak * 1e12 for key, peak in PEAK_16BIT_TFLOPS if key in device_name), None)
+
+
+def local_gpu() -> Optional[tuple[str, int]]:
+    """(name, memory in bytes) of this machine's first GPU, from nvidia-smi without starting CUDA
+    (the plan stays light); None without one."""
+    import shutil
+    import subprocess
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
+        name, memory = out[0].rsplit(",", 1)
+        return name.strip(), int(float(memory) * 2 ** 20)
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None

@@ -172,21 +172,6 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def local_gpu_memory() -> Optional[int]:
-    """The memory of this machine's first GPU, from nvidia-smi (no CUDA start-up); None without one."""
-    import shutil
-    import subprocess
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        out = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout.split()
-        return int(float(out[0]) * 2 ** 20) if out else None
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-
-
 def plan_memory(model, params: int, batch: int, processes: int, memory: int, precision: str = "bf16"):
     """(activation bytes per image, micro-batch that fits ``memory``, that with checkpointing) for
     a cell on CUDA: the plan's estimate of what ``train.micro_batch: auto`` will find."""

@@ -19,6 +19,7 @@ PROCESS_START = "ablate.process_start"  # ... and when that process started: wit
 PROCESS_SPACE = "ablate.process_space"  # ... and where its pid means that process (boot id and pid namespace)
 INCOMPLETE = "ablate.incomplete"  # cell runs: set at creation, removed once its params and config.yaml are logged
 DEVICE = "ablate.device"          # cpu, cuda:0, ...
+DEVICE_NAME = "ablate.device_name"  # the kind of device: "cpu", or the GPU's name ("NVIDIA H100 80GB HBM3")
 DATA_LOADER = "ablate.data_loader"  # which data path trained the cell: cache, folder, memory
 PRECISION = "ablate.precision"    # what training computed in: bf16, fp16 (CUDA autocast) or fp32
 THREADS = "ablate.threads"        # torch's CPU thread count while training (results depend on it)

@@ -4,11 +4,10 @@ One row per cell (its varied values, parameters, GMACs and an estimated GPU-hour
 the totals. Nothing is trained, no dataset is read (``imagefolder`` sizes are counted by listing
 files, without decoding) and nothing is written.
 
-The compute estimate is arithmetic, not a measurement. A training image costs a forward and a
-backward pass, about 3x the forward multiply-adds (the usual 2x for the backward), a validation
-image one forward pass; a multiply-add is 2 FLOPs. The sum over epochs is divided by an assumed
-achieved throughput on a reference GPU (:data:`REFERENCE_GPU`, :data:`ASSUMED_MFU`). Data
-loading, evaluation overheads and ``torch.compile`` warm-up are not modelled.
+Each cell is priced in device-hours from what earlier runs measured (:mod:`ablate.pricing`): the
+throughput of the same configuration on the same kind of device, else the FLOP model at the MFU
+runs on that device achieved, else at an MFU the user states (``--mfu``); otherwise it is not
+priced. Each row says which.
 """
 from __future__ import annotations
 
@@ -21,14 +20,9 @@ from typing import Any, Optional
 from ablate.config import CellConfig, DataConfig, flat_params
 from ablate.errors import AblateError
 from ablate.memory import DEFAULT_GPU_MEMORY, plan_memory
+from ablate.pricing import REFERENCE_GPU, Measured, Price, Pricer
 from ablate.spec.reference import matching_row
 from ablate.units import PaperUnits, macs_in, paper_number, params_in
-
-REFERENCE_GPU = "NVIDIA H100 SXM"
-PEAK_BF16_FLOPS = 989e12        # dense bf16 tensor-core peak of an H100 SXM (no sparsity)
-ASSUMED_MFU = 0.40              # achieved / peak: typical of large-matmul training with bf16 AMP
-ACHIEVED_FLOPS = PEAK_BF16_FLOPS * ASSUMED_MFU
-TRAIN_PASS_FACTOR = 3           # forward + backward (about twice the forward) per training image
 
 #: (train, val) images. imagenet100: the CMC class list (docs/paper.md); digits: a fixed stratified
 #: 80/20 split of scikit-learn's 1,797 digits.
@@ -54,21 +48,17 @@ def dataset_sizes(data: DataConfig) -> Optional[tuple[int, int]]:
     return count_images(root)
 
 
-def estimate_gpu_hours(macs: int, epochs: int, train_images: int, val_images: int) -> float:
-    """Hours on the reference GPU at the assumed throughput (see the module docstring)."""
-    flops_per_epoch = 2 * macs * (TRAIN_PASS_FACTOR * train_images + val_images)
-    return flops_per_epoch * epochs / ACHIEVED_FLOPS / 3600
-
-
-def assumptions() -> dict[str, Any]:
+def assumptions(pricer: Pricer) -> dict[str, Any]:
+    mfu, runs = pricer.measured_mfu()
     return {
-        "reference_gpu": REFERENCE_GPU,
-        "peak_bf16_tflops": PEAK_BF16_FLOPS / 1e12,
-        "assumed_mfu": ASSUMED_MFU,
-        "achieved_tflops": ACHIEVED_FLOPS / 1e12,
-        "flops_per_train_image": f"{2 * TRAIN_PASS_FACTOR} x MACs (forward + backward)",
+        "device": pricer.device,
+        "peak_tflops": pricer.peak / 1e12 if pricer.peak else None,
+        "measured_runs_on_device": len(pricer.on_device()),
+        "measured_mfu": mfu, "measured_mfu_runs": runs, "stated_mfu": pricer.mfu,
+        "flops_per_train_image": "6 x MACs (forward + backward)",
         "flops_per_val_image": "2 x MACs (forward), every epoch",
-        "note": "an estimate from arithmetic, not a measurement; data loading is not modelled",
+        "order": "measured throughput of the configuration, else the FLOP model at the measured MFU, else at "
+                 "--mfu, else not priced",
     }
 
 
@@ -85,8 +75,10 @@ class PlanRow(PaperUnits):
     epochs: int
     train_images: Optional[int]
     val_images: Optional[int]
-    gpu_hours: Optional[float]
+    gpu_hours: Optional[float]         # device-hours (None: not priced)
     reference: Optional[dict] = None   # the spec's matching reference row (the paper's numbers)
+    priced_by: str = ""                # "measured", "MFU 38%", "MFU 40% (--mfu)", "" (not priced)
+    price_detail: str = ""
     activation_mb: float = 0.0         # what autograd keeps per training image (analytic, bf16 on CUDA), MB
     micro_batch: int = 0               # the micro-batch that fits the plan's GPU memory (0: not even 1)
     micro_batch_checkpointed: int = 0  # ... with train.grad_checkpointing
@@ -149,6 +141,7 @@ class Plan:
     gpu_memory: int = DEFAULT_GPU_MEMORY   # bytes of one GPU, for the micro-batch column
     gpu_memory_source: str = "80 GB, an H100/A100 (no GPU here; --gpu-memory to choose)"
     processes: int = 1                     # --gpus-per-cell
+    pricer: Optional[Pricer] = None
 
     @property
     def configurations(self) -> int:
@@ -187,7 +180,7 @@ class Plan:
                 "data_problems": self.data_problems,
                 "rows": [r.to_dict() for r in self.rows],
                 "search": None if self.search is None else {**asdict(self.search), "gpu_hours": self.search.gpu_hours},
-                "totals": self.totals(), "assumptions": assumptions()}
+                "totals": self.totals(), "pricing": assumptions(self.pricer)}
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -197,42 +190,49 @@ class Plan:
 
 
 def _row(cell_config: CellConfig, key: str, seed: int, values: dict, reference: Optional[dict],
-         memory: int = DEFAULT_GPU_MEMORY, processes: int = 1) -> PlanRow:
+         pricer: Pricer, memory: int = DEFAULT_GPU_MEMORY, processes: int = 1) -> PlanRow:
     from ablate.models.cost import model_cost
 
     cost = model_cost(cell_config.model, cell_config.num_classes)
     sizes = dataset_sizes(cell_config.data)
     t = cell_config.train
-    hours = estimate_gpu_hours(cost.macs, t.epochs, *sizes) if sizes else None
+    price = pricer.price(cell_config, cost.macs, *sizes) if sizes else Price(None, "", "image counts unknown")
     per_image, micro, micro_ckpt = plan_memory(cell_config.model, cost.params, t.batch_size, processes, memory,
                                                t.amp if t.amp != "off" else "fp32")
     return PlanRow(key=key, seed=seed, values=values, params=cost.params, params_paper=cost.params_paper,
                    macs=cost.macs, flops=cost.flops, epochs=t.epochs,
                    train_images=sizes[0] if sizes else None, val_images=sizes[1] if sizes else None,
-                   gpu_hours=hours, reference=reference, activation_mb=per_image / 1e6, micro_batch=micro,
+                   gpu_hours=price.hours, reference=reference, priced_by=price.source, price_detail=price.detail,
+                   activation_mb=per_image / 1e6, micro_batch=micro,
                    micro_batch_checkpointed=micro_ckpt, batch_size=t.batch_size)
 
 
-def plan(spec, gpu_memory: Optional[int] = None, processes: int = 1) -> Plan:
-    """The plan of a loaded :class:`~ablate.spec.Spec`: rows, totals, a compute estimate, and the
-    micro-batch that fits ``gpu_memory`` bytes (default: this machine's GPU, else 80 GB)."""
-    from ablate.memory import local_gpu_memory
+def plan(spec, gpu_memory: Optional[int] = None, processes: int = 1, gpu: Optional[str] = None,
+         mfu: Optional[float] = None, runs: Optional[list[Measured]] = None) -> Plan:
+    """The plan of a loaded :class:`~ablate.spec.Spec`: rows, totals, each cell priced for ``gpu``
+    (default: this machine's GPU, else an H100) from the ``runs`` measured (default: the MLflow
+    store's), and the micro-batch that fits ``gpu_memory`` bytes (default: this machine's GPU, else 80 GB)."""
+    from ablate.devices import local_gpu, peak_flops
+    from ablate.pricing import measured_runs
+    here = local_gpu()
     source = "--gpu-memory"
-    if gpu_memory is None:
-        gpu_memory = local_gpu_memory()
-        source = "this machine's GPU"
+    if gpu_memory is None and here:
+        gpu_memory, source = here[1], "this machine's GPU"
     if gpu_memory is None:
         gpu_memory, source = DEFAULT_GPU_MEMORY, "no GPU here: an 80 GB H100/A100; --gpu-memory to choose"
+    device = gpu or (here[0] if here else REFERENCE_GPU)
+    pricer = Pricer(device, measured_runs() if runs is None else runs, mfu,
+                    peak_flops(device, "bf16") if device != "cpu" else None)
     result = Plan(name=spec.name, path=str(spec.path), kind=spec.kind, varied=list(spec.varied),
                   seeds=list(spec.seeds), data=spec.base.data.name, images=dataset_sizes(spec.base.data),
                   reference_source=(spec.reference or {}).get("source"), spec_name=spec.spec_name,
                   origin=spec.origin(), overrides=dict(spec.overrides), data_problems=list(spec.data_problems),
-                  gpu_memory=gpu_memory, gpu_memory_source=source, processes=processes)
+                  gpu_memory=gpu_memory, gpu_memory_source=source, processes=processes, pricer=pricer)
     for cell in spec.cells():
         result.rows.append(_row(cell.config, cell.key, cell.seed, cell.values,
-                                matching_row(spec.reference, flat_params(cell.config)), gpu_memory, processes))
+                                matching_row(spec.reference, flat_params(cell.config)), pricer, gpu_memory, processes))
     if spec.search is not None:
-        result.search = _search_plan(spec)
+        result.search = _search_plan(spec, pricer)
     return result
 
 
@@ -245,7 +245,7 @@ def _corner_values(param) -> list[Any]:
     return [param.low, high] if high != param.low else [param.low]
 
 
-def _search_plan(spec) -> SearchPlan:
+def _search_plan(spec, pricer: Pricer) -> SearchPlan:
     """Cost bounds per trial over the corners of the space (cost grows monotonically in each
     numeric setting, so the corners bound it); invalid combinations are skipped."""
     search = spec.search
@@ -257,7 +257,7 @@ def _search_plan(spec) -> SearchPlan:
             config = spec.resolve(dict(zip(keys, combo)))
         except AblateError:
             continue
-        rows.append(_row(config, "", config.train.seed, {}, None))
+        rows.append(_row(config, "", config.train.seed, {}, None, pricer))
     if not rows:
         raise AblateError(f"{spec.path}: search.space: no corner of the space is a valid configuration "
                           "(allowed: bounds and choices that combine into valid models)")
@@ -340,6 +340,23 @@ def _memory_note(p: Plan) -> str:
             "only with train.grad_checkpointing: true)")
 
 
+def _pricing_note(p: Plan) -> str:
+    """Where the GPU-hours come from, for the device the plan prices for."""
+    pricer = p.pricer
+    mfu, runs = pricer.measured_mfu()
+    peak = f"{pricer.peak / 1e12:.0f} TFLOP/s dense bf16 peak" if pricer.peak else "no known peak"
+    lines = [f"GPU-h: device-hours on {pricer.device} ({peak}; --gpu NAME for another), priced by: "
+             f"'measured', the median throughput of finished runs of the same configuration on it "
+             f"({len(pricer.on_device())} run(s) in the MLflow store); 'MFU m', the FLOP model (6 x MACs per "
+             "training image, 2 x MACs per validation image, every epoch) at the MFU its runs achieved"
+             + (f" (median {mfu:.0%} over {runs} run(s))" if mfu else " (none measured yet)")
+             + (f" or at --mfu {pricer.mfu:g}" if pricer.mfu else "") + "."]
+    if any(r.gpu_hours is None for r in p.rows) or (p.search and p.search.gpu_hours_per_trial is None):
+        lines.append(f"'-': nothing measured on {pricer.device} yet, and nothing is assumed: train a cell there (or "
+                     "run bench/gpu_acceptance.py), or state an MFU with --mfu 0.4.")
+    return "\n".join(lines)
+
+
 def format_plan(p: Plan) -> str:
     data = f"{p.data} (" + (f"{p.images[0]:,} train / {p.images[1]:,} val images" if p.images
                             else "image counts unknown") + ")"
@@ -364,7 +381,7 @@ def format_plan(p: Plan) -> str:
                   f"{_plural(len(p.seeds), 'seed')}; data: {data}", ""]
         varied = [k for k in p.varied if k != "train.seed"] + (["train.seed"] if "train.seed" in p.varied else [])
         labels = varied or ["cell"]
-        header = labels + ["params (M)", "GMACs", "epochs", "GPU-h", "MB/img", "micro"]
+        header = labels + ["params (M)", "GMACs", "epochs", "GPU-h", "priced by", "MB/img", "micro"]
         ref = p.reference_source is not None
         if ref:
             header += ["| paper top-1", "top-5", "params", "GMACs"]
@@ -376,16 +393,16 @@ def format_plan(p: Plan) -> str:
             gi = " Gi" if row.get("macs_unit") == "Gi" else ""
             line = [_fmt(r.values[k]) for k in varied] or ["base"]
             line += [paper_number(r.params_in_paper_units()) + mi, paper_number(r.gmacs_in_paper_units()) + gi,
-                     str(r.epochs), _hours(r.gpu_hours), f"{r.activation_mb:.3g}", _micro(r)]
+                     str(r.epochs), _hours(r.gpu_hours), r.priced_by or "-", f"{r.activation_mb:.3g}", _micro(r)]
             if ref:
                 line += [_paper(row.get("top1")), _paper(row.get("top5")),
                          _fmt(row.get("params_m", "-")) + mi, _fmt(row.get("gmacs", "-")) + gi]
             body.append(line + [r.key])
-        total = ["total"] + [""] * (len(labels) + 2) + [_hours(p.gpu_hours), "", ""]
+        total = ["total"] + [""] * (len(labels) + 2) + [_hours(p.gpu_hours), "", "", ""]
         body.append(total + [""] * (len(header) - len(total)))
         lines += _table(header, body, left=len(labels))
         if p.gpu_hours is not None:
-            lines += ["", "wall time (estimate, one worker per GPU): " + ", ".join(
+            lines += ["", "wall time (one worker per GPU): " + ", ".join(
                 f"{g} GPU{'s' if g > 1 else ''} {_hours(p.wall_hours(g))} h" for g in WALL_GPUS)]
         if p.reference_source:
             lines += ["", f"paper: {p.reference_source}"]
@@ -403,9 +420,5 @@ def format_plan(p: Plan) -> str:
               "params: the paper's convention (patch FC + blocks; classifier and norms excluded), in 10^6 "
               "(Mi: 2^20, where the paper's row uses it);",
               "GMACs: multiply-adds per image / 10^9 (Gi: / 2^30), the paper's \"FLOPs\" (FLOPs = 2 x MACs).",
-              f"GPU-h is an estimate, not a measurement: {2 * TRAIN_PASS_FACTOR} x MACs per training image "
-              f"(forward + backward) and 2 x MACs per validation image, every epoch, at "
-              f"{ACHIEVED_FLOPS / 1e12:.0f} TFLOP/s",
-              f"({ASSUMED_MFU:.0%} of an {REFERENCE_GPU}'s {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s dense bf16); "
-              "data loading is not modelled."]
+              _pricing_note(p)]
     return "\n".join(lines)

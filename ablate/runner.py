@@ -512,10 +512,13 @@ def _worker_count(device: str, devices: list[str], workers: int, gpus_per_cell: 
                           f"(allowed: a divisor of {len(devices)})")
     count = len(devices) // gpus_per_cell if devices else workers
     processes, cap = count * gpus_per_cell, usable_cpus()
+    if processes > cap and gpus_per_cell == 1:
+        option = "--devices" if devices else "--workers"
+        raise AblateError(f"{option}: {count} workers, more than the {cap} CPU cores this process may use "
+                          f"(allowed: 1 to {cap} workers)")
     if processes > cap:
-        option = "--devices" if devices else "--workers" if gpus_per_cell == 1 else "--gpus-per-cell"
-        raise AblateError(f"{option}: {processes} training processes, more than the {cap} CPU cores this process "
-                          f"may use (allowed: 1 to {cap} processes, workers x --gpus-per-cell)")
+        raise AblateError(f"--gpus-per-cell: {processes} training processes, more than the {cap} CPU cores this "
+                          f"process may use (allowed: 1 to {cap} processes, workers x --gpus-per-cell)")
     return count
 
 
@@ -532,6 +535,10 @@ def check_batches(spec, gpus_per_cell: int) -> None:
             what = f"{gpus_per_cell} processes x micro_batch {micro}" if micro > 1 else f"{gpus_per_cell} processes"
             raise AblateError(f"{spec.path}: train.batch_size: {t.batch_size} does not divide over --gpus-per-cell "
                               f"{what} (allowed: a multiple of {gpus_per_cell * micro})")
+        sizes = dataset_sizes(cfg.data)
+        if sizes is not None and t.batch_size > sizes[0]:
+            raise AblateError(f"{spec.path}: train.batch_size: {t.batch_size} is larger than the {sizes[0]} training "
+                              f"images of {cfg.data.name}: an epoch would train nothing (allowed: at most {sizes[0]})")
 
 
 def _run_under_parent(target: Callable[[Context], None], ctx: Context, workers: int, devices: list[str],

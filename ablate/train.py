@@ -222,6 +222,7 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
     if on_start is not None and group.leader:
         on_start({names.DATA_LOADER: loaders.kind, names.N_TRAIN: loaders.n_train,
                   names.N_VAL: loaders.n_val, names.DEVICE: str(device), names.PRECISION: used,
+                  names.DEVICE_NAME: device_name(device),
                   names.MICRO_BATCH: micro, names.PROCESSES: group.size, names.ACCUM_STEPS: split.accum,
                   **determinism_settings()})
 

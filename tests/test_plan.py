@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from ablate.cli import cli
 from ablate.config import DataConfig
-from ablate.plan import (ACHIEVED_FLOPS, DATASET_SIZES, dataset_sizes, estimate_gpu_hours, plan)
+from ablate.plan import DATASET_SIZES, dataset_sizes, plan
+from ablate.pricing import Measured, speed_key
 from ablate.spec import load_spec
 
 from conftest import ROOT
@@ -52,7 +53,7 @@ def test_shipped_specs_plan_cleanly(path, imagenet100_root, tmp_path, monkeypatc
     monkeypatch.chdir(cwd)
     result = CliRunner().invoke(cli, ["plan", str(path)])
     assert result.exit_code == 0, result.output
-    assert "GPU-h is an estimate" in result.output and "H100" in result.output
+    assert "GPU-h: device-hours on NVIDIA H100" in result.output and "nothing is assumed" in result.output
     assert list(cwd.iterdir()) == []
 
 
@@ -89,15 +90,34 @@ def test_paper_specs_share_the_wide_recipe(imagenet100_root):
         assert wide_key in {c.key for c in spec.cells()}, path.name
 
 
-def test_estimate_is_the_stated_arithmetic(imagenet100_root):
-    p = plan(load_spec(PAPER / "base-wide.yaml"))
-    (row,) = p.rows
-    flops = 2 * row.macs * (3 * 126_689 + 5_000) * 100
-    assert row.gpu_hours == pytest.approx(flops / ACHIEVED_FLOPS / 3600)
-    assert ACHIEVED_FLOPS == pytest.approx(0.40 * 989e12)
-    assert 0.5 < row.gpu_hours < 1.0  # 100 epochs of S2-MLP-wide on ImageNet100 at 396 TFLOP/s
-    assert p.gpu_hours == row.gpu_hours
-    assert estimate_gpu_hours(10**9, 2, 100, 0) == pytest.approx(2 * 10**9 * 300 * 2 / ACHIEVED_FLOPS / 3600)
+def test_cells_are_priced_from_measurements_and_nothing_is_assumed(imagenet100_root):
+    wide = load_spec(PAPER / "base-wide.yaml")
+    depth = load_spec(PAPER / "depth.yaml")
+    flops = 2 * plan(wide, runs=[]).rows[0].macs * (3 * 126_689 + 5_000) * 100
+    # nothing measured: not priced, and the plan says how to get a price
+    p = plan(wide, gpu="H100", runs=[])
+    assert p.rows[0].gpu_hours is None and p.rows[0].priced_by == "" and p.gpu_hours is None
+    assert "nothing is assumed" in p.to_text()
+    # an MFU the user states: the FLOP model at it, against the device's peak
+    p = plan(wide, gpu="H100", runs=[], mfu=0.4)
+    assert p.rows[0].gpu_hours == pytest.approx(flops / (0.4 * 989.4e12) / 3600)
+    assert p.rows[0].priced_by == "MFU 40% (--mfu)"
+    # runs measured on that kind of device: the wide cell's own throughput prices it; the other
+    # depths are priced by the FLOP model at the MFU those runs achieved
+    cell = wide.cells()[0].config
+    runs = [Measured("NVIDIA H100 80GB HBM3", speed_key(cell), 5000.0, 2, 0.3),
+            Measured("NVIDIA H100 80GB HBM3", speed_key(cell), 3000.0, 1, 0.36),
+            Measured("NVIDIA A100-SXM4-80GB", speed_key(cell), 900.0, 1, 0.5),   # another kind: not used
+            Measured("cpu", speed_key(cell), 10.0, 1, None)]
+    p = plan(depth, gpu="H100", runs=runs, mfu=0.9)
+    rows = {r.values["model.depth"]: r for r in p.rows}
+    per_image = (2 / 5000 + 1 / 3000) / 2  # device-seconds per image: the median over the two H100 runs
+    assert rows[12].priced_by == "measured"
+    assert rows[12].gpu_hours == pytest.approx(100 * (126_689 + 5_000 / 3) * per_image / 3600)
+    assert rows[6].priced_by == "MFU 33%"  # the measured median wins over --mfu
+    assert rows[6].gpu_hours == pytest.approx(2 * rows[6].macs * (3 * 126_689 + 5_000) * 100 / (0.33 * 989.4e12) / 3600)
+    text = p.to_text()
+    assert "median 33% over 2 run(s)" in text and "nothing is assumed" not in text
 
 
 def test_plan_json(tmp_path, monkeypatch):
@@ -111,8 +131,8 @@ def test_plan_json(tmp_path, monkeypatch):
     row = data["rows"][0]
     assert row["values"] == {"model.shift": "none", "model.patch_size": 2, "train.seed": 0}
     assert row["flops"] == 2 * row["macs"] and row["params"] > row["params_paper"]
-    assert data["totals"]["gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for r in data["rows"]))
-    assert data["assumptions"]["reference_gpu"].startswith("NVIDIA H100")
+    assert data["totals"]["gpu_hours"] is None and all(r["gpu_hours"] is None for r in data["rows"])
+    assert data["pricing"]["device"].startswith("NVIDIA H100") and data["pricing"]["measured_mfu"] is None
     assert list(tmp_path.iterdir()) == []
 
 
@@ -158,7 +178,7 @@ def test_plan_works_before_the_data_exists_and_run_refuses(root, tmp_path, monke
         assert "S2-MLP paper" in result.output and "| paper top-1" in result.output
         assert "total" in result.output and "GPU-h" in result.output
         assert "data not in place yet" in result.output and f"base-wide.yaml:{line}: {missing}" in result.output
-    as_json = json.loads(CliRunner().invoke(cli, ["plan", path, "--json"]).output)
+    as_json = json.loads(CliRunner().invoke(cli, ["plan", path, "--json", "--mfu", "0.4"]).output)
     assert as_json["totals"]["gpu_hours"] > 0 and len(as_json["data_problems"]) == 1
     run = CliRunner().invoke(cli, ["run", path])
     assert run.exit_code == 2 and "Traceback" not in run.output
@@ -182,10 +202,10 @@ search:
     model.shift: {choice: [four, eight]}
 """)
     loaded = load_spec(spec)
-    p = plan(loaded)
+    p = plan(loaded, runs=[], mfu=0.4)
     assert p.rows == [] and p.search.corners == 4 and p.search.trials == 10
-    lo = plan(load_spec_with(tmp_path, spec, "width: 64, depth: 2", "width: 64, depth: 1"))
-    hi = plan(load_spec_with(tmp_path, spec, "width: 64, depth: 2", "width: 64, depth: 4"))
+    lo = plan(load_spec_with(tmp_path, spec, "width: 64, depth: 2", "width: 64, depth: 1"), runs=[], mfu=0.4)
+    hi = plan(load_spec_with(tmp_path, spec, "width: 64, depth: 2", "width: 64, depth: 4"), runs=[], mfu=0.4)
     assert p.search.gmacs == (pytest.approx(lo.rows[0].gmacs), pytest.approx(hi.rows[0].gmacs))
     assert p.search.gpu_hours == (pytest.approx(10 * lo.rows[0].gpu_hours), pytest.approx(10 * hi.rows[0].gpu_hours))
     text = p.to_text()
@@ -198,3 +218,21 @@ def load_spec_with(tmp_path: Path, spec: Path, old: str, new: str):
     single = tmp_path / f"single-{new.split()[-1]}.yaml"
     single.write_text(text.split("search:")[0])
     return load_spec(single)
+
+
+def test_plan_prices_configurations_that_ran_from_their_measured_speed(workdir):
+    from conftest import write_spec
+
+    from ablate.runner import run_grid
+    spec = write_spec(workdir / "p.yaml", name="priced", epochs=1, extra="grid:\n  model.shift: [none, four]\n")
+    assert run_grid(str(spec), device="cpu").ok
+    (workdir / "more.yaml").write_text(spec.read_text().replace("[none, four]", "[none, four, eight]"))
+    result = CliRunner().invoke(cli, ["plan", str(workdir / "more.yaml"), "--gpu", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["values"]["model.shift"]: r for r in json.loads(result.output)["rows"]}
+    assert rows["none"]["priced_by"] == rows["four"]["priced_by"] == "measured"
+    assert rows["none"]["gpu_hours"] > 0
+    assert rows["eight"]["priced_by"] == "" and rows["eight"]["gpu_hours"] is None  # a CPU has no peak for an MFU
+    text = CliRunner().invoke(cli, ["plan", str(workdir / "more.yaml"), "--gpu", "cpu"]).output
+    assert "measured" in text
+    assert "'-': nothing measured on cpu yet, and nothing is assumed" in text

@@ -1,0 +1,137 @@
+"""What a cell will cost, priced from what earlier runs measured.
+
+A cell is priced, in this order:
+
+1. **measured**: finished runs of the same model configuration (every ``model.*`` setting, the
+   precision, checkpointing and compile) on the same kind of device trained at a known rate:
+   device-seconds per training image = processes / images per second (their median);
+2. **FLOP model at a measured MFU**: the cell's training FLOPs (6 x MACs per training image,
+   2 x MACs per validation image) at the median MFU that finished runs on that kind of device
+   achieved (any configuration), against the device's dense peak (:mod:`ablate.devices`);
+3. **FLOP model at ``--mfu``**: an MFU the user states;
+4. otherwise not priced: nothing measured, nothing assumed.
+
+Measurements come from the MLflow store the runs went to, read only (a store that does not exist
+is not created), across every experiment in it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ablate import names
+
+#: the GPU a plan prices for when it is not told and sees none
+REFERENCE_GPU = "NVIDIA H100"
+
+
+@dataclass
+class Measured:
+    """One finished cell run's throughput."""
+    device: str               # the device's name (ablate.device_name), e.g. "NVIDIA H100 80GB HBM3" or "cpu"
+    config: str               # what its speed depends on (:func:`speed_key`)
+    images_per_second: float  # training images per second, all processes together
+    processes: int
+    mfu: Optional[float]
+
+
+@dataclass
+class Price:
+    hours: Optional[float]    # device-hours; None: not priced
+    source: str               # "measured", "MFU 38%" (measured), "MFU 40% (--mfu)", or "" (not priced)
+    detail: str = ""          # where the figure came from, for the JSON and the notes
+
+
+@dataclass
+class Pricer:
+    device: str                                       # the kind of device priced for
+    runs: list[Measured] = field(default_factory=list)
+    mfu: Optional[float] = None                       # --mfu: an MFU the user states
+    peak: Optional[float] = None                      # the device's dense peak FLOP/s, if known
+
+    def on_device(self) -> list[Measured]:
+        wanted = self.device.lower()
+        return [r for r in self.runs if wanted in r.device.lower()]
+
+    def measured_mfu(self) -> tuple[Optional[float], int]:
+        values = [r.mfu for r in self.on_device() if r.mfu]
+        return (statistics.median(values), len(values)) if values else (None, 0)
+
+    def price(self, cfg, macs: int, train_images: int, val_images: int) -> Price:
+        """Device-hours of ``cfg`` (a CellConfig) over its epochs (see the module docstring)."""
+        epochs = cfg.train.epochs
+        same = [r for r in self.on_device() if r.config == speed_key(cfg)]
+        if same:
+            per_image = statistics.median(r.processes / r.images_per_second for r in same)
+            # validation: one forward pass an image, a third of a training step's work
+            hours = epochs * (train_images + val_images / 3) * per_image / 3600
+            return Price(hours, "measured", f"median of {len(same)} run(s) of this configuration on {self.device}")
+        flops = 2 * macs * (3 * train_images + val_images) * epochs
+        mfu, count = self.measured_mfu()
+        if mfu and self.peak:
+            return Price(flops / (self.peak * mfu) / 3600, f"MFU {mfu:.0%}",
+                         f"FLOP model at the median MFU of {count} run(s) on {self.device}")
+        if self.mfu and self.peak:
+            return Price(flops / (self.peak * self.mfu) / 3600, f"MFU {self.mfu:.0%} (--mfu)",
+                         f"FLOP model at --mfu {self.mfu:g} of {self.device}'s {self.peak / 1e12:.0f} TFLOP/s")
+        return Price(None, "", f"nothing measured on {self.device} yet")
+
+
+def speed_key(cfg) -> str:
+    """What a training step's speed depends on, besides the device: the model, the precision,
+    activation checkpointing and compile (the data and the seed do not change the step)."""
+    what = {"model": cfg.model.model_dump(mode="json"), "amp": cfg.train.amp,
+            "grad_checkpointing": cfg.train.grad_checkpointing, "compile": cfg.train.compile}
+    return json.dumps(what, sort_keys=True)
+
+
+def _config_of(params: dict[str, str]):
+    """The CellConfig a run's flat params describe (None when they no longer validate)."""
+    from ablate.config import SECTIONS, CellConfig
+    from ablate.report import param_value
+    nested: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, text in params.items():
+        section, _, name = key.partition(".")
+        if section in nested and name:
+            nested[section][name] = param_value(text)
+    nested["data"] = {}  # paths of another machine: the speed does not depend on them
+    try:
+        return CellConfig.model_validate(nested)
+    except ValueError:
+        return None
+
+
+def measured_runs(uri: Optional[str] = None) -> list[Measured]:
+    """Every finished cell run with a throughput in the MLflow store at ``uri`` (default: the
+    current one); nothing when there is no store (none is created)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from ablate.locks import sqlite_path
+    from ablate.stores import quiet_store_logs
+    uri = uri or mlflow.get_tracking_uri()
+    path = sqlite_path(uri)
+    if path is None and not uri.startswith(("http://", "https://", "postgresql", "mysql")):
+        return []
+    if path is not None and not os.path.exists(path):
+        return []
+    quiet_store_logs()
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    out, token = [], None
+    while experiments:
+        page = client.search_runs(experiments, filter_string=f"tags.`{names.ROLE}` = 'cell' and "
+                                  "attributes.status = 'FINISHED'", max_results=1000, page_token=token)
+        for run in page:
+            rate, device = run.data.metrics.get("images_per_second"), run.data.tags.get(names.DEVICE_NAME)
+            cfg = _config_of(run.data.params) if rate and device else None
+            if cfg is not None:
+                out.append(Measured(device, speed_key(cfg), rate, int(run.data.tags.get(names.PROCESSES, "1")),
+                                    run.data.metrics.get("mfu")))
+        token = page.token
+        if not token:
+            break
+    return out
