@@ -12,13 +12,12 @@ checkpoint like any interrupted one.
 from __future__ import annotations
 
 import json
-import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Optional
 
-from ablate.errors import AblateError
+from ablate.environ import positive_number
 
 if TYPE_CHECKING:  # torch is imported where a group is used: the runner's light commands (status) import this
     import torch
@@ -36,16 +35,8 @@ class StoppedByLeader(Exception):
 
 
 def dist_timeout() -> float:
-    raw = os.environ.get("ABLATE_DIST_TIMEOUT", "")
-    if not raw:
-        return DEFAULT_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise AblateError(f"ABLATE_DIST_TIMEOUT: {raw!r} (allowed: seconds, a positive number)")
-    return value
+    timeout = positive_number("ABLATE_DIST_TIMEOUT", "seconds, a positive number")
+    return DEFAULT_TIMEOUT if timeout is None else timeout
 
 
 def free_port() -> int:

@@ -7,10 +7,9 @@ A device not in the table (any CPU, a GPU not listed, fp32 training) has no know
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
-from ablate.errors import AblateError
+from ablate.environ import positive_number
 
 PEAK_16BIT_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4),
                      ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0),
@@ -19,16 +18,8 @@ PEAK_16BIT_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4),
 
 def peak_from_setting() -> Optional[float]:
     """``ABLATE_PEAK_TFLOPS`` in FLOP/s, or None when unset; a bad value is a one-line error."""
-    raw = os.environ.get("ABLATE_PEAK_TFLOPS", "")
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise AblateError(f"ABLATE_PEAK_TFLOPS: {raw!r} (allowed: the device's dense peak in TFLOP/s, a positive number)")
-    return value * 1e12
+    tflops = positive_number("ABLATE_PEAK_TFLOPS", "the device's dense peak in TFLOP/s, a positive number")
+    return tflops * 1e12 if tflops is not None else None
 
 
 def peak_flops(device_name: str, precision: str) -> Optional[float]:

@@ -609,8 +609,10 @@ def _prepare(spec_path: str, spec_args: SpecArgs, kind: str, device: str, device
         raise AblateError(f"--gpus-per-cell: {gpus_per_cell} (allowed: a positive integer)")
     workers = _worker_count(device, devices, workers, gpus_per_cell)
     check_batches(spec, gpus_per_cell)
+    from ablate.cell_group import dist_timeout
     from ablate.devices import peak_from_setting
-    peak_from_setting()  # ABLATE_PEAK_TFLOPS, if set, is a number: refused now rather than in every cell
+    peak_from_setting()  # ABLATE_PEAK_TFLOPS and ABLATE_DIST_TIMEOUT, if set, are numbers: refused now, not in a cell
+    dist_timeout()
     checkpoint.check_root(checkpoint_root(checkpoints), "--checkpoints" if checkpoints else
                           "ABLATE_CHECKPOINTS" if os.environ.get("ABLATE_CHECKPOINTS") else "checkpoint folder")
     url = storage_url(storage)

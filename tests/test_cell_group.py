@@ -104,6 +104,10 @@ def test_batches_that_do_not_divide_are_refused_before_anything_runs(workdir):
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith(
         "train.batch_size: 2048 is larger than the 1437 training images of digits: an epoch would train nothing "
         "(allowed: at most 1437)")
+    for variable, value in (("ABLATE_DIST_TIMEOUT", "soon"), ("ABLATE_PEAK_TFLOPS", "-3")):
+        result = run_ablate("run", str(spec), "--device", "cpu", "--gpus-per-cell", "2", cwd=workdir,
+                            env={variable: value})
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {variable}: '{value}' (allowed: ")
     result = run_ablate("run", str(spec), "--device", "cpu", "--gpus-per-cell", "64", cwd=workdir)
     assert result.returncode == 2 and "--gpus-per-cell: 64 training processes, more than" in result.stderr
     assert not (workdir / "mlflow.db").exists() or not MlflowClient().get_experiment_by_name("nodivide")
