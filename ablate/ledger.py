@@ -30,6 +30,7 @@ default ``mlflow.db``; ``--storage postgresql://...`` or ``ABLATE_STORAGE`` for 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -48,10 +49,12 @@ from optuna.trial import TrialState
 from ablate import names
 from ablate.errors import AblateError
 from ablate.launch.jobs import slurm_task
-from ablate.locks import is_transient, pid_alive, retry_busy as _retry, sqlite_path, store_lock
+from ablate.locks import is_transient, pid_alive, retry_busy, sqlite_path, store_lock, store_retry_seconds
 from ablate.urls import display_url, mask_text
 
 DEFAULT_STORAGE = "sqlite:///ablate-ledger.db"
+#: every call to the ledger's store: a busy store and a lost connection are retried (ablate.locks)
+_retry = functools.partial(retry_busy, what="the ledger")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # heartbeats, the retry callback and metric names are marked experimental; they are the
@@ -68,22 +71,80 @@ def storage_url(option: Optional[str] = None) -> str:
     return option or os.environ.get("ABLATE_STORAGE") or DEFAULT_STORAGE
 
 
+HEARTBEAT_ALLOWED = ("allowed: INTERVAL or INTERVAL,GRACE in whole seconds, INTERVAL at least 1 and GRACE more "
+                     "than twice INTERVAL; default 30 (a grace of 4 x INTERVAL)")
+
+
 def heartbeat_settings() -> tuple[int, int]:
-    """(interval, grace) in seconds; ``ABLATE_HEARTBEAT=interval[,grace]`` overrides (tests use short ones)."""
-    raw = os.environ.get("ABLATE_HEARTBEAT", "30")
-    parts = [int(p) for p in raw.split(",")]
-    interval = parts[0]
-    return interval, parts[1] if len(parts) > 1 else 4 * interval
+    """(interval, grace) in seconds; ``ABLATE_HEARTBEAT=interval[,grace]`` overrides (tests use short ones).
+
+    A grace of two intervals or less would let one late beat (a busy store, a slow disk) hand a
+    live worker's cell to another: refused, as is anything but positive whole seconds.
+    """
+    raw = os.environ.get("ABLATE_HEARTBEAT", "").strip() or "30"
+    parts = [p.strip() for p in raw.split(",")]
+    if len(parts) > 2 or not all(p.isdigit() for p in parts):
+        raise AblateError(f"ABLATE_HEARTBEAT: {raw!r} ({HEARTBEAT_ALLOWED})")
+    interval = int(parts[0])
+    grace = int(parts[1]) if len(parts) > 1 else 4 * interval
+    if interval < 1:
+        raise AblateError(f"ABLATE_HEARTBEAT: {raw!r}: an interval of {interval} s ({HEARTBEAT_ALLOWED})")
+    if grace <= 2 * interval:
+        raise AblateError(f"ABLATE_HEARTBEAT: {raw!r}: a grace of {grace} s is not more than twice the "
+                          f"{interval} s interval ({HEARTBEAT_ALLOWED})")
+    return interval, grace
+
+
+#: Optuna's tables (its RDB schema, and alembic's record of the schema's version)
+OPTUNA_TABLES = frozenset({
+    "studies", "study_directions", "study_system_attributes", "study_user_attributes", "trial_heartbeats",
+    "trial_intermediate_values", "trial_params", "trial_system_attributes", "trial_user_attributes",
+    "trial_values", "trials", "version_info", "alembic_version"})
+
+
+def _engine_kwargs(url: str) -> dict:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    kwargs: dict = {"pool_pre_ping": True}  # a connection the server dropped is replaced, not used
+    if url.startswith(("postgresql", "postgres")):  # a server cut off refuses in seconds, never hangs a worker
+        kwargs["connect_args"] = {"connect_timeout": 10}
+    return kwargs
+
+
+def check_foreign_tables(url: str) -> None:
+    """Refuse a database that holds tables other than Optuna's (an MLflow store, an application's
+    database): the ledger would add its tables beside them and share alembic's version table.
+    Reads the table names only; creates nothing (a missing SQLite file stays missing)."""
+    path = sqlite_path(url)
+    if path is not None and (not os.path.exists(path) or os.path.getsize(path) == 0):
+        return
+    import sqlalchemy
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(url))
+    try:
+        tables = set(_retry(lambda: sqlalchemy.inspect(engine).get_table_names()))
+    finally:
+        engine.dispose()
+    foreign = sorted(tables - OPTUNA_TABLES)
+    if foreign:
+        mlflow = {"experiments", "runs", "metrics"} <= tables
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise AblateError(f"ledger storage {display_url(url)}: holds another application's tables "
+                          f"({'an MLflow store: ' if mlflow else ''}{shown}), not only an Optuna ledger's "
+                          "(allowed: an empty database or an existing ledger, e.g. the default "
+                          f"{DEFAULT_STORAGE}; MLflow's store goes in MLFLOW_TRACKING_URI)")
 
 
 def open_storage(url: str) -> RDBStorage:
     interval, grace = heartbeat_settings()
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    store_retry_seconds()  # refused here, before anything is written, rather than at the first lost connection
     try:
         with store_lock(url):  # two processes creating the schema at once collide
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+            check_foreign_tables(url)
+            return RDBStorage(url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=interval,
                               grace_period=grace,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    except AblateError:
+        raise
     except Exception as e:  # bad URL, server down, missing driver
         first = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise AblateError(f"ledger storage {display_url(url)}: cannot open ({mask_text(first, url)})") from None
@@ -99,10 +160,12 @@ def open_existing_storage(url: str) -> RDBStorage:
     if path is not None and not os.path.exists(path):
         raise NoLedger(f"no ledger at {display_url(url)}")
     interval, grace = heartbeat_settings()
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True, heartbeat_interval=interval,
+        check_foreign_tables(url)
+        return RDBStorage(url, engine_kwargs=_engine_kwargs(url), skip_table_creation=True, heartbeat_interval=interval,
                           grace_period=grace, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    except AblateError:
+        raise
     except Exception as e:  # bad URL, server down, missing driver, not a ledger
         first = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise AblateError(f"ledger storage {display_url(url)}: cannot open ({mask_text(first, url)})") from None
@@ -351,7 +414,7 @@ class Ledger:
                     failed = _retry(self.study.tell, t.number, state=TrialState.FAIL)
                 except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
                     continue  # finished, or failed by another worker's recovery, since we read it
-                RetryHeartbeatStaleTrialCallback()(self.study, failed)
+                _retry(RetryHeartbeatStaleTrialCallback(), self.study, failed)
         after = {t.number for t in self.trials(states=(TrialState.RUNNING,))}
         return sorted(before - after - {t.number for t in self.trials(states=(TrialState.COMPLETE,))})
 
@@ -367,7 +430,7 @@ class Ledger:
                 failed = _retry(self.study.tell, t.number, state=TrialState.FAIL)
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
                 continue  # finished, or failed by another worker's recovery, since we read it
-            RetryHeartbeatStaleTrialCallback()(self.study, failed)
+            _retry(RetryHeartbeatStaleTrialCallback(), self.study, failed)
             released.append(t.number)
         return released
 

@@ -15,6 +15,8 @@ import zlib
 from contextlib import contextmanager
 from typing import Callable, Optional, TypeVar
 
+from ablate.errors import AblateError
+
 T = TypeVar("T")
 
 
@@ -37,15 +39,33 @@ def store_lock(url: str, name: str = "ablate"):
             yield
     elif url.startswith(("postgresql", "postgres")):
         import sqlalchemy
+
+        from ablate.urls import display_url
         key = zlib.crc32(name.encode())  # advisory locks are keyed by a number
-        engine = sqlalchemy.create_engine(url.replace("postgres://", "postgresql://", 1), poolclass=sqlalchemy.pool.NullPool)
-        try:
-            with engine.connect() as conn:
+        engine = sqlalchemy.create_engine(url.replace("postgres://", "postgresql://", 1), poolclass=sqlalchemy.pool.NullPool,
+                                          connect_args={"connect_timeout": 10})
+
+        def locked():
+            conn = engine.connect()
+            try:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            conn = retry_busy(locked, what=f"the database {display_url(url)}")  # a server that blinks is waited for
+            try:
+                yield
+            finally:
                 try:
-                    yield
-                finally:
                     conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                except Exception as e:
+                    if not is_lost(e):
+                        raise  # a lost connection took its session's lock with it
+                finally:
+                    conn.close()
         finally:
             engine.dispose()
     else:
@@ -111,25 +131,119 @@ def _texts(e: BaseException) -> str:
     return " ".join(parts).lower()
 
 
+def _chain(e: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
 def is_busy(e: BaseException) -> bool:
     """A concurrent writer's transient refusal: SQLite's "database is locked", PostgreSQL's "could not serialize"."""
     text = _texts(e)
     return "locked" in text or "could not serialize" in text
 
 
+# What a database driver, SQLAlchemy or an HTTP client says when the server went away or cannot be
+# reached (restarted, failed over, network cut); a later attempt may succeed.
+_LOST_TEXTS = ("server closed the connection", "connection refused", "could not connect", "connection to server",
+               "connection is closed", "connection already closed", "connection was closed", "the connection is lost",
+               "terminating connection", "connection reset", "connection aborted", "broken pipe",
+               "consuming input failed", "no connection to the server", "ssl syscall error", "eof detected",
+               "the database system is starting up", "the database system is shutting down",
+               "the database system is in recovery mode", "server has gone away", "lost connection",
+               "max retries exceeded", "remote end closed connection", "timeout expired", "timed out")
+# ... and what looks alike but a retry cannot mend (a login refused, a database that is not there)
+_NOT_LOST_TEXTS = ("authentication failed", "password", "does not exist", "permission denied", "no such table",
+                   "no pg_hba.conf entry")
+# the exception types that carry a lost connection: SQLAlchemy's and the DB-API drivers' (psycopg,
+# psycopg2, pymysql, sqlite3) OperationalError/InterfaceError, urllib3/requests' connection errors
+_LOST_TYPES = ("OperationalError", "InterfaceError", "DisconnectionError", "ConnectionError",
+               "NewConnectionError", "MaxRetryError", "ConnectionRefusedError", "ConnectionResetError",
+               "BrokenPipeError", "TimeoutError", "ConnectTimeout", "ReadTimeout")
+
+
+def is_lost(e: BaseException) -> bool:
+    """The store's connection was lost or cannot be made (the server is down, restarting or cut
+    off), as SQLAlchemy, psycopg or MLflow report it, possibly wrapped by Optuna or MLflow."""
+    if isinstance(e, StoreLost):
+        return False  # already waited for: never waited for again
+    chain = _chain(e)
+    if any(getattr(c, "connection_invalidated", False) for c in chain):  # SQLAlchemy saw the disconnect itself
+        return True
+    text = _texts(e)
+    if any(s in text for s in _NOT_LOST_TEXTS):
+        return False
+    typed = any(type(c).__name__ in _LOST_TYPES for c in chain)
+    # MLflow's REST client reports a server that does not answer as an MlflowException of text only
+    return any(s in text for s in _LOST_TEXTS) and (typed or "api request" in text)
+
+
 def is_transient(e: BaseException) -> bool:
     """Busy, or the database connection was lost: a later attempt may succeed."""
-    text = _texts(e)
-    return is_busy(e) or any(s in text for s in ("connection", "server closed", "timeout", "timed out"))
+    return is_busy(e) or is_lost(e)
 
 
-def retry_busy(fn: Callable[..., T], *args, attempts: int = 20, **kwargs) -> T:
-    """Call a store operation, retrying the transient refusals of concurrent writers (:func:`is_busy`)."""
-    for i in range(attempts):
+DEFAULT_STORE_RETRY = 120.0  # seconds a lost store is waited for; ABLATE_STORE_RETRY_SECONDS overrides
+STORE_RETRY_ENV = "ABLATE_STORE_RETRY_SECONDS"
+
+
+def store_retry_seconds() -> float:
+    """How long a store whose connection was lost is retried before the command gives up."""
+    from ablate.environ import positive_number
+    seconds = positive_number(STORE_RETRY_ENV, f"a number of seconds above 0, e.g. {DEFAULT_STORE_RETRY:g}, the default: "
+                              "how long a store that stopped answering is waited for")
+    return DEFAULT_STORE_RETRY if seconds is None else seconds
+
+
+class StoreLost(AblateError):
+    """A store stayed unreachable for the whole retry budget: the command ends (one line, exit 2)."""
+
+
+def _store_lost(what: str, e: BaseException, waited: float) -> StoreLost:
+    root = _chain(e)[-1]  # the driver's own error names the problem (the wrappers repeat it at length)
+    first = (str(root).strip() or type(root).__name__).splitlines()[0].strip()
+    from ablate.urls import mask_text
+    first = mask_text(first)
+    global _gave_up
+    _gave_up = StoreLost(f"{what} stopped answering: no connection for {waited:.0f} s ({first}); finished cells are kept "
+                 f"and the others resume (allowed: run the same command again once it answers; "
+                 f"{STORE_RETRY_ENV} sets how long a lost store is waited for)")
+    return _gave_up
+
+
+#: the store given up on: the command is ending, so a later lost connection (the parent run's
+#: close, on the way out) is not waited for again, and the first cause is what is said
+_gave_up: Optional[StoreLost] = None
+
+
+def retry_busy(fn: Callable[..., T], *args, attempts: int = 20, what: str = "a store", **kwargs) -> T:
+    """Call a store operation, retrying what a later attempt may mend.
+
+    A concurrent writer's refusal (:func:`is_busy`) is retried ``attempts`` times, quickly. A lost
+    connection (:func:`is_lost`: the server restarted, a network blink) is retried with backoff
+    for :func:`store_retry_seconds`; then :class:`StoreLost` (an ``AblateError``: one line, exit
+    2) names ``what`` stopped answering. Anything else is raised at once.
+    """
+    busy, deadline, pause = 0, None, 0.25
+    while True:
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            if not is_busy(e) or i == attempts - 1:
+            if is_lost(e):
+                now = time.monotonic()
+                if _gave_up is not None:
+                    raise _gave_up from None
+                if deadline is None:
+                    started, deadline = now, now + store_retry_seconds()
+                if now >= deadline:
+                    raise _store_lost(what, e, now - started) from None
+                time.sleep(min(pause, max(0.0, deadline - now)))
+                pause = min(pause * 2, 5.0)
+                continue
+            if not is_busy(e) or busy == attempts - 1:
                 raise
-            time.sleep(0.05 * (i + 1))
-    raise AssertionError("unreachable")
+            busy += 1
+            time.sleep(0.05 * busy)

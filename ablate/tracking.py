@@ -7,7 +7,9 @@ found again (MLflow has no get-or-create of runs). Cost is logged as metrics (``
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -19,12 +21,23 @@ import yaml
 
 from ablate import names
 from ablate.config import CellConfig, flat_params
-from ablate.locks import retry_busy as _retry, store_lock
+from ablate.locks import is_lost, retry_busy, store_lock
 
+#: every MLflow call: a busy store and a lost connection are retried (ablate.locks)
+_retry = functools.partial(retry_busy, what="the MLflow store")
+
+
+def _not_a_lost_connection(record: logging.LogRecord) -> bool:
+    # MLflow's SQL store logs the traceback of every OperationalError it re-raises; a lost
+    # connection is retried by the caller (and said in one line if it never comes back)
+    return not (record.exc_info and record.exc_info[1] is not None and is_lost(record.exc_info[1]))
 
 
 def client():
     from mlflow.tracking import MlflowClient
+    db_log = logging.getLogger("mlflow.store.db.utils")
+    if _not_a_lost_connection not in db_log.filters:
+        db_log.addFilter(_not_a_lost_connection)
     return MlflowClient()
 
 

@@ -103,7 +103,7 @@ def test_dead_local_worker_is_recovered(workdir):
 
 
 def test_stale_heartbeat_is_recovered(workdir, monkeypatch):
-    monkeypatch.setenv("ABLATE_HEARTBEAT", "1,2")
+    monkeypatch.setenv("ABLATE_HEARTBEAT", "1,3")
     url = f"sqlite:///{workdir / 'l.db'}"
     ledger = Ledger(url, "s")
     ledger.enqueue_cells(_cells(1))
@@ -111,7 +111,7 @@ def test_stale_heartbeat_is_recovered(workdir, monkeypatch):
     # pretend the worker lives on another machine: only its heartbeat can tell it died
     ledger.storage.set_trial_user_attr(trial._trial_id, WORKER, f"elsewhere:{os.getpid()}")
     import time
-    time.sleep(3.5)
+    time.sleep(4.5)
     assert ledger.recover_dead() == [trial.number]
     assert ledger.claim().user_attrs[KEY] == "k000"
 
@@ -151,7 +151,7 @@ def test_a_grid_and_a_search_cannot_share_a_study(workdir):
 def test_a_worker_in_another_pid_space_is_recovered_by_heartbeat_only(workdir, monkeypatch):
     """Same host name, dead-looking pid, but another machine (or container): its pid means
     nothing here, so only a stale heartbeat may fail its trial."""
-    monkeypatch.setenv("ABLATE_HEARTBEAT", "1,2")
+    monkeypatch.setenv("ABLATE_HEARTBEAT", "1,3")
     url = f"sqlite:///{workdir / 'l.db'}"
     ledger = Ledger(url, "s")
     ledger.enqueue_cells(_cells(1))
@@ -160,7 +160,7 @@ def test_a_worker_in_another_pid_space_is_recovered_by_heartbeat_only(workdir, m
     trial.set_user_attr(WORKER_SPACE, "another-boot/pid:[4026531836]")
     assert ledger.recover_dead() == []
     assert [t.state for t in ledger.trials()] == [TrialState.RUNNING]
-    time.sleep(3.5)  # past the grace period: the heartbeat says the worker is gone
+    time.sleep(4.5)  # past the grace period: the heartbeat says the worker is gone
     assert ledger.recover_dead() == [trial.number]
     assert ledger.claim().user_attrs[KEY] == "k000"
 
