@@ -150,6 +150,10 @@ def open_storage(url: str) -> RDBStorage:
         raise AblateError(f"ledger storage {display_url(url)}: cannot open ({mask_text(first, url)})") from None
 
 
+class TakenOver(Exception):
+    """This worker's trial went to another worker (see :meth:`Ledger.check_owner`): stop writing."""
+
+
 class NoLedger(AblateError):
     """The ledger store, or the spec's study in it, does not exist (nothing was launched there yet)."""
 
@@ -235,6 +239,10 @@ def grid_params(values: dict[str, Any], distributions: dict[str, Any]) -> tuple[
     return params, dists
 
 
+def _once(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
 def _trial_id(trial) -> int:
     # private Optuna: storage calls take the trial's id, which only this attribute exposes
     return trial._trial_id
@@ -251,6 +259,7 @@ class Ledger:
         ``metric_names`` name the objectives (the MLflow metrics) for optuna-dashboard, which
         otherwise calls them 0 and 1."""
         self.url, self.storage = url, open_storage(url) if create else open_existing_storage(url)
+        self._taken: dict[int, str] = {}  # trial number -> why it is no longer this worker's
         directions = list(directions)
         try:
             if not create:
@@ -434,11 +443,51 @@ class Ledger:
             released.append(t.number)
         return released
 
+    # ---- fencing: is the trial still this worker's? ---------------------------------------------
+    def check_owner(self, trial: optuna.Trial, *, retry: bool = True) -> None:
+        """Raise :class:`TakenOver` unless ``trial`` is still RUNNING and marked as this worker's.
+
+        A heartbeat proves a worker was alive, not that it still owns its trial: a worker paused
+        past the grace period (SIGSTOP, a suspended VM, a long network cut) finds its trial
+        failed as stale and its cell queued again, maybe trained by another worker by now. It
+        calls this before every write (an epoch's metrics, a checkpoint, the final record) and
+        stops at the first refusal, so a cell's run and checkpoint only ever have one writer.
+        """
+        number = trial.number
+        if number in self._taken:  # the heartbeat thread saw it already
+            raise TakenOver(self._taken[number])
+        frozen = (_retry if retry else _once)(self.storage.get_trial, _trial_id(trial))
+        worker = frozen.user_attrs.get(names.WORKER)
+        mine = worker == worker_id() and frozen.user_attrs.get(names.WORKER_SPACE) == process_space()
+        if frozen.state == TrialState.RUNNING and mine:
+            return
+        interval, grace = heartbeat_settings()
+        why = (f"it is marked as worker {worker}'s" if frozen.state == TrialState.RUNNING else
+               f"its heartbeat got older than the {grace} s grace period, as when this worker is paused or cut "
+               "off from the ledger, so the cell was queued again for any worker")
+        self._taken[number] = f"trial {number} is no longer this worker's: {why}; nothing more is written for it"
+        raise TakenOver(self._taken[number])
+
     @contextmanager
     def heartbeat(self, trial: optuna.Trial):
-        """Keep the trial's heartbeat while the body runs (bare ask/tell get none from Optuna)."""
+        """Keep the trial's heartbeat while the body runs (bare ask/tell get none from Optuna).
+
+        Each beat first checks that the trial is still this worker's (:meth:`check_owner`); once it
+        is not, the beats stop and the next check raises :class:`TakenOver` without asking the store.
+        A beat is one attempt: one that fails is said by :class:`Heartbeat` (past the grace period,
+        for a lost connection), and the next beat tries again.
+        """
         interval, grace = heartbeat_settings()
-        beat = Heartbeat(lambda: self._record_heartbeat(trial), trial.number, grace)
+
+        def record():
+            try:
+                self.check_owner(trial, retry=False)
+            except TakenOver:
+                stop.set()  # not ours: no heartbeat either
+                return
+            self._record_heartbeat(trial)
+
+        beat = Heartbeat(record, trial.number, grace)
         stop = threading.Event()
 
         def beats():

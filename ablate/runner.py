@@ -101,10 +101,22 @@ def _open_ledger(spec, storage: str, *, create: bool = True):
 
 
 def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = False) -> str:
-    """Train one cell (or trial) and record it. Returns the final state name."""
+    """Train one cell (or trial) and record it. Returns the final state name, or TAKEN_OVER when
+    the trial went to another worker meanwhile (this one was paused past the heartbeat's grace)."""
+    from ablate.ledger import TakenOver
+    try:
+        return _execute(spec, cfg, key, trial, ledger, ctx, prune=prune)
+    except TakenOver as e:  # the cell is the new owner's: its run and checkpoint are left to it
+        ctx.log(f"cell {key}: left to another worker: {e}")
+        return "TAKEN_OVER"
+
+
+def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = False) -> str:
     import optuna
 
     from ablate import tracking
+    from ablate.ledger import TakenOver
+    from ablate.locks import StoreLost
     from ablate.train import CellFailed, describe_failure, is_out_of_memory, resolve_device, train_cell
 
     ckpt_dir = Path(ctx.checkpoints) / spec.slug / key
@@ -142,13 +154,14 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
         with ledger.heartbeat(trial):
             group.send({"cell": cfg.model_dump(mode="json"), "checkpoint_dir": str(ckpt_dir)})
             metrics = train_cell(cfg, device=device, checkpoint_dir=ckpt_dir, on_epoch=on_epoch,
+                                 before_write=lambda: ledger.check_owner(trial),
                                  on_start=run.set_tags, group=group, log=lambda m: ctx.log(f"  {m}"),
                                  progress=ctx.progress)
     except optuna.TrialPruned as e:
         _record(run, ledger, trial, "PRUNED", reason=str(e))
         ctx.log(f"cell {key}: {e}")
         return "PRUNED"
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, TakenOver, StoreLost):
         raise  # leave the cell RUNNING: the next run notices the dead worker and resumes it
     except checkpoint.CheckpointWriteFailed as e:
         # not this cell's fault and every next cell would meet it too: stop, and hand the cell
@@ -179,6 +192,7 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
         return "FAIL"
     # val_top1/val_top5/losses are already the last per-epoch values; log the run-level ones
     per_epoch = ("epochs", "train_loss", "val_loss", "val_top1", "val_top5")
+    ledger.check_owner(trial)
     run.log_metrics({k: v for k, v in metrics.items() if k not in per_epoch}, step=metrics["epochs"])
     _record(run, ledger, trial, "COMPLETE", _objective_values(spec, metrics))
     _remove_checkpoints(ckpt_dir, ctx)  # finished: the MLflow run is the record now
@@ -203,6 +217,7 @@ def _record(run, ledger, trial, state: str, values: Optional[list[float]] = None
     only tells the ledger (``run`` None: MLflow holds the outcome already).
     """
     from optuna.trial import TrialState
+    ledger.check_owner(trial)  # TakenOver: another worker owns the cell now and records it
     if run is not None:
         run.close(state, reason)
     ledger.tell(trial, TrialState[state], values if state == "COMPLETE" else None, reason=reason)
