@@ -333,6 +333,49 @@ def models(assignments, base, classes):
     click.echo(" ".join(f"{k}={v}" for k, v in cost.as_dict().items()))
 
 
+# ---- latency ---------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N: where to measure")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="images per forward pass (latency is per image: a pass's time / batch)")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="torch CPU threads (default: torch's, usually one per physical core)")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
+              help="bf16: through autocast, as training computes")
+@click.option("--target", default=None, metavar="NAME",
+              help="record under this target name instead of the one derived from the machine "
+              "(cpu-<cpu>-t<threads>, cuda-<gpu>, with -b<batch> and -bf16 where set)")
+@click.option("--seconds", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="time each configuration for at least this long (and at least 10 passes), after a warm-up")
+@spec_options
+def latency(spec, device, batch, threads, precision, target, seconds, spec_args):
+    """Measure the inference latency of every configuration of SPEC (a search: of its finished
+    trials) on this machine, and record it in MLflow against each configuration.
+
+    Builds each model with random weights (no training, no data), warms it up, then times
+    forward passes: the median latency per image, its interquartile range, and the throughput.
+    Measurements of different targets (a laptop's CPU, a server's GPU) sit side by side;
+    measuring the same target again replaces its numbers. See docs/reports.md.
+
+    \b
+    Examples:
+      ablate latency experiments/quickstart.yaml --device cpu --batch 1
+      ablate report experiments/quickstart.yaml --cost latency:<the target it prints>
+    """
+    from ablate.latency import measure_spec
+    result = measure_spec(spec, device=device, batch=batch, threads=threads, precision=precision, target=target,
+                          seconds=seconds, spec_args=spec_args, echo=click.echo)
+    n = len(result.configurations)
+    click.echo(f"recorded {n} latenc{'ies' if n != 1 else 'y'} of target {result.target} in MLflow experiment "
+               f"{result.experiment} ({result.store}): {n} latency run{'s' * (n != 1)} "
+               f"({result.created} new), {result.cell_runs} finished cell run{'s' * (result.cell_runs != 1)}; "
+               f"{result.seconds:.0f} s")
+    click.echo(f"target: {result.target}")
+    click.echo(f"report on this axis: {spec_args.command('report', spec, '--cost', f'latency:{result.target}')}")
+
+
 # ---- ui --------------------------------------------------------------------------------------
 
 @cli.command()

@@ -7,7 +7,11 @@ values (Optuna user attributes).
 """
 
 # ---- MLflow run tags -----------------------------------------------------------------------
-ROLE = "ablate.role"              # "parent": one per ablate run/search invocation; "cell": one per cell or trial
+ROLE = "ablate.role"              # "parent": one per ablate run/search invocation; "cell": one per cell or trial;
+                                  # "latency": one per configuration measured by ablate latency (ablate/latency.py)
+ROLE_LATENCY = "latency"
+CONFIG_KEY = "ablate.config_key"  # latency runs: the configuration (all but the seed) they measured
+LATENCY_PREFIX = "ablate.latency."  # + "<target>.machine": what a target's latency was measured on
 KIND = "ablate.kind"              # parent runs: "grid" or "search"
 STATE = "ablate.state"            # cell runs: RUNNING, then COMPLETE, PRUNED or FAIL (the ledger's words)
 SPEC_FILE = "ablate.spec_file"    # the spec file as given on the command line

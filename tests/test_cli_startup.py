@@ -29,6 +29,7 @@ def imported(args: list[str]) -> set[str]:
     ["plan", "experiments/quickstart.yaml", "--json", "--set", "train.epochs=1"],
     ["plan", "experiments/paper/shift-patterns.yaml"],   # RandAugment checked, data root unset
     ["plan", "experiments/search/pareto-digits.yaml"],
+    ["latency", "--help"],
 ], ids=lambda a: " ".join(a))
 def test_command_imports_neither_torch_nor_timm(args):
     loaded = imported(["-m", "ablate", *args])
