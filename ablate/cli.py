@@ -283,19 +283,27 @@ def search(spec, trials, workers, storage, device, devices, gpus_per_cell, check
 @click.argument("target", metavar="SPEC_OR_EXPERIMENT")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="output folder (default: reports/<name> under the working directory)")
+@click.option("--cost", default="macs", show_default=True, metavar="macs|params|latency:TARGET|gpu_hours",
+              help="the cost axis of the top-1 figure and its Pareto front: MACs per image, parameters, the "
+              "latency `ablate latency` measured on TARGET (it prints the name), or the device-hours of training")
 @spec_options
-def report(target, out, spec_args):
+def report(target, out, cost, spec_args):
     """Tables and plots of an experiment's finished runs, read from MLflow, into reports/<name>/.
 
-    With --set (or --name), the report of the runs made with those same options."""
+    With --set (or --name), the report of the runs made with those same options. With
+    --cost latency:TARGET, also a figure of the measured latency against MACs and their rank
+    correlation."""
     from ablate.report import write_report
     from ablate.stores import existing_tracking_store
     existing_tracking_store()  # a folder with no runs: say so, without creating an empty mlflow.db
-    command = spec_args.command("report", target, *(("--out", out) if out else ()))
-    rep = write_report(target, out, command=command, spec_args=spec_args)
+    options = (("--out", out) if out else ()) + (("--cost", cost) if cost != "macs" else ())
+    command = spec_args.command("report", target, *options)
+    rep = write_report(target, out, command=command, spec_args=spec_args, cost=cost)
     runs = rep.counts["COMPLETE"]
     click.echo(f"{rep.experiment}: {runs} runs in {len(rep.rows)} configuration{'s' * (len(rep.rows) != 1)} -> "
                + ", ".join(str(p) for p in rep.files))
+    if rep.correlation is not None:
+        click.echo(rep.correlation.text())
     if rep.parent_run_id:
         click.echo(f"logged under report/ of MLflow run {rep.parent_run_id} ({rep.store})")
 

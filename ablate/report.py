@@ -11,7 +11,10 @@ writes ``reports/<name>/`` under the working directory (or ``out``):
   one multiply-add = 1) and training time; the paper's numbers beside ours where the spec
   has a ``reference`` table;
 - ``top1_vs_macs.png``/``.svg``: top-1 against MACs, colour and marker for the varied
-  settings, the paper's rows hollow, our Pareto front dashed;
+  settings, the paper's rows hollow, our Pareto front dashed; with ``cost`` another axis
+  (:mod:`ablate.cost_axis`: params, a latency measured by ``ablate latency``, GPU-hours), in
+  ``top1_vs_<cost>``, and for a latency also ``macs_vs_latency_<target>`` with the rank
+  correlation of the two;
 - ``learning_curves.png``/``.svg``: validation top-1 and training loss against epoch per
   configuration, from MLflow's per-epoch metrics;
 - for a search, also the Pareto front of the trials under the spec's objectives
@@ -40,6 +43,7 @@ from typing import Any, Optional, Sequence
 
 from ablate import names
 from ablate.config import MACHINE_LOCAL
+from ablate.cost_axis import Correlation, CostAxis, parse_cost
 from ablate.errors import AblateError
 from ablate.pareto import pareto_front
 from ablate.report_stats import LEGEND, NO_INTERVAL, Difference, difference, format_difference
@@ -111,6 +115,8 @@ class ConfigRow:
     baseline: Optional["ConfigRow"] = None
     delta: Optional[Difference] = None
     history: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    measured: dict[str, float] = field(default_factory=dict)  # its latency run's metrics (ablate.latency)
+    machines: dict[str, str] = field(default_factory=dict)    # ... and what each target was measured on
 
     @property
     def seeds(self) -> int:
@@ -177,6 +183,8 @@ class Report:
     baseline_note: str = ""
     store: str = ""
     repeats: int = 0  # complete runs of a cell recorded again (a search's repeated proposal): counted once
+    cost: CostAxis = CostAxis("macs")  # the x axis of the top-1 figure (--cost)
+    correlation: Optional[Correlation] = None  # a latency axis: how far MACs predict it
 
     @property
     def columns(self) -> list[str]:
@@ -401,8 +409,9 @@ def summarize_search(cells: Sequence[CellResult], objectives: list[tuple[str, st
                      source: str) -> SearchResult:
     """Complete trials in trial order, their objective values and the Pareto front (for one
     objective, the best trial)."""
+    from ablate.latency import objective_metric
     trials = sorted((c for c in cells if c.trial_number is not None), key=lambda c: c.trial_number)
-    values = [[t.metric(m) for m, _ in objectives] for t in trials]
+    values = [[t.metric(objective_metric(m)) for m, _ in objectives] for t in trials]
     front = pareto_front(values, [d for _, d in objectives]) if objectives else []
     return SearchResult(objectives, trials, values, front, source)
 
@@ -481,6 +490,9 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
     p_prefix, p_div = count_unit([r.params_m * 1e6 for r in report.rows])
     m_prefix, m_div = count_unit([r.gmacs * 1e9 for r in report.rows])
     header += [f"params ({p_prefix})" if p_prefix else "params", f"{m_prefix}MACs", "train (s)"]
+    from ablate.cost_axis import table_columns
+    measured_header, measured_cells = table_columns(report.rows, report.cost)
+    header += measured_header
     body = []
     for r in report.rows:
         line = [display_value(r.values[k]) for k in report.columns] + [
@@ -497,7 +509,7 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
             line += [_num(r.paper_top5, ".1f")]
         line += [_num(r.params_m * 1e6 / p_div, ".4g"), _num(r.gmacs * 1e9 / m_div, ".4g"),
                  _num(r.mean("train_seconds"), ".1f")]
-        body.append(line)
+        body.append(line + measured_cells[len(body)])
     return header, body
 
 
@@ -558,7 +570,10 @@ def _number(text: Optional[str]) -> bool:
 
 def figure_files(report: Report) -> list[tuple[str, str]]:
     """(stem, caption) of the figures the report shows, in order."""
-    out = [(COST_PLOT, "top-1 against MACs"), (CURVES_PLOT, "learning curves")]
+    out = [(report.cost.stem, f"top-1 against {report.cost.words}")]
+    if report.correlation is not None:
+        out.append((report.cost.correlation_stem, f"MACs against {report.cost.words}"))
+    out.append((CURVES_PLOT, "learning curves"))
     s = report.search
     if s is not None and s.trials:
         if len(s.objectives) == 2:
@@ -610,8 +625,12 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
         lines += [f"Paper numbers: {report.reference_source}.{caveat}", ""]
     s = report.search
     figures = dict(figure_files(report))
-    lines += [f"![{figures[COST_PLOT]}]({COST_PLOT}.png)", "",
-              f"![{figures[CURVES_PLOT]}]({CURVES_PLOT}.png)", ""]
+    lines += [f"![{figures[report.cost.stem]}]({report.cost.stem}.png)", ""]
+    if report.correlation is not None:
+        stem = report.cost.correlation_stem
+        lines += [f"{report.correlation.text()}: how far the FLOP count predicts the measured latency "
+                  "(1: the same order).", "", f"![{figures[stem]}]({stem}.png)", ""]
+    lines += [f"![{figures[CURVES_PLOT]}]({CURVES_PLOT}.png)", ""]
     if s is not None:
         objective_list = ", ".join(f"{m} ({d})" for m, d in s.objectives)
         what = "best trial" if len(s.objectives) == 1 else "non-dominated trials"
@@ -636,11 +655,13 @@ def render_csv(report: Report) -> str:
     if _has_reference(report):
         header += ["paper_top1", "paper_top5"]
     header += ["delta_top1", "delta_low", "delta_high", "delta_method", "delta_excludes_zero", "baseline"]
-    header += ["params_m", "params_all_m", "gmacs", "train_seconds", "run_ids"]
+    from ablate.cost_axis import csv_columns
+    measured_header, measured_cells = csv_columns(report.rows, report.cost)
+    header += ["params_m", "params_all_m", "gmacs", "train_seconds", *measured_header, "run_ids"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
-    for r in report.rows:
+    for r, measured in zip(report.rows, measured_cells):
         line = [display_value(r.values[k]) for k in report.columns] + [
             r.seeds, _num(r.mean("val_top1"), ".4f"), _num(r.std("val_top1"), ".4f"),
             _num(r.mean("val_top5"), ".4f"), _num(r.std("val_top5"), ".4f")]
@@ -654,7 +675,7 @@ def render_csv(report: Report) -> str:
             line += ["", "", "", "", ""]
         line += ["self" if r.is_baseline else (_row_label(r.baseline) if r.baseline is not None else "")]
         line += [_num(r.params_m, ".6g"), _num(r.mean("params") / 1e6, ".6g"), _num(r.gmacs, ".6g"),
-                 _num(r.mean("train_seconds"), ".2f"), ";".join(x.run_id for x in r.runs)]
+                 _num(r.mean("train_seconds"), ".2f"), *measured, ";".join(x.run_id for x in r.runs)]
         w.writerow(line)
     return buf.getvalue()
 
@@ -684,10 +705,23 @@ def _render_files(report: Report, folder: Path, command: str, spec_path: Optiona
     files = ["report.md", "report.csv"]
     enc = _encoding(report)
     subtitle = context(report) + (f"; {enc.note()}" if enc.note() else "")
-    points = [plots.ConfigPoint(r.values, r.mean("macs"), r.mean("val_top1"), r.std("val_top1"),
-                                r.paper_macs, r.paper_top1) for r in report.rows]
-    files += plots.plot_top1_vs_macs(points, enc, folder, COST_PLOT, subtitle=subtitle,
-                                     title=f"{report.experiment}: top-1 against MACs")
+    cost = report.cost
+    on_macs = cost.name == "macs"  # the paper's rows have MACs, never our other costs
+    points = [plots.ConfigPoint(r.values, cost.value(r), r.mean("val_top1"), r.std("val_top1"),
+                                r.paper_macs if on_macs else None, r.paper_top1 if on_macs else None)
+              for r in report.rows]
+    files += plots.plot_top1_vs_macs(points, enc, folder, cost.stem, subtitle=subtitle,
+                                     title=f"{report.experiment}: top-1 against {cost.words}",
+                                     x_label=None if on_macs else cost.label)
+    if report.correlation is not None:
+        from ablate.cost_axis import measured
+        from ablate.latency import LATENCY_P25, LATENCY_P75, metric
+        files += plots.plot_macs_vs_latency(
+            [plots.LatencyPoint(r.values, r.mean("macs"), cost.value(r), measured(r, metric(LATENCY_P25, cost.target)),
+                                measured(r, metric(LATENCY_P75, cost.target))) for r in report.rows],
+            enc, folder, cost.correlation_stem, target=cost.target,
+            title=f"{report.experiment}: how far MACs predict the latency on {cost.target}",
+            subtitle=f"{context(report).split(',')[0]}; {report.correlation.short()}")
     shown = _curve_rows(report)
     curves = [plots.Curves(r.values, r.history) for r in shown]
     which = "" if len(shown) == len(report.rows) else (
@@ -761,13 +795,15 @@ def default_out(name: str) -> Path:
 
 
 def write_report(target: str, out: Optional[str | Path] = None, *, command: Optional[str] = None,
-                 log_artifacts: bool = True, spec_args: Any = None) -> Report:
+                 log_artifacts: bool = True, spec_args: Any = None, cost: Optional[str] = None) -> Report:
     """Write ``reports/<name>/`` (or ``out``) for a spec file or an MLflow experiment name.
 
     ``spec_args`` (:class:`ablate.spec.SpecArgs`: ``--set``, ``--name``) select the experiment of
-    a spec run with those options. Raises :class:`AblateError` when there is no MLflow store,
+    a spec run with those options; ``cost`` is the x axis of the top-1 figure (``--cost``:
+    macs, params, gpu_hours or latency:<target>). Raises :class:`AblateError` when there is no MLflow store,
     or the experiment does not exist or has no finished runs.
     """
+    axis = parse_cost(cost)  # a wrong --cost is said before anything is read
     is_spec = _looks_like_spec(target)
     if not is_spec and spec_args is not None and (spec_args.overrides or spec_args.name):
         option = "--set" if spec_args.overrides else "--name"
@@ -777,7 +813,7 @@ def write_report(target: str, out: Optional[str | Path] = None, *, command: Opti
     command = command or f"ablate report {target}" + (f" --out {out}" if out is not None else "")
     return report_experiment(_get(spec, "name") if spec is not None else target, spec=spec,
                              spec_path=target if spec is not None else None, out=out,
-                             command=command, log_artifacts=log_artifacts)
+                             command=command, log_artifacts=log_artifacts, cost=axis)
 
 
 def _histories(client, rows: Sequence[ConfigRow]) -> None:
@@ -796,13 +832,15 @@ def _histories(client, rows: Sequence[ConfigRow]) -> None:
 
 def report_experiment(name: str, *, spec: Any = None, spec_path: Optional[str] = None,
                       out: Optional[str | Path] = None, command: Optional[str] = None,
-                      log_artifacts: bool = True) -> Report:
+                      log_artifacts: bool = True, cost: CostAxis | str | None = None) -> Report:
     """:func:`write_report` for an experiment ``name`` and, optionally, its loaded spec (which
     gives the varied settings, the baseline, the search objectives and the paper's reference table)."""
     from mlflow.tracking import MlflowClient
 
+    from ablate.cost_axis import attach_measured, check_axis, correlation
     from ablate.stores import existing_tracking_store
 
+    axis = cost if isinstance(cost, CostAxis) else parse_cost(cost)
     uri = existing_tracking_store()  # no store here: one line, and no empty mlflow.db left behind
     client = MlflowClient(uri)
     exp = _experiment(client, name, display_url(uri))
@@ -822,6 +860,8 @@ def report_experiment(name: str, *, spec: Any = None, spec_path: Optional[str] =
     varied = [k for k in (_get(spec, "varied") or []) if k != SEED] or varied_from_runs(complete)
     latest = _latest_per_cell(complete)
     rows, differing = group_by_config(latest, varied)
+    attach_measured(rows, [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_LATENCY])
+    check_axis(axis, rows, name)
     reference = _get(spec, "reference")
     if reference is not None:
         attach_reference(rows, reference)
@@ -838,7 +878,8 @@ def report_experiment(name: str, *, spec: Any = None, spec_path: Optional[str] =
         parent_run_id=parent.info.run_id if parent else None,
         reference_source=(_get(reference, "source") or "reference") if reference is not None else None,
         differing=differing, store=shown_store(uri), overridden=sorted(getattr(spec, "overrides", None) or ()),
-        repeats=len(complete) - len(latest))
+        repeats=len(complete) - len(latest), cost=axis,
+        correlation=correlation(rows, axis) if axis.is_latency else None)
     report.baseline_note = compare_with_baseline(rows, _get(spec, "baseline") or None)
     _histories(client, _curve_rows(report))
     command = command or f"ablate report {name}" + (f" --out {out}" if out is not None else "")

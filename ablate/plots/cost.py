@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -56,29 +56,39 @@ def step_front(ax, xs: Sequence[float], ys: Sequence[float], label: Optional[str
             lw=1.2, ls="--", alpha=0.8, zorder=1, label=label)
 
 
+#: (x-axis label, divisor) for the costs on the axis: another cost than MACs (``ablate report --cost``)
+XLabel = Callable[[Sequence[float]], tuple[str, float]]
+
+
 def plot_top1_vs_macs(points: Sequence[ConfigPoint], encoding: Encoding, folder: Path, stem: str, *,
-                      title: str, subtitle: str) -> list[str]:
+                      title: str, subtitle: str, x_label: Optional[XLabel] = None) -> list[str]:
     """:func:`top1_vs_macs_figure` as ``stem.png`` and ``stem.svg`` in ``folder``; returns their names."""
-    return save(top1_vs_macs_figure(points, encoding, title=title, subtitle=subtitle), folder, stem)
+    return save(top1_vs_macs_figure(points, encoding, title=title, subtitle=subtitle, x_label=x_label), folder, stem)
 
 
-def top1_vs_macs_figure(points: Sequence[ConfigPoint], encoding: Encoding, *, title: str, subtitle: str) -> Figure:
+def top1_vs_macs_figure(points: Sequence[ConfigPoint], encoding: Encoding, *, title: str, subtitle: str,
+                        x_label: Optional[XLabel] = None) -> Figure:
     """Top-1 (%) against MACs per image on a log axis ticked at the data's MACs, colour and
     marker from ``encoding``, ± std over seeds as error bars, the paper's rows as hollow
     markers, our Pareto front (max top-1, min MACs) as a dashed staircase; one legend outside
     the axes, no text on the points; configurations of equal MACs are spread a little sideways
-    (:func:`dodge`). Configurations without both numbers are left out.
+    (:func:`dodge`). Configurations without both numbers are left out. With ``x_label``, the
+    points' ``macs`` hold another cost (parameters, a measured latency), labelled by it.
     """
     ours = [p for p in points if finite(p.macs, p.top1) and p.macs > 0]
     paper = [p for p in points if finite(p.paper_top1) and finite(p.paper_macs or p.macs)
              and (p.paper_macs or p.macs) > 0]
     every_macs = [p.macs for p in ours] + [p.paper_macs or p.macs for p in paper]
     prefix, divisor = count_unit(every_macs)
+    xlabel = macs_label(prefix)
+    if x_label is not None:
+        xlabel, divisor = x_label(every_macs)
     fig = figure()
     ax = fig.add_subplot()
     handles = encoding.handles()
     if not ours:
-        ax.text(0.5, 0.5, "no configuration has both top-1 and MACs", ha="center", va="center",
+        ax.text(0.5, 0.5, f"no configuration has both top-1 and {'MACs' if x_label is None else 'this cost'}",
+                ha="center", va="center",
                 transform=ax.transAxes)
     for p, k in zip(ours, dodge([p.macs for p in ours], [p.settings for p in ours], encoding)):
         colour = encoding.colour(p.settings)
@@ -102,7 +112,7 @@ def top1_vs_macs_figure(points: Sequence[ConfigPoint], encoding: Encoding, *, ti
         log_axis_at(ax, xs, also=[(p.paper_macs or p.macs) / divisor for p in paper])
         ax.margins(y=0.12)
     legend_outside(fig, handles)
-    ax.set_xlabel(macs_label(prefix))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 (%), validation")
     ax.set_title(f"{title}\n{subtitle}", fontsize=9)
     ax.grid(True, which="major", alpha=0.3)

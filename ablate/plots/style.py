@@ -186,6 +186,8 @@ def metric_axis(metric: str, values: Sequence[Optional[float]] = ()) -> tuple[st
     if metric.startswith("params"):
         prefix, divisor = count_unit(values or [1e6])
         return f"{metric} ({prefix})" if prefix else metric, divisor
+    if metric.startswith("latency:"):  # a search objective measured by ablate.latency
+        return f"latency on {metric.split(':', 1)[1]} (ms per image)", 1.0
     return metric, 1.0
 
 
