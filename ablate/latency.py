@@ -67,6 +67,8 @@ WARMUP_REPEATS = 3
 WARMUP_SECONDS = 0.25
 MIN_REPEATS = 10
 MAX_REPEATS = 10_000
+#: an interquartile range wider than this factor is called noisy in the command's output
+NOISY = 2.0
 #: how long the timed passes of one configuration last at least (``--seconds``)
 DEFAULT_SECONDS = 1.0
 #: ... and for a search objective, measured before each trial trains
@@ -244,6 +246,12 @@ class Measurement:
     def throughput(self) -> float:
         """Images per second at this batch."""
         return self.batch / statistics.median(self.seconds)
+
+    @property
+    def noisy(self) -> bool:
+        """The middle half of the passes spans more than a factor of :data:`NOISY`: something else
+        ran on the device meanwhile (or more threads than free cores)."""
+        return self.p75_ms > NOISY * self.p25_ms
 
     def metrics(self, target: str) -> dict[str, float]:
         return {metric(LATENCY, target): self.median_ms, metric(LATENCY_P25, target): self.p25_ms,
@@ -490,7 +498,12 @@ def measure_spec(spec_path: str, *, device: str = "cpu", batch: int = 1, threads
         created += conf.latency_run is None
         run_id = _latency_run(client, experiment_id, conf, spec_path, spec)
         record([run_id, *conf.cell_runs], target, conf.measurement, machine.description)
-        echo(f"  {conf.label}: {conf.measurement.summary()}")
+        echo(f"  {conf.label}: {conf.measurement.summary()}" + ("  [noisy]" if conf.measurement.noisy else ""))
+    noisy = sum(c.measurement.noisy for c in confs)
+    if noisy:
+        echo(f"{noisy} noisy measurement{'s' * (noisy != 1)} (IQR wider than {NOISY:g}x): other work ran on the "
+             f"device meanwhile{', or --threads exceeds the free cores' if dev.type == 'cpu' else ''}; measure again "
+             "on an idle machine (the new numbers replace these)")
     return LatencyResult(spec.name, display_url(tracking.tracking_uri()), target, machine.description, confs,
                          created, time.perf_counter() - started)
 

@@ -81,6 +81,7 @@ def test_measurement_median_spread_and_throughput():
     assert m.p25_ms == pytest.approx(1.5) and m.p75_ms == pytest.approx(2.5)
     assert m.min_ms == pytest.approx(1.0) and m.max_ms == pytest.approx(5.0)
     assert m.throughput == pytest.approx(500.0)
+    assert not m.noisy and Measurement(1, [0.001, 0.001, 0.005, 0.005]).noisy
     assert set(m.metrics("t")) == {"latency_ms.t", "latency_ms_p25.t", "latency_ms_p75.t", "throughput.t"}
 
 
