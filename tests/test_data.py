@@ -523,12 +523,13 @@ def test_data_workers_leave_slurm_s_signals_to_the_trainer(tree, tmp_path):
         with open(ran, "a") as f:
             f.write(f"{os.getpid()}\n")
     old = {s: signal.signal(s, trainer_handler) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    earlier = set(multiprocessing.active_children())  # an earlier test's loaders in this process may live on
     try:
         loaders = build_loaders(config(data={"name": "imagefolder", "root": str(tree), "workers": 2,
                                              "loader": "folder"}, train={"batch_size": 2}), CPU, log=lambda _: None)
         it = iter(loaders.train)
         next(it)
-        workers = [p for p in multiprocessing.active_children() if p.pid != os.getpid()]
+        workers = [p for p in multiprocessing.active_children() if p.pid != os.getpid() and p not in earlier]
         assert len(workers) == 2
         for p in workers:
             os.kill(p.pid, signal.SIGUSR2)
