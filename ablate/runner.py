@@ -522,6 +522,12 @@ def _worker_count(device: str, devices: list[str], workers: int, gpus_per_cell: 
             check_device(d, "--devices")
     else:
         check_device(device)
+    if gpus_per_cell > 1 and not devices and device != "cpu":
+        import torch
+        if device.startswith("cuda") or torch.cuda.is_available():  # every rank would share one GPU
+            raise AblateError(f"--gpus-per-cell: {gpus_per_cell} processes per cell need a GPU each: list them with "
+                              f"--devices (allowed: e.g. --devices 0,1 --gpus-per-cell 2, or --device cpu for CPU "
+                              "processes)")
     if devices and len(devices) % gpus_per_cell:
         raise AblateError(f"--gpus-per-cell: {gpus_per_cell} does not divide the {len(devices)} GPUs of --devices "
                           f"(allowed: a divisor of {len(devices)})")
