@@ -41,7 +41,7 @@ def _latency_runs(client, name: str) -> list:
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`{names.ROLE}` = 'latency'")
 
 
-def _cell_runs(client, spec_path: Path, top1: dict[str, float]) -> list[str]:
+def _cell_runs(client, spec_path: Path, top1: dict[str, float], extra: tuple[Metric, ...] = ()) -> list[str]:
     """Finished cell runs for every cell of the spec (each seed), as a worker records them."""
     spec = load_spec(spec_path)
     exp = client.get_experiment_by_name(spec.name)
@@ -54,7 +54,8 @@ def _cell_runs(client, spec_path: Path, top1: dict[str, float]) -> list[str]:
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
                          metrics=[Metric("val_top1", top1[params["model.shift"]] + cell.seed, 0, 0),
                                   Metric("val_top5", 99.0, 0, 0),
-                                  Metric("macs", 1000.0 * 16 / int(params["model.patch_size"]) ** 2, 0, 0)])
+                                  Metric("macs", 1000.0 * 16 / int(params["model.patch_size"]) ** 2, 0, 0),
+                                  *extra])
         client.set_terminated(run.info.run_id, "FINISHED")
         ids.append(run.info.run_id)
     return ids
@@ -213,6 +214,17 @@ def test_report_on_a_latency_axis(workdir):
     assert "| latency here (ms) |" in (out / "report.md").read_text()  # the measured column stays
     params = CliRunner().invoke(cli, ["report", str(spec), "--cost", "params"])
     assert params.exit_code == 2 and "params" in params.output  # these runs logged no params count
+
+
+def test_report_on_gpu_hours(workdir):
+    spec = _grid_spec(workdir)
+    _cell_runs(MlflowClient(), spec, {"none": 50.0, "four": 70.0}, extra=(Metric("gpu_hours", 0.25, 0, 0),))
+    result = CliRunner().invoke(cli, ["report", str(spec), "--cost", "gpu_hours"])
+    assert result.exit_code == 0, result.output
+    out = workdir / "reports" / "lat"
+    assert (out / "top1_vs_gpu_hours.png").exists() and not (out / "macs_vs_latency_here.png").exists()
+    assert "| device-h |" in (out / "report.md").read_text()
+    assert "device-hours of training" in (out / "top1_vs_gpu_hours.svg").read_text()
 
 
 # ---------------------------------------------------------------- a search objective
