@@ -63,7 +63,8 @@ def checkpoint_root(option: Optional[str] = None) -> str:
 def _objective_values(spec, metrics: dict) -> list[float]:
     if spec.search is None:
         return [metrics["val_top1"]]
-    return [float(metrics[o.metric]) for o in spec.search.objectives]
+    from ablate.latency import objective_metric  # latency:cpu is the metric latency_ms.cpu
+    return [float(metrics[objective_metric(o.metric)]) for o in spec.search.objectives]
 
 
 def check_device(name: str, option: str = "--device") -> None:
@@ -117,6 +118,7 @@ def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = 
     from ablate import tracking
     from ablate.ledger import TakenOver
     from ablate.locks import StoreLost
+    from ablate.latency import measure_objectives
     from ablate.train import CellFailed, describe_failure, is_out_of_memory, resolve_device, train_cell
 
     ckpt_dir = Path(ctx.checkpoints) / spec.slug / key
@@ -152,6 +154,7 @@ def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = 
     group = ctx.group or CellGroup()
     try:
         with ledger.heartbeat(trial):
+            measured = measure_objectives(spec, cfg, device, run)  # latency:* objectives: built, not trained yet
             group.send({"cell": cfg.model_dump(mode="json"), "checkpoint_dir": str(ckpt_dir)})
             metrics = train_cell(cfg, device=device, checkpoint_dir=ckpt_dir, on_epoch=on_epoch,
                                  before_write=lambda: ledger.check_owner(trial),
@@ -194,7 +197,7 @@ def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = 
     per_epoch = ("epochs", "train_loss", "val_loss", "val_top1", "val_top5")
     ledger.check_owner(trial)
     run.log_metrics({k: v for k, v in metrics.items() if k not in per_epoch}, step=metrics["epochs"])
-    _record(run, ledger, trial, "COMPLETE", _objective_values(spec, metrics))
+    _record(run, ledger, trial, "COMPLETE", _objective_values(spec, {**metrics, **measured}))
     _remove_checkpoints(ckpt_dir, ctx)  # finished: the MLflow run is the record now
     ctx.log(f"cell {key}: done, top-1 {metrics['val_top1']:.2f}  top-5 {metrics['val_top5']:.2f}  "
             f"{metrics['train_seconds']:.0f}s")

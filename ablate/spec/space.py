@@ -18,7 +18,8 @@ PRUNERS = ("none", "median", "hyperband")
 OBJECTIVE_METRICS = {
     "val_top1": "maximize", "val_top5": "maximize", "val_loss": "minimize", "macs": "minimize",
     "flops": "minimize", "params": "minimize", "params_paper": "minimize",
-    "train_seconds": "minimize", "images_per_second": "maximize"}
+    "train_seconds": "minimize", "images_per_second": "maximize",
+    "latency:cpu": "minimize", "latency:cuda": "minimize"}  # measured per trial before it trains (ablate/latency.py)
 DIRECTIONS = ("maximize", "minimize")
 SEARCH_KEYS = ("sampler", "objectives", "trials", "pruner", "space")
 PARAM_KINDS = ("int", "float", "choice")
