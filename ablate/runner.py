@@ -27,6 +27,9 @@ POLL_SECONDS = 2.0
 #: a spawned worker's exit status when it could not write a checkpoint (sysexits' EX_TEMPFAIL:
 #: run again once there is room); its parent then stops the others, which would meet it too
 CHECKPOINT_STOP_EXIT = 75
+#: a spawned worker's exit status when an error every worker would meet stopped it (a store lost for
+#: good, a setting refused): its parent stops the others and ends the command with one line
+ERROR_STOP_EXIT = 77
 #: a worker's exit status when a process of its cell's group died: its cell resumes at the next run
 GROUP_BROKEN_EXIT = 76
 
@@ -426,11 +429,16 @@ def _run_workers(target: Callable[[Context], None], ctx: Context, workers: int, 
                 p.start()
                 procs.append(p)
         from multiprocessing.connection import wait
-        while (running := [p for p in procs if p.exitcode is None]) and not _stopped_on_checkpoint(procs):
+        while (running := [p for p in procs if p.exitcode is None]) and not _stopped(procs):
             wait([p.sentinel for p in running])
     except BaseException:
         _stop_workers(procs)
         raise
+    if _stopped(procs, ERROR_STOP_EXIT):
+        _stop_workers(procs)
+        raise AblateError(f"{', '.join(_stopped(procs, ERROR_STOP_EXIT))} stopped on the error above, so every worker "
+                          "was stopped; run the same command again once it is fixed: finished cells are kept and "
+                          "the others resume")
     if _stopped_on_checkpoint(procs):
         _stop_workers(procs)  # then name every worker that met it, the ones still leaving too
         stopped = _stopped_on_checkpoint(procs)
@@ -441,13 +449,18 @@ def _run_workers(target: Callable[[Context], None], ctx: Context, workers: int, 
     if broken:
         ctx.log(f"warning: worker(s) {', '.join(broken)} stopped: a process of their cell's group died; "
                 "its cell resumes from its last checkpoint at the next run")
-    bad = [p.name for p in procs if p.exitcode not in (0, None, GROUP_BROKEN_EXIT)]
+    bad = [p.name for p in procs if p.exitcode not in (0, None, GROUP_BROKEN_EXIT, ERROR_STOP_EXIT)]
     if bad:
         ctx.log(f"warning: worker(s) {', '.join(bad)} exited abnormally")
 
 
 def _stopped_on_checkpoint(procs) -> list[str]:
-    return [p.name for p in procs if p.exitcode == CHECKPOINT_STOP_EXIT]
+    return _stopped(procs, CHECKPOINT_STOP_EXIT)
+
+
+def _stopped(procs, *codes: int) -> list[str]:
+    """The workers that ended on an error every worker would meet (``codes``: those exit statuses)."""
+    return [p.name for p in procs if p.exitcode in (codes or (CHECKPOINT_STOP_EXIT, ERROR_STOP_EXIT))]
 
 
 def _worker_process(target: Callable[[Context], None], ctx: Context, parent_pid: int) -> None:
@@ -462,6 +475,15 @@ def _worker_process(target: Callable[[Context], None], ctx: Context, parent_pid:
     # the parent stops a worker with SIGTERM: leave through Python's exit (its cell stays RUNNING
     # to resume), so that what the process holds is released rather than reported leaked
     signal.signal(signal.SIGTERM, _leave)
+    try:
+        _work(target, ctx)
+    except AblateError as e:  # a store lost for good, a setting refused: said once here, once by the parent
+        ctx.log(f"stopped: {e}")
+        raise SystemExit(ERROR_STOP_EXIT) from None
+
+
+def _work(target: Callable[[Context], None], ctx: Context) -> None:
+    """``target`` in this worker process, in its cell's group when cells span processes."""
     if ctx.gpus_per_cell == 1:
         target(ctx)
         return
