@@ -313,6 +313,8 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
             return train_cell(cfg, device=device, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch,
                               on_start=on_start, before_write=before_write, group=group, micro_batch=micro // 2,
                               log=log, progress=progress)
+        finally:
+            batches.close()  # the loaders' prefetch threads end now, not when the generator is collected
         _check_finite(bad, group, checked, step, epoch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

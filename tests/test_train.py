@@ -117,3 +117,31 @@ def test_every_run_records_what_its_training_cost(tmp_path, monkeypatch):
     from ablate.errors import AblateError
     with pytest.raises(AblateError, match="ABLATE_PEAK_TFLOPS: 'fast'"):
         train_cell(_cfg(epochs=1), device=CPU, checkpoint_dir=tmp_path / "c", log=lambda m: None)
+
+
+def test_a_cell_that_fails_mid_epoch_leaves_no_data_thread_running(tmp_path):
+    """The loaders' prefetch thread ends with the epoch, also when the cell fails in the middle of
+    one: a daemon thread still inside a torch op at interpreter exit aborts the process (exit 134)
+    after the grid has printed its summary."""
+    import threading
+    # batch 16: 89 steps an epoch, the loss is first read at step 50, in the middle of the epoch
+    with pytest.raises(CellFailed, match="non-finite loss at epoch 1, between steps 1 and 50"):
+        train_cell(_cfg(lr=1e30, warmup_epochs=0, mixup=0.0, batch_size=16), device=CPU, checkpoint_dir=tmp_path,
+                   log=lambda m: None)
+    assert not [t for t in threading.enumerate() if t.name == "ablate-data-prefetch"]
+
+
+def test_the_prefetch_thread_is_joined_when_its_consumer_stops():
+    import threading
+    import time
+
+    from ablate.data.array_loader import background
+
+    def slow():
+        for i in range(100):
+            time.sleep(0.01)
+            yield i
+    items = background(slow(), depth=2)
+    assert next(items) == 0
+    items.close()
+    assert not [t for t in threading.enumerate() if t.name == "ablate-data-prefetch"]

@@ -151,7 +151,8 @@ class _Failure:
 def background(items: Iterable, depth: int = 2) -> Iterator:
     """Run the iterator ``items`` in a daemon thread, ``depth`` items ahead of the consumer.
 
-    Exceptions reach the consumer; a consumer that stops early stops the thread.
+    Exceptions reach the consumer; a consumer that stops early (the generator closed) stops the
+    thread and waits for it to end.
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -185,4 +186,8 @@ def background(items: Iterable, depth: int = 2) -> Iterator:
                 raise item.error
             yield item
     finally:
+        # wait for the thread to leave (it finishes the item in hand, then sees the flag): a daemon
+        # thread still inside a torch op when the interpreter exits aborts the process (exit 134,
+        # "terminate called without an active exception") after the run has printed its summary
         stop.set()
+        thread.join()
