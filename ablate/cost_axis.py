@@ -147,8 +147,8 @@ def _ms(x: float) -> str:
 
 
 def table_columns(rows: Sequence[Any], axis: CostAxis) -> tuple[list[str], list[list[str]]]:
-    """Markdown columns for the measured costs: each latency target (median and IQR, ms per
-    image), and the device-hours when they are the axis; one list of cells per row."""
+    """Markdown columns for the measured latencies: each target's median and IQR, ms per image;
+    one list of cells per row (the training cost, device-hours included, is the report's own)."""
     header, cells = [], [[] for _ in rows]
     for t in targets(rows):
         header.append(f"latency {t} (ms)")
@@ -156,21 +156,15 @@ def table_columns(rows: Sequence[Any], axis: CostAxis) -> tuple[list[str], list[
             mid = measured(r, latency.metric(latency.LATENCY, t))
             lo, hi = (measured(r, latency.metric(p, t)) for p in (latency.LATENCY_P25, latency.LATENCY_P75))
             line.append(_ms(mid) + (f" ({_ms(lo)}–{_ms(hi)})" if math.isfinite(mid) and math.isfinite(lo) else ""))
-    if axis.name == "gpu_hours":
-        header.append("device-h")
-        for line, r in zip(cells, rows):
-            line.append(_ms(r.mean("gpu_hours")))
     return header, cells
 
 
 def csv_columns(rows: Sequence[Any], axis: CostAxis) -> tuple[list[str], list[list[str]]]:
-    """CSV columns: every measured metric of every target, unrounded; gpu_hours when it is the axis."""
+    """CSV columns: every measured metric of every latency target, unrounded."""
     header = [latency.metric(p, t) for t in targets(rows) for p in latency.METRICS]
-    if axis.name == "gpu_hours":
-        header.append("gpu_hours")
     cells = []
     for r in rows:
-        values = [measured(r, m) if m != "gpu_hours" else r.mean("gpu_hours") for m in header]
+        values = [measured(r, m) for m in header]
         cells.append(["" if not math.isfinite(v) else format(v, ".6g") for v in values])
     return header, cells
 

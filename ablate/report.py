@@ -474,6 +474,21 @@ def _several_baselines(report: Report) -> bool:
     return len({id(r.baseline) for r in report.rows}) > 1
 
 
+#: what training cost, as runs record it (ablate/train.py): (metric, Markdown header, format), shown
+#: where any row has it (runs from before these metrics have none)
+TRAINING_COST = (("images_per_second", "img/s", ".0f"), ("mfu", "MFU (%)", ".1f"), ("gpu_hours", "GPU-h", ".3g"),
+                 ("peak_memory_gb", "peak mem (GB)", ".3g"))
+
+
+def _training_cost(report: Report) -> list[tuple[str, str, str]]:
+    return [c for c in TRAINING_COST if any(math.isfinite(r.mean(c[0])) for r in report.rows)]
+
+
+def _cost_value(r: ConfigRow, metric: str, fmt: str) -> str:
+    value = r.mean(metric)
+    return _num(100 * value if metric == "mfu" else value, fmt)
+
+
 def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
     header = report.columns + ["seeds", "top-1 (%)"]
     if _has_reference(report):
@@ -492,6 +507,8 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
     header += [f"params ({p_prefix})" if p_prefix else "params", f"{m_prefix}MACs", "train (s)"]
     from ablate.cost_axis import table_columns
     measured_header, measured_cells = table_columns(report.rows, report.cost)
+    cost = _training_cost(report)
+    header += [label for _, label, _ in cost]
     header += measured_header
     body = []
     for r in report.rows:
@@ -508,7 +525,7 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
         if _has_reference(report):
             line += [_num(r.paper_top5, ".1f")]
         line += [_num(r.params_m * 1e6 / p_div, ".4g"), _num(r.gmacs * 1e9 / m_div, ".4g"),
-                 _num(r.mean("train_seconds"), ".1f")]
+                 _num(r.mean("train_seconds"), ".1f"), *[_cost_value(r, m, f) for m, _, f in cost]]
         body.append(line + measured_cells[len(body)])
     return header, body
 
@@ -657,7 +674,9 @@ def render_csv(report: Report) -> str:
     header += ["delta_top1", "delta_low", "delta_high", "delta_method", "delta_excludes_zero", "baseline"]
     from ablate.cost_axis import csv_columns
     measured_header, measured_cells = csv_columns(report.rows, report.cost)
-    header += ["params_m", "params_all_m", "gmacs", "train_seconds", *measured_header, "run_ids"]
+    cost = _training_cost(report)
+    header += ["params_m", "params_all_m", "gmacs", "train_seconds", *[m for m, _, _ in cost], *measured_header,
+               "run_ids"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -675,7 +694,8 @@ def render_csv(report: Report) -> str:
             line += ["", "", "", "", ""]
         line += ["self" if r.is_baseline else (_row_label(r.baseline) if r.baseline is not None else "")]
         line += [_num(r.params_m, ".6g"), _num(r.mean("params") / 1e6, ".6g"), _num(r.gmacs, ".6g"),
-                 _num(r.mean("train_seconds"), ".2f"), *measured, ";".join(x.run_id for x in r.runs)]
+                 _num(r.mean("train_seconds"), ".2f"), *[_num(r.mean(m), "g") for m, _, _ in cost], *measured,
+                 ";".join(x.run_id for x in r.runs)]
         w.writerow(line)
     return buf.getvalue()
 

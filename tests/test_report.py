@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -501,3 +502,19 @@ def test_a_folder_without_runs_is_one_line_and_creates_no_store(tmp_path, monkey
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns/, no reports/
+
+
+def test_the_report_shows_what_training_cost(workdir):
+    """Runs that recorded their training cost (ablate/train.py) get img/s, MFU, GPU-h and peak memory
+    columns, mean over seeds; a report of runs without them has none (see the test above)."""
+    from conftest import write_spec
+
+    from ablate.report import write_report
+    from ablate.runner import run_grid
+    spec = write_spec(workdir / "c.yaml", name="costed", epochs=1, extra="grid:\n  model.shift: [none, four]\n")
+    assert run_grid(str(spec), device="cpu").ok
+    write_report(str(spec), out=str(workdir / "out"))
+    md = (workdir / "out" / "report.md").read_text()
+    assert "| train (s) | img/s | GPU-h | peak mem (GB) |" in md and "MFU" not in md  # a CPU: no known peak
+    rows = list(csv.DictReader(io.StringIO((workdir / "out" / "report.csv").read_text())))
+    assert all(float(r["images_per_second"]) > 0 and float(r["gpu_hours"]) > 0 for r in rows)
