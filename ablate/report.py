@@ -251,6 +251,22 @@ def _cell(run) -> CellResult:
                       dict(run.data.tags), run.info.start_time or 0)
 
 
+def outcome_counts(children: list[CellResult]) -> dict[str, int]:
+    """Complete runs, and the cells that did not finish by how their last run ended: a cell that
+    failed twice is one failed cell, and one that failed and then finished is not failed."""
+    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0}
+    last: dict[str, CellResult] = {}
+    for c in sorted(children, key=lambda c: c.start_time):
+        if c.state == "COMPLETE":
+            counts["COMPLETE"] += 1
+        last[c.tags.get(names.CELL_KEY) or c.run_id] = c
+    done = {c.tags.get(names.CELL_KEY) or c.run_id for c in children if c.state == "COMPLETE"}
+    for key, c in last.items():
+        if key not in done:
+            counts[c.state if c.state in counts else "RUNNING"] += 1
+    return counts
+
+
 def _latest_per_cell(cells: list[CellResult]) -> list[CellResult]:
     """One run per cell key (the newest): a cell recorded twice must not count as two seeds."""
     by_key: dict[str, CellResult] = {}
@@ -868,9 +884,7 @@ def report_experiment(name: str, *, spec: Any = None, spec_path: Optional[str] =
     parents = sorted((r for r in runs if r.data.tags.get(names.ROLE) == "parent"),
                      key=lambda r: r.info.start_time or 0)
     children = [_cell(r) for r in runs if r.data.tags.get(names.ROLE) == "cell"]
-    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0}
-    for c in children:
-        counts[c.state if c.state in counts else "RUNNING"] += 1
+    counts = outcome_counts(children)
     complete = [c for c in children if c.state == "COMPLETE"]
     if not complete:
         raise AblateError(f"experiment {name!r} has no finished runs in {display_url(uri)} "

@@ -518,3 +518,15 @@ def test_the_report_shows_what_training_cost(workdir):
     assert "| train (s) | img/s | GPU-h | peak mem (GB) |" in md and "MFU" not in md  # a CPU: no known peak
     rows = list(csv.DictReader(io.StringIO((workdir / "out" / "report.csv").read_text())))
     assert all(float(r["images_per_second"]) > 0 and float(r["gpu_hours"]) > 0 for r in rows)
+
+
+def test_failures_are_counted_per_cell_not_per_run():
+    """Three cells that each failed twice are three failed cells (the report said 6); a cell that
+    failed and then finished is not failed."""
+    from ablate.report import CellResult, outcome_counts
+
+    def run(key, state, t):
+        return CellResult(f"{key}-{t}", {}, {}, {"ablate.cell_key": key, "ablate.state": state}, t)
+    children = [run(k, "FAIL", t) for t, k in enumerate(["a", "b", "c", "a", "b", "c"])]
+    children += [run("d", "FAIL", 10), run("d", "COMPLETE", 11), run("e", "COMPLETE", 12), run("f", "RUNNING", 13)]
+    assert outcome_counts(children) == {"COMPLETE": 2, "PRUNED": 0, "FAIL": 3, "RUNNING": 1}

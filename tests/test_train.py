@@ -145,3 +145,12 @@ def test_the_prefetch_thread_is_joined_when_its_consumer_stops():
     assert next(items) == 0
     items.close()
     assert not [t for t in threading.enumerate() if t.name == "ablate-data-prefetch"]
+
+
+def test_divergence_in_the_last_step_fails_the_cell(tmp_path):
+    """One step an epoch (batch 1024 of 1,437 images) at an absurd learning rate: the loss of that
+    step is finite, the step turns the weights into inf/NaN, and the cell used to end COMPLETE at
+    chance top-1 with val_loss nan."""
+    with pytest.raises(CellFailed, match=r"diverged: non-finite (validation loss|weights) after epoch 1"):
+        train_cell(_cfg(epochs=1, batch_size=1024, lr=1e30, warmup_epochs=0, mixup=0.0), device=CPU,
+                   checkpoint_dir=tmp_path, log=lambda m: None)
