@@ -528,7 +528,7 @@ def test_data_workers_leave_slurm_s_signals_to_the_trainer(tree, tmp_path):
         loaders = build_loaders(config(data={"name": "imagefolder", "root": str(tree), "workers": 2,
                                              "loader": "folder"}, train={"batch_size": 2}), CPU, log=lambda _: None)
         it = iter(loaders.train)
-        next(it)
+        next(it), next(it)  # a batch from each worker (round robin): both have run their init function
         workers = [p for p in multiprocessing.active_children() if p.pid != os.getpid() and p not in earlier]
         assert len(workers) == 2
         for p in workers:
