@@ -67,7 +67,7 @@ def test_two_processes_per_cell_then_kill_9_and_resume_as_one(workdir):
 
 
 def test_a_rank_that_dies_ends_the_attempt_not_the_cell(workdir):
-    spec = write_spec(workdir / "d.yaml", name="rankdies", epochs=6)
+    spec = write_spec(workdir / "d.yaml", name="rankdies", epochs=4)
     ckpts = workdir / "checkpoints" / "rankdies"
     proc, lines = _start(spec, "--gpus-per-cell", "2", cwd=workdir)
     assert wait_for(lambda: any(ckpts.glob("*/last.pt")) and "pid" in "".join(lines)), "".join(lines)
@@ -86,7 +86,7 @@ def test_a_rank_that_dies_ends_the_attempt_not_the_cell(workdir):
     result = run_ablate("run", str(spec), "--device", "cpu", "--gpus-per-cell", "2", cwd=workdir)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resuming from" in result.stdout
-    _assert_each_cell_once(spec, "rankdies", 6)
+    _assert_each_cell_once(spec, "rankdies", 4)
 
 
 def test_batches_that_do_not_divide_are_refused_before_anything_runs(workdir):

@@ -212,7 +212,7 @@ def test_a_store_gone_for_good_ends_the_run_in_one_line_and_a_rerun_recovers(wor
     workers (which says why, and the command says it stopped them). Once the server answers
     again, the same command finishes the cell."""
     proxy, ledger_url, mlflow_url = proxied_databases
-    epochs = 12
+    epochs = 6
     spec = write_spec(workdir / "gone.yaml", name="gone", epochs=epochs)
     env = {**os.environ, "ABLATE_STORAGE": ledger_url, "MLFLOW_TRACKING_URI": mlflow_url, "PYTHONUNBUFFERED": "1",
            "ABLATE_STORE_RETRY_SECONDS": "5"}
