@@ -153,15 +153,6 @@ def test_a_stale_cache_is_refused_before_the_first_cell(workdir, tree):
     only(workdir, "c.yaml", "images")
 
 
-def test_the_cache_check_reads_the_cache_s_own_layout(tmp_path):
-    from ablate.data import cache, cache_check
-    assert (cache_check.CACHE_DIRNAME, cache_check.FORMAT_VERSION) == (cache.CACHE_DIRNAME, cache.FORMAT_VERSION)
-    for cache_dir in (None, str(tmp_path / "elsewhere")):
-        where = cache.cache_root(tmp_path, cache_dir)
-        assert cache_check.cache_paths(tmp_path, cache_dir, 36) == {
-            s: cache.split_cache_path(where, s, 36) for s in ("train", "val")}
-
-
 # ---- extends -----------------------------------------------------------------------------------
 
 def extending(workdir: Path, target: str) -> Path:

@@ -47,30 +47,17 @@ import numpy as np
 import torch
 
 from ablate.data.array_loader import PackedImages
-from ablate.data.constants import eval_resize_size
+# the layout (where a cache lives, its format) and its staleness are torch-free, for the spec checks
+from ablate.data.cache_check import (FORMAT_VERSION, cache_root, default_cache_size,  # noqa: F401 (the API)
+                                     split_cache_path, stale_reason)
 from ablate.data.folder import usable_cpus
-from ablate.data.scan import FolderSplit, TreeFingerprint, expand_root, scan_split
+from ablate.data.scan import FolderSplit, expand_root, scan_split
 from ablate.errors import AblateError
 from ablate.locks import pid_alive
 
-CACHE_DIRNAME = ".ablate-cache"
-FORMAT_VERSION = 2
 STORAGE = ("whole image, short side resized to S (PIL bilinear), long side in proportion; "
            "packed rows (T, S, 3) uint8, landscape images transposed")
 _CHUNK = 32
-
-
-def default_cache_size(image_size: int) -> int:
-    """The stored short side for a model input of ``image_size``: 8/7 of it, as timm's eval resize."""
-    return eval_resize_size(image_size)
-
-
-def cache_root(data_root: Path, cache_dir: Optional[str] = None) -> Path:
-    return Path(os.path.expandvars(os.path.expanduser(cache_dir))) if cache_dir else Path(data_root) / CACHE_DIRNAME
-
-
-def split_cache_path(root: Path, split: str, size: int) -> Path:
-    return Path(root) / f"{split}-{size}"
 
 
 def cache_exists(path: Path) -> bool:
@@ -191,27 +178,6 @@ def _clear_stale_builds(final: Path) -> None:
         if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
             raise AblateError(f"{final}: another build (process {pid}) is writing {tmp}")
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def stale_reason(path: Path, split: FolderSplit) -> Optional[str]:
-    """Why the cache at ``path`` cannot serve ``split`` (old format, changed tree), or None."""
-    path = Path(path)
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        return f"unreadable meta.json ({e})"
-    if meta.get("format") != FORMAT_VERSION:
-        return (f"built in format {meta.get('format')} ({meta.get('storage', 'unknown layout')}); this version "
-                f"reads format {FORMAT_VERSION} (whole images)")
-    now = split.fingerprint()
-    if meta.get("source_digest") == now.digest():
-        return None
-    try:
-        then = TreeFingerprint.from_json(json.loads((path / "files.json").read_text()))
-        what = then.difference(now)
-    except (OSError, ValueError, KeyError, TypeError):
-        what = "its fingerprint differs"
-    return f"{split.root} changed since the cache was built: {what}"
 
 
 def build_split_cache(split: FolderSplit, out: Path, size: int, *, workers: int = 0, force: bool = False,
