@@ -428,3 +428,19 @@ def test_docs_grid_example_expands_as_documented(tmp_path):
     spec = load_spec(write(tmp_path / "doc.yaml", "name: doc\ndata: {name: digits}\n" + example))
     assert len(spec.cells()) == 30 and len({c.key for c in spec.cells()}) == 30
     assert spec.varied == ["model.shift", "model.depth", "model.image_size", "train.batch_size", "train.seed"]
+
+
+def test_objectives_in_their_short_form(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("""\
+name: short
+data: {name: digits}
+model: {image_size: 16, patch_size: 4, width: 64, depth: 2}
+search:
+  objectives: [val_top1: max, latency:cpu: min]
+  trials: 4
+  space:
+    model.depth: {int: [1, 4]}
+""")
+    objectives = load_spec(spec).search.objectives
+    assert [(o.metric, o.direction) for o in objectives] == [("val_top1", "maximize"), ("latency:cpu", "minimize")]

@@ -21,6 +21,7 @@ OBJECTIVE_METRICS = {
     "train_seconds": "minimize", "images_per_second": "maximize",
     "latency:cpu": "minimize", "latency:cuda": "minimize"}  # measured per trial before it trains (ablate/latency.py)
 DIRECTIONS = ("maximize", "minimize")
+SHORT_DIRECTIONS = {"max": "maximize", "min": "minimize"}
 SEARCH_KEYS = ("sampler", "objectives", "trials", "pruner", "space")
 PARAM_KINDS = ("int", "float", "choice")
 PARAM_OPTIONS = ("step", "log")
@@ -73,6 +74,11 @@ def _objectives(objectives: Any, check: Checker) -> list[Objective]:
         p = path + (i,)
         if isinstance(item, str):
             item = {"metric": item}
+        if isinstance(item, dict) and len(item) == 1 and not {"metric", "direction"} & set(item):
+            (metric, direction), = item.items()  # the short form: {val_top1: max}, {latency:cpu: min}
+            item = {"metric": metric, "direction": direction}
+        if isinstance(item, dict) and item.get("direction") in SHORT_DIRECTIONS:
+            item = {**item, "direction": SHORT_DIRECTIONS[item["direction"]]}
         if not isinstance(item, dict):
             check.add(p, "expected {metric, direction} (allowed: e.g. {metric: macs, direction: minimize})")
             continue
