@@ -65,3 +65,22 @@ SHARED_VIEW = "mlflow.sharedViewState."    # experiments: prefix of a saved runs
 # ---- values of MLflow's tags that ablate sets --------------------------------------------------
 KIND_MACHINE_LEARNING = "custom_model_development"  # (not "genai_development", which opens on traces)
 VIEW_KEY = "ablate"               # the key of ablate's saved view: ?viewStateShareKey=ablate opens it
+
+# ---- kinds of spec (the KIND and STUDY_KIND values) -----------------------------------------
+GRID = "grid"
+SEARCH = "search"
+
+# ---- metrics every cell run records (MLflow metric keys) ------------------------------------
+VAL_TOP1 = "val_top1"             # validation top-1 accuracy, percent
+VAL_TOP5 = "val_top5"
+TRAIN_LOSS = "train_loss"         # per epoch: its step is the epoch
+MACS = "macs"                     # analytic multiply-adds per image (paper §3.4)
+FLOPS = "flops"
+PARAMS = "params"
+IMAGES_PER_SECOND = "images_per_second"
+MFU = "mfu"
+GPU_HOURS = "gpu_hours"
+
+# ---- settings ablate itself reads by name ---------------------------------------------------
+SEED = "train.seed"               # a configuration is a cell's settings without this one
+EPOCHS = "train.epochs"
