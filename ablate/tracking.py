@@ -21,7 +21,9 @@ import yaml
 
 from ablate import names
 from ablate.config import CellConfig, flat_params
-from ablate.locks import is_lost, retry_busy, store_lock
+from ablate.locks import is_lost, retry_busy, sqlite_path, store_lock
+from ablate.stores import check_tracking_store
+from ablate.urls import database_url
 
 #: every MLflow call: a busy store and a lost connection are retried (ablate.locks)
 _retry = functools.partial(retry_busy, what="the MLflow store")
@@ -44,6 +46,40 @@ def client():
 def tracking_uri() -> str:
     import mlflow
     return mlflow.get_tracking_uri()
+
+
+def all_runs(experiment_id: str, filter_string: str = "", order_by: Optional[list[str]] = None) -> list:
+    """Every run of an experiment that matches ``filter_string``, through all of MLflow's pages."""
+    runs, token = [], None
+    while True:
+        page = _retry(client().search_runs, [experiment_id], filter_string=filter_string, order_by=order_by,
+                      max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def existing_experiment(name: str):
+    """The MLflow experiment named ``name``, or None where it or the tracking store does not exist;
+    nothing is created (opening a SQLite store that is not there would create it)."""
+    uri = tracking_uri()
+    path = sqlite_path(uri)
+    if path is not None and not os.path.exists(path):
+        return None
+    if path is None and not uri.startswith(("http://", "https://")) and not database_url(uri):
+        check_tracking_store(uri, create=False)  # a file store, a plugin's scheme: one line where MLflow refuses it
+    return _retry(client().get_experiment_by_name, name)
+
+
+def cell_runs(name: str) -> list:
+    """Every cell run (one per cell or trial attempt) of the experiment ``name``, oldest first;
+    none, and nothing created, where there is no such experiment or no store yet."""
+    experiment = existing_experiment(name)
+    if experiment is None:
+        return []
+    runs = all_runs(experiment.experiment_id, f"tags.`{names.ROLE}` = 'cell'")
+    return sorted(runs, key=lambda r: r.info.start_time or 0)
 
 
 def git_commit() -> str:
