@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from ablate.augment_policy import check_policy
+from ablate.models.cost import model_cost
 from ablate.models.shift_patterns import resolve_offsets
 
 NUM_CLASSES = {"imagenet100": 100, "digits": 10}
@@ -115,7 +118,6 @@ class ModelConfig(_Section):
         if self.hidden < 1:
             raise ValueError(f"mlp_ratio {self.mlp_ratio:g} x width {self.width} leaves no hidden channel "
                              "(allowed: mlp_ratio x width >= 1)")
-        from ablate.models.cost import model_cost
         cost = model_cost(self, 0)
         if cost.params_paper > MAX_PARAMS or cost.macs > MAX_MACS:
             raise ValueError(f"width {self.width}, depth {self.depth}, mlp_ratio {self.mlp_ratio:g}, image_size "
@@ -178,7 +180,6 @@ class TrainConfig(_Section):
     @classmethod
     def _known_policy(cls, v):
         if v is not None:
-            from ablate.augment_policy import check_policy
             check_policy(v)  # timm's own parser; raises ValueError naming the allowed forms
         return v
 
@@ -229,7 +230,6 @@ def num_classes(data: DataConfig) -> int:
         return NUM_CLASSES[data.name]
     if data.name == "synthetic":
         return data.num_classes
-    from pathlib import Path
     train = Path(data.root or ".") / "train"
     return sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else 0
 

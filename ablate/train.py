@@ -173,7 +173,7 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
     from tqdm import tqdm
 
     from ablate.data import build_loaders
-    from ablate.models import build_model
+    from ablate.models.s2mlp import build_model
     from ablate.models.cost import model_cost
 
     t = cfg.train

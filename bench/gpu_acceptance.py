@@ -159,7 +159,8 @@ def fixed_batches(batch: int, size: int, classes: int, device):
 
 
 def measure_model(cfg, args, device, peak) -> dict[str, float]:
-    from ablate.models import build_model, model_cost
+    from ablate.models import model_cost
+    from ablate.models.s2mlp import build_model
 
     flops_per_image = 3 * model_cost(cfg.model, 100).flops  # forward + backward (two forwards)
     say("model", f"S2-MLP width {cfg.model.width}, depth {cfg.model.depth}, patch {cfg.model.patch_size}, "
@@ -232,7 +233,7 @@ def measure_data(cfg, args, device) -> float:
 
 def measure_step_with_data(cfg, args, device, fixed_seconds: float) -> None:
     from ablate.data import build_loaders
-    from ablate.models import build_model
+    from ablate.models.s2mlp import build_model
 
     loaders = build_loaders(cfg, device, log=lambda m: None)
     torch.manual_seed(0)

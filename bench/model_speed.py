@@ -30,7 +30,8 @@ from timm.models.mlp_mixer import MlpMixer
 from torch.utils.flop_counter import FlopCounterMode
 
 from ablate.config import ModelConfig
-from ablate.models import build_model, model_cost
+from ablate.models import model_cost
+from ablate.models.s2mlp import build_model
 
 
 def parse_args() -> argparse.Namespace:

@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ablate.cli import cli
 from ablate.config import ModelConfig
-from ablate.models import build_model, model_cost
+from ablate.models import model_cost
+from ablate.models.s2mlp import build_model
 
 CONFIGS = [
     dict(image_size=32, patch_size=8, width=16, depth=1, mlp_ratio=4),

@@ -12,7 +12,7 @@ from ablate.cli import cli
 from ablate.config import ModelConfig
 from ablate.memory import (MicroBatchMemory, activation_bytes, fitting_micro_batch, measured_activation_bytes,
                            parse_size)
-from ablate.models import build_model
+from ablate.models.s2mlp import build_model
 
 
 @pytest.mark.parametrize("settings", [

@@ -6,9 +6,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import ablate.models  # noqa: F401  (registers the timm variants)
 from ablate.config import ModelConfig
-from ablate.models import S2MLP, Affine, build_model, model_cost
+from ablate.models import model_cost
+from ablate.models.s2mlp import S2MLP, Affine, build_model  # registers the timm variants
 from ablate.models.shift import spatial_shift
 
 TINY = dict(image_size=16, patch_size=4, width=16, depth=2, mlp_ratio=2.0, num_classes=5)

@@ -11,9 +11,7 @@ from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import create_feature_extractor, get_graph_node_names
 from timm.optim import create_optimizer_v2
 
-import ablate.models  # noqa: F401  (registers the timm variants)
-from ablate.models import VARIANTS, S2MLP
-from ablate.models.s2mlp import PreNormS2Block, S2Block
+from ablate.models.s2mlp import VARIANTS, PreNormS2Block, S2Block, S2MLP  # registers the timm variants
 
 NAMES = list(VARIANTS)
 SMALL = dict(width=16, depth=4, mlp_ratio=2.0, img_size=64)  # each variant's own norm and patch size

@@ -73,7 +73,7 @@ def test_cpu_trains_in_fp32_and_says_so(tmp_path):
 
 def test_bf16_autocast_path_runs_on_cpu():
     """The step CUDA runs under bf16 autocast (shift's custom backward included), run on a CPU."""
-    from ablate.models import build_model
+    from ablate.models.s2mlp import build_model
     cfg = _cfg().model.model_copy(update={"width": 32, "depth": 2, "shift": "eight"})
     torch.manual_seed(0)
     model = build_model(cfg, 10)

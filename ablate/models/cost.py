@@ -33,10 +33,9 @@ matches.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from ablate.errors import AblateError
-from ablate.units import PaperUnits, macs_in, paper_number, params_in
+from ablate.units import PaperUnits
 
 if TYPE_CHECKING:
     from ablate.config import ModelConfig
@@ -77,64 +76,14 @@ def model_cost(model_cfg: "ModelConfig", num_classes: int) -> Cost:
         params_paper=params_patch + params_blocks, macs=macs, flops=2 * macs)
 
 
-# ---- `ablate models`: the registered variants and the cost of any configuration ----
+# ---- transitional: ``ablate/cli.py`` still imports the ``ablate models`` listing from here ----
 
-COLUMNS = ("name", "width", "depth", "patch", "image", "ratio", "norm", "params_M", "params_Mi", "GMACs")
-
-
-def cost_row(name: str, model_cfg: "ModelConfig", num_classes: int) -> dict[str, object]:
-    cost = model_cost(model_cfg, num_classes)
-    return {"name": name, "width": model_cfg.width, "depth": model_cfg.depth,
-            "patch": model_cfg.patch_size, "image": model_cfg.image_size,
-            "ratio": f"{model_cfg.mlp_ratio:g}", "norm": model_cfg.norm,
-            "params_M": paper_number(cost.params_m), "params_Mi": paper_number(cost.params_mi),
-            "GMACs": paper_number(cost.gmacs)}
+_LISTING = ("COLUMNS", "cost_row", "format_table", "model_config_from_overrides", "variant_rows")
 
 
-def variant_rows(num_classes: int = 1000) -> list[dict[str, object]]:
-    """One row per timm-registered S²-MLP variant."""
-    from ablate.config import ModelConfig
-    from ablate.models.s2mlp import VARIANTS
-
-    return [cost_row(name, ModelConfig(**kwargs), num_classes) for name, kwargs in VARIANTS.items()]
-
-
-def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str] = COLUMNS) -> str:
-    """A plain aligned text table (right-aligned numbers)."""
-    cells = [[str(row[col]) for col in columns] for row in rows]
-    widths = [max(len(col), *(len(r[i]) for r in cells)) for i, col in enumerate(columns)]
-    lines = ["  ".join(col.ljust(w) if i == 0 else col.rjust(w)
-                       for i, (col, w) in enumerate(zip(columns, widths)))]
-    for r in cells:
-        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                               for i, (v, w) in enumerate(zip(r, widths))))
-    return "\n".join(lines)
-
-
-def model_config_from_overrides(assignments: Iterable[str], base: str = "s2mlp_wide_16_224") -> "ModelConfig":
-    """A :class:`ModelConfig` from a registered variant's settings and ``key=value`` overrides.
-
-    Keys are model settings, with or without the ``model.`` prefix; values are YAML
-    (``shift=[[0,1],[0,-1]]``), read and checked as a spec's ``--set`` is. Raises
-    :class:`AblateError` with one line per problem, each naming its option.
-    """
-    from ablate.config import ModelConfig
-    from ablate.models.s2mlp import VARIANTS
-    from ablate.spec.overrides import parse_overrides
-    from ablate.spec.problems import Problems, option_where, validate_cell
-
-    if base not in VARIANTS:
-        raise AblateError(f"--base {base}: unknown variant (allowed: {', '.join(VARIANTS)})")
-    settings = [f"model.{name}" for name in ModelConfig.model_fields]
-    problems = Problems("--set")
-    overrides = parse_overrides(assignments, problems, settings=settings, extra=(), bare_prefix="model.",
-                                allowed=", ".join(settings))
-    problems.raise_if_any()
-    given = {o.key: o for o in overrides}
-    values = {f"model.{k}": v for k, v in VARIANTS[base].items()} | {k: o.value for k, o in given.items()}
-    config, errors = validate_cell({}, values)
-    for dotted, involved, message in errors:
-        mine = [k for k in involved if k in given]
-        problems.add(given[mine[0]].where if mine else option_where(f"--base {base}"), None, message)
-    problems.raise_if_any()
-    return config.model
+def __getattr__(name: str):
+    # remove once ablate/cli.py imports these names from ablate.models.listing (which imports this module)
+    if name in _LISTING:
+        from ablate.models import listing  # lazy: transitional alias, a cycle listing -> cost until cli.py moves
+        return getattr(listing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
