@@ -331,14 +331,14 @@ def configuration_key(params: Mapping[str, str]) -> str:
 def logged_params(cfg) -> dict[str, str]:
     """``cfg``'s flat params as a cell run logs them (the same text, so that keys agree)."""
     from ablate.config import flat_params
-    from ablate.tracking import _param_value
-    return {k: _param_value(v) for k, v in flat_params(cfg).items()}
+    from ablate.tracking import param_text
+    return {k: param_text(v) for k, v in flat_params(cfg).items()}
 
 
 def config_from_params(params: Mapping[str, str]):
     """The :class:`~ablate.config.CellConfig` a run's params describe."""
     from ablate.config import CellConfig
-    from ablate.report import param_value
+    from ablate.tracking import param_value
     nested: dict[str, dict[str, Any]] = {}
     for key, text in params.items():
         section, _, name = key.partition(".")

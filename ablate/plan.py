@@ -22,6 +22,7 @@ from ablate.errors import AblateError
 from ablate.memory import DEFAULT_GPU_MEMORY, plan_memory
 from ablate.pricing import REFERENCE_GPU, Measured, Price, Pricer
 from ablate.spec.reference import matching_row
+from ablate.spec.types import ReferenceRow
 from ablate.units import PaperUnits, macs_in, paper_number, params_in
 
 #: (train, val) images. imagenet100: the CMC class list (docs/paper.md); digits: a fixed stratified
@@ -62,6 +63,10 @@ def assumptions(pricer: Pricer) -> dict[str, Any]:
     }
 
 
+#: the reference row of a cell the paper has no row for: no numbers, the default units
+NO_ROW = ReferenceRow({})
+
+
 @dataclass
 class PlanRow(PaperUnits):
     """One cell: what varies, its analytic cost and the estimated compute."""
@@ -76,7 +81,7 @@ class PlanRow(PaperUnits):
     train_images: Optional[int]
     val_images: Optional[int]
     gpu_hours: Optional[float]         # device-hours (None: not priced)
-    reference: Optional[dict] = None   # the spec's matching reference row (the paper's numbers)
+    reference: Optional[ReferenceRow] = None  # the spec's matching reference row (the paper's numbers)
     priced_by: str = ""                # "measured", "MFU 38%", "MFU 40% (--mfu)", "" (not priced)
     price_detail: str = ""
     activation_mb: float = 0.0         # what autograd keeps per training image (analytic, bf16 on CUDA), MB
@@ -86,16 +91,17 @@ class PlanRow(PaperUnits):
 
     def params_in_paper_units(self) -> float:
         """Paper-convention parameters in the unit the reference row uses (M = 10^6, Mi = 2^20)."""
-        return params_in(self.params_paper, (self.reference or {}).get("params_unit", "M"))
+        return params_in(self.params_paper, (self.reference or NO_ROW).params_unit or "M")
 
     def gmacs_in_paper_units(self) -> float:
         """MACs per image in the unit the reference row uses (G = 10^9, Gi = 2^30)."""
-        return macs_in(self.macs, (self.reference or {}).get("macs_unit", "G"))
+        return macs_in(self.macs, (self.reference or NO_ROW).macs_unit or "G")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(params_m=self.params_m, params_mi=self.params_mi, gmacs=self.gmacs)
         if self.reference is not None:
+            out["reference"] = self.reference.to_dict()
             out["ours_in_paper_units"] = {"params": self.params_in_paper_units(),
                                           "gmacs": self.gmacs_in_paper_units()}
         return out
@@ -189,7 +195,7 @@ class Plan:
         return format_plan(self)
 
 
-def _row(cell_config: CellConfig, key: str, seed: int, values: dict, reference: Optional[dict],
+def _row(cell_config: CellConfig, key: str, seed: int, values: dict, reference: Optional[ReferenceRow],
          pricer: Pricer, memory: int = DEFAULT_GPU_MEMORY, processes: int = 1) -> PlanRow:
     from ablate.models.cost import model_cost
 
@@ -225,7 +231,8 @@ def plan(spec, gpu_memory: Optional[int] = None, processes: int = 1, gpu: Option
                     peak_flops(device, "bf16") if device != "cpu" else None)
     result = Plan(name=spec.name, path=str(spec.path), kind=spec.kind, varied=list(spec.varied),
                   seeds=list(spec.seeds), data=spec.base.data.name, images=dataset_sizes(spec.base.data),
-                  reference_source=(spec.reference or {}).get("source"), spec_name=spec.spec_name,
+                  reference_source=spec.reference.source if spec.reference is not None else None,
+                  spec_name=spec.spec_name,
                   origin=spec.origin(), overrides=dict(spec.overrides), data_problems=list(spec.data_problems),
                   gpu_memory=gpu_memory, gpu_memory_source=source, processes=processes, pricer=pricer)
     for cell in spec.cells():
@@ -388,15 +395,15 @@ def format_plan(p: Plan) -> str:
         header += ["key"]
         body = []
         for r in p.rows:
-            row = r.reference or {}
-            mi = " Mi" if row.get("params_unit") == "Mi" else ""
-            gi = " Gi" if row.get("macs_unit") == "Gi" else ""
+            row = r.reference or NO_ROW
+            mi = " Mi" if row.params_unit == "Mi" else ""
+            gi = " Gi" if row.macs_unit == "Gi" else ""
             line = [_fmt(r.values[k]) for k in varied] or ["base"]
             line += [paper_number(r.params_in_paper_units()) + mi, paper_number(r.gmacs_in_paper_units()) + gi,
                      str(r.epochs), _hours(r.gpu_hours), r.priced_by or "-", f"{r.activation_mb:.3g}", _micro(r)]
             if ref:
-                line += [_paper(row.get("top1")), _paper(row.get("top5")),
-                         _fmt(row.get("params_m", "-")) + mi, _fmt(row.get("gmacs", "-")) + gi]
+                line += [_paper(row.top1), _paper(row.top5), _fmt("-" if row.params_m is None else row.params_m) + mi,
+                         _fmt("-" if row.gmacs is None else row.gmacs) + gi]
             body.append(line + [r.key])
         total = ["total"] + [""] * (len(labels) + 2) + [_hours(p.gpu_hours), "", "", ""]
         body.append(total + [""] * (len(header) - len(total)))

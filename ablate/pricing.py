@@ -91,7 +91,7 @@ def speed_key(cfg) -> str:
 def _config_of(params: dict[str, str]):
     """The CellConfig a run's flat params describe (None when they no longer validate)."""
     from ablate.config import SECTIONS, CellConfig
-    from ablate.report import param_value
+    from ablate.tracking import param_value
     nested: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for key, text in params.items():
         section, _, name = key.partition(".")

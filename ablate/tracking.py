@@ -247,8 +247,25 @@ def finish_run(run_id: str, status: str = "FINISHED") -> None:
     _retry(client().set_terminated, run_id, status)
 
 
-def _param_value(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+# ---- a setting's value as an MLflow param (a string) and back ----------------------------------
+
+_PYTHON_WORDS = {"True": True, "False": False, "None": None}
+
+
+def param_text(value: Any) -> str:
+    """A setting's value as its MLflow param: lists and mappings as JSON, anything else ``str(value)``."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def param_value(text: str) -> Any:
+    """A setting's value from its MLflow param (:func:`param_text` read back): lists and numbers
+    are JSON, booleans and None Python's words (``str(value)``), anything else the string itself."""
+    if text in _PYTHON_WORDS:
+        return _PYTHON_WORDS[text]
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def find_cell_runs(experiment_id: str, key: str) -> list:
@@ -301,7 +318,7 @@ class CellRun:
         values again (a resumed run whose creator died midway) is harmless."""
         from mlflow.entities import Param
         c = client()
-        params = [Param(k, _param_value(v)) for k, v in flat_params(cfg).items()]
+        params = [Param(k, param_text(v)) for k, v in flat_params(cfg).items()]
         for i in range(0, len(params), 100):
             _retry(c.log_batch, self.run_id, params=params[i:i + 100])
         _retry(c.log_text, self.run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),

@@ -277,7 +277,7 @@ def test_a_cell_run_killed_midway_through_its_params_is_completed_on_resume(work
     created = MlflowClient().create_run(eid, tags={names.ROLE: "cell", names.CELL_KEY: cell.key,
                                                    names.INCOMPLETE: "x"})
     first = list(flat_params(cell.config).items())[:5]  # the first of the batches made it, then the kill
-    MlflowClient().log_batch(created.info.run_id, params=[Param(k, tracking._param_value(v)) for k, v in first])
+    MlflowClient().log_batch(created.info.run_id, params=[Param(k, tracking.param_text(v)) for k, v in first])
     run = tracking.CellRun.open(eid, "parent", cell.config, cell.key, varied=[], spec_file=str(spec), device="cpu")
     assert run.resumed and run.run_id == created.info.run_id
     got = MlflowClient().get_run(run.run_id)

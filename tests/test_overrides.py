@@ -172,10 +172,10 @@ def test_reference_rows_follow_the_overrides(monkeypatch):
     shrunk = load_spec(PAPER / "width.yaml", overrides=["model.width=64"], check_paths=False)
     assert shrunk.reference is None and len(shrunk.cells()) == 1
     one = load_spec(PAPER / "width.yaml", overrides=["model.width=768"], check_paths=False)
-    assert [r["when"] for r in one.reference["rows"]] == [{"model.width": 768}]
+    assert [r.when for r in one.reference.rows] == [{"model.width": 768}]
     rehearsal = load_spec(PAPER / "shift-patterns.yaml", check_paths=False,
                           overrides=["model.width=64", "model.depth=2", "train.epochs=1"])
-    assert len(rehearsal.reference["rows"]) == 11 and len(rehearsal.cells()) == 11
+    assert len(rehearsal.reference.rows) == 11 and len(rehearsal.cells()) == 11
 
 
 def test_plan_shows_the_experiment_and_its_overrides(tmp_path):

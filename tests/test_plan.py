@@ -61,16 +61,16 @@ def test_shipped_specs_plan_cleanly(path, imagenet100_root, tmp_path, monkeypatc
 def test_paper_specs_show_the_papers_params_and_gmacs(path, imagenet100_root):
     spec = load_spec(path)
     p = plan(spec)
-    rows = spec.reference["rows"]
+    rows = spec.reference.rows
     assert len(p.rows) == len(rows), "exactly the paper's rows"
     assert all(r.reference is not None for r in p.rows), "every cell has its paper row"
     assert sorted(id(r.reference) for r in p.rows) == sorted(id(r) for r in rows)
     for r in p.rows:
         (value,) = [v for k, v in r.values.items()]
         ref = r.reference
-        assert close_to_paper(r.params_in_paper_units(), ref["params_m"]), (value, r.params_in_paper_units(), ref)
+        assert close_to_paper(r.params_in_paper_units(), ref.params_m), (value, r.params_in_paper_units(), ref)
         tolerance = KNOWN_OFF.get((path.name, value, "gmacs"), 0.02)
-        assert close_to_paper(r.gmacs_in_paper_units(), ref["gmacs"], tolerance), (value, r.gmacs_in_paper_units(), ref)
+        assert close_to_paper(r.gmacs_in_paper_units(), ref.gmacs, tolerance), (value, r.gmacs_in_paper_units(), ref)
         assert r.epochs == 100 and r.train_images == 126_689 and r.val_images == 5_000
 
 

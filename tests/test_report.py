@@ -16,8 +16,10 @@ from PIL import Image
 
 from ablate.cli import cli
 from ablate.pareto import dominates, pareto_front
-from ablate.report import param_value, report_experiment, write_report
-from ablate.spec import same_value
+from ablate.report import report_experiment, write_report
+from ablate.spec import Objective, same_value
+from ablate.spec.types import Reference, ReferenceRow
+from ablate.tracking import param_value
 
 # ---------------------------------------------------------------- pareto_front
 
@@ -185,6 +187,12 @@ def store(tmp_path_factory):
     mp.undo()
 
 
+def _spec(**parts) -> SimpleNamespace:
+    """What a report reads of a loaded spec (:class:`ablate.spec.Spec`): no search, reference,
+    baseline or overrides unless given."""
+    return SimpleNamespace(**{"search": None, "reference": None, "baseline": {}, "overrides": {}, **parts})
+
+
 def _read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -242,12 +250,11 @@ def test_grid_report_table_csv_png_and_artifacts(store, tmp_path, monkeypatch):
 
 
 def test_reference_column_from_the_spec(store, tmp_path):
-    spec = SimpleNamespace(
-        name="shift-grid", varied=["model.shift", "model.patch_size", "train.seed"], search=None,
-        baseline={},
-        reference={"source": "S2-MLP paper, Table 7", "rows": [
-            {"when": {"model.shift": "four", "model.patch_size": 16}, "top1": 87.1, "top5": 97.1, "gmacs": 2.5},
-            {"when": {"model.shift": "none"}, "top1": 56.7, "top5": 81.0}]})
+    spec = _spec(
+        name="shift-grid", varied=["model.shift", "model.patch_size", "train.seed"],
+        reference=Reference("S2-MLP paper, Table 7", (
+            ReferenceRow({"model.shift": "four", "model.patch_size": 16}, top1=87.1, top5=97.1, gmacs=2.5),
+            ReferenceRow({"model.shift": "none"}, top1=56.7, top5=81.0))))
     report = report_experiment("shift-grid", spec=spec, out=tmp_path, log_artifacts=False)
     assert report.varied == ["model.shift", "model.patch_size"]  # spec order, seed pooled
     rows = {r["model.shift"] + "/" + r["model.patch_size"]: r for r in _read_csv(tmp_path / "report.csv")}
@@ -269,8 +276,8 @@ def test_reference_column_from_the_spec(store, tmp_path):
 
 
 def test_search_report_pareto_table_and_history(store, tmp_path):
-    spec = SimpleNamespace(name="width-search", varied=["model.width", "model.shift"], reference=None,
-                           search=SimpleNamespace(objectives=[("val_top1", "maximize"), ("macs", "minimize")]))
+    spec = _spec(name="width-search", varied=["model.width", "model.shift"],
+                 search=SimpleNamespace(objectives=[Objective("val_top1", "maximize"), Objective("macs", "minimize")]))
     report = report_experiment("width-search", spec=spec, out=tmp_path)
     s = report.search
     assert [t.trial_number for t in s.trials] == [0, 1, 2, 3, 4, 7]  # COMPLETE trials only
@@ -428,7 +435,7 @@ def test_grouping_is_by_the_whole_configuration_but_the_seed():
 def test_paired_and_welch_intervals_match_scipy():
     from scipy import stats
 
-    from ablate.report_stats import NO_INTERVAL, PAIRED, WELCH, difference, format_difference
+    from ablate.report.stats import NO_INTERVAL, PAIRED, WELCH, difference, format_difference
     a, b = {0: 95.0, 1: 96.5, 2: 95.8}, {0: 80.1, 1: 82.0, 2: 79.5}
     d = difference(a, b)
     ci = stats.ttest_rel(list(a.values()), list(b.values())).confidence_interval(0.95)
@@ -447,8 +454,7 @@ def test_paired_and_welch_intervals_match_scipy():
 
 
 def test_baseline_from_the_spec_per_row_and_when_nothing_has_it(store, tmp_path):
-    spec = SimpleNamespace(name="shift-grid", varied=["model.shift", "model.patch_size"], search=None,
-                           reference=None, baseline={"model.shift": "up"})
+    spec = _spec(name="shift-grid", varied=["model.shift", "model.patch_size"], baseline={"model.shift": "up"})
     report = report_experiment("shift-grid", spec=spec, out=tmp_path, log_artifacts=False)
     base = {tuple(r.values.values()): tuple(r.baseline.values.values()) for r in report.rows}
     assert base == {("four", "16"): ("up", "16"), ("none", "16"): ("up", "16"), ("up", "16"): ("up", "16"),

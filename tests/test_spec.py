@@ -317,7 +317,10 @@ def test_reference_rows_are_kept(tmp_path):
             - {when: {model.depth: 1}, top1: 50.0, params_m: 0.1, params_unit: Mi}
             - {when: {model.depth: 2}, top1: 60.5, gmacs: 0.01, macs_unit: Gi, note: "x"}
         """)
-    assert spec.reference["source"] == "a table" and spec.reference["rows"][1]["top1"] == 60.5
+    assert spec.reference.source == "a table" and spec.reference.rows[1].top1 == 60.5
+    assert spec.reference.rows[0].params_unit == "Mi" and spec.reference.rows[0].top5 is None
+    assert spec.reference.rows[1].to_dict() == {"when": {"model.depth": 2}, "top1": 60.5, "gmacs": 0.01,
+                                                "macs_unit": "Gi", "note": "x"}
 
 
 def test_duplicate_cells_are_an_error(tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -48,6 +48,31 @@ class SearchSpec:
 
 
 @dataclass(frozen=True)
+class ReferenceRow:
+    """One row of a paper's table: the settings (``when``, dotted -> value) of the configuration
+    it describes and the paper's numbers for it; a number or unit the spec leaves out is None."""
+    when: dict[str, Any]
+    top1: Optional[float] = None
+    top5: Optional[float] = None
+    params_m: Optional[float] = None
+    gmacs: Optional[float] = None
+    params_unit: Optional[str] = None  # M (10^6, the default) or Mi (2^20)
+    macs_unit: Optional[str] = None    # G (10^9, the default) or Gi (2^30)
+    note: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as a spec writes it: the keys it gives."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A paper table's numbers (``reference``): where they come from and one row per configuration."""
+    source: str
+    rows: tuple[ReferenceRow, ...]
+
+
+@dataclass(frozen=True)
 class Cell:
     """One fully resolved training configuration of a spec, with its stable key."""
     config: CellConfig
@@ -76,7 +101,7 @@ class Spec:
     zip: list[dict[str, list]]
     exclude: list[dict[str, Any]]
     search: Optional[SearchSpec]
-    reference: Optional[dict]
+    reference: Optional[Reference]
     varied: list[str]
     _cells: list[Cell] = field(default_factory=list, repr=False)
     spec_name: str = ""

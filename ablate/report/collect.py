@@ -1,0 +1,328 @@
+"""What a report measured: an experiment's MLflow runs read into :class:`CellResult` s, one per
+cell (the newest run of each), grouped into :class:`ConfigRow` s (the whole configuration but
+the seed), with their learning curves and, for a search, its trials and their front."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ablate import names
+from ablate.config import MACHINE_LOCAL
+from ablate.cost_axis import Correlation, CostAxis
+from ablate.errors import AblateError
+from ablate.latency import objective_metric
+from ablate.pareto import pareto_front
+from ablate.report.stats import Difference
+from ablate.spec import SearchSpec, Spec, SpecArgs
+from ablate.text import param
+from ablate.tracking import all_runs, client, existing_experiment
+from ablate.units import macs_in, params_in
+from ablate.urls import display_url
+
+DEFAULT_OBJECTIVES = [(names.VAL_TOP1, "maximize")]
+#: the per-epoch metrics of the learning curves
+CURVE_METRICS = (names.VAL_TOP1, names.TRAIN_LOSS)
+
+
+@dataclass
+class CellResult:
+    """One finished child run (a cell of a grid or a trial of a search)."""
+    run_id: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    start_time: int
+
+    @property
+    def state(self) -> str:
+        return self.tags.get(names.STATE, "")
+
+    @property
+    def trial_number(self) -> Optional[int]:
+        value = self.tags.get(names.TRIAL_NUMBER)
+        return int(value) if value not in (None, "") else None
+
+    @property
+    def seed(self) -> Optional[int]:
+        try:
+            return int(self.params[names.SEED])
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def cell(self) -> str:
+        """The cell it ran (its key; the run itself where it has none)."""
+        return self.tags.get(names.CELL_KEY) or self.run_id
+
+    def metric(self, name: str) -> float:
+        return self.metrics.get(name, math.nan)
+
+
+def configuration(c: CellResult) -> dict[str, str]:
+    """What a run trained: its flat params but the seed and the machine-local paths."""
+    return {k: v for k, v in c.params.items() if k != names.SEED and k not in MACHINE_LOCAL}
+
+
+@dataclass
+class ConfigRow:
+    """One configuration (the whole resolved configuration but the seed) and its runs, one per seed.
+
+    ``values`` are the settings shown for it: the varied ones and those in which configurations
+    differ although the spec does not vary them. ``delta`` is its difference in top-1 from
+    ``baseline`` (``None`` for a baseline itself).
+    """
+    values: dict[str, str]
+    runs: list[CellResult]
+    settings: dict[str, str] = field(default_factory=dict)
+    paper_top1: Optional[float] = None
+    paper_top5: Optional[float] = None
+    paper_macs: Optional[float] = None
+    baseline: Optional["ConfigRow"] = None
+    delta: Optional[Difference] = None
+    history: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    measured: dict[str, float] = field(default_factory=dict)  # its latency run's metrics (ablate.latency)
+    machines: dict[str, str] = field(default_factory=dict)    # ... and what each target was measured on
+
+    @property
+    def seeds(self) -> int:
+        return len(self.runs)
+
+    @property
+    def label(self) -> str:
+        """``model.shift=four, model.patch_size=16``: the row as a note names it."""
+        return ", ".join(f"{k}={param(v)}" for k, v in self.values.items()) or "the only configuration"
+
+    def by_seed(self, metric: str) -> dict[int, float]:
+        """seed -> metric (a run without a seed param counts by its position)."""
+        return {(r.seed if r.seed is not None else -1 - i): r.metric(metric) for i, r in enumerate(self.runs)}
+
+    def mean(self, metric: str) -> float:
+        xs = [r.metric(metric) for r in self.runs if math.isfinite(r.metric(metric))]
+        return statistics.fmean(xs) if xs else math.nan
+
+    def std(self, metric: str) -> float:
+        """Sample standard deviation over seeds (n - 1); NaN with fewer than two seeds."""
+        xs = [r.metric(metric) for r in self.runs if math.isfinite(r.metric(metric))]
+        return statistics.stdev(xs) if len(xs) > 1 else math.nan
+
+    @property
+    def params_m(self) -> float:
+        """Parameters in millions, paper convention (classifier and norms excluded) when logged."""
+        paper = self.mean("params_paper")
+        return params_in(paper if math.isfinite(paper) else self.mean(names.PARAMS), "M")
+
+    @property
+    def gmacs(self) -> float:
+        return macs_in(self.mean(names.MACS), "G")
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.baseline is self
+
+
+@dataclass
+class SearchResult:
+    """The complete trials of a search, their objective values and the non-dominated ones."""
+    objectives: list[tuple[str, str]]
+    trials: list[CellResult]
+    values: list[list[float]]
+    front: list[int]
+    objectives_source: str
+
+
+@dataclass
+class Report:
+    """What :func:`ablate.report.write_report` read and wrote (the CLI prints a summary of it).
+
+    ``varied`` are the settings the spec varies; ``differing`` those it does not vary in which
+    configurations nevertheless differ (a spec edited between runs). ``store`` is the tracking
+    URI as a report may show it.
+    """
+    experiment: str
+    tracking_uri: str
+    varied: list[str]
+    rows: list[ConfigRow]
+    counts: dict[str, int]
+    out_dir: Path
+    files: list[Path] = field(default_factory=list)
+    search: Optional[SearchResult] = None
+    parent_run_id: Optional[str] = None
+    reference_source: Optional[str] = None
+    overridden: list[str] = field(default_factory=list)  # settings --set changed: the paper's rows are not for them
+    differing: list[str] = field(default_factory=list)
+    baseline_note: str = ""
+    store: str = ""
+    repeats: int = 0  # complete runs of a cell recorded again (a search's repeated proposal): counted once
+    cost: CostAxis = CostAxis("macs")  # the x axis of the top-1 figure (--cost)
+    correlation: Optional[Correlation] = None  # a latency axis: how far MACs predict it
+
+    @property
+    def columns(self) -> list[str]:
+        """The settings that tell the rows apart."""
+        return list(self.varied) + list(self.differing)
+
+
+# ---------------------------------------------------------------- reading MLflow
+
+
+def read_spec(path: str, spec_args: Optional[SpecArgs] = None) -> Spec:
+    """The spec at ``path``, loaded as ``spec_args`` say (``--set``, ``--name``), without
+    checking its data: a report reads MLflow, not the data."""
+    if not Path(path).is_file():
+        raise AblateError(f"{path}: spec file not found (allowed: a spec YAML file or an MLflow "
+                          "experiment name)")
+    return (spec_args or SpecArgs()).load(path, check_paths=False)
+
+
+@dataclass
+class Recorded:
+    """An experiment's runs by role: its newest parent run, its cell runs, its latency runs."""
+    parent: Any
+    cells: list[CellResult]
+    latency_runs: list
+
+
+def read_experiment(name: str, uri: str) -> Recorded:
+    """Every run of the experiment ``name`` in the store at ``uri``; an :class:`AblateError`
+    naming the experiments there when it has none of that name."""
+    exp = existing_experiment(name)
+    if exp is None:
+        existing = sorted(e.name for e in client().search_experiments(max_results=50))
+        raise AblateError(f"no MLflow experiment named {name!r} in {display_url(uri)} "
+                          f"(experiments there: {', '.join(existing) or 'none'})")
+    runs = all_runs(exp.experiment_id)
+    parents = sorted((r for r in runs if r.data.tags.get(names.ROLE) == "parent"),
+                     key=lambda r: r.info.start_time or 0)
+    return Recorded(parents[-1] if parents else None,
+                    [_cell(r) for r in runs if r.data.tags.get(names.ROLE) == "cell"],
+                    [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_LATENCY])
+
+
+def _cell(run) -> CellResult:
+    return CellResult(run.info.run_id, dict(run.data.params), dict(run.data.metrics),
+                      dict(run.data.tags), run.info.start_time or 0)
+
+
+def outcome_counts(children: list[CellResult]) -> dict[str, int]:
+    """Complete runs, and the cells that did not finish by how their last run ended: a cell that
+    failed twice is one failed cell, and one that failed and then finished is not failed."""
+    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0}
+    last: dict[str, CellResult] = {}
+    for c in sorted(children, key=lambda c: c.start_time):
+        if c.state == "COMPLETE":
+            counts["COMPLETE"] += 1
+        last[c.cell] = c
+    done = {c.cell for c in children if c.state == "COMPLETE"}
+    for key, c in last.items():
+        if key not in done:
+            counts[c.state if c.state in counts else "RUNNING"] += 1
+    return counts
+
+
+def latest_per_cell(cells: list[CellResult]) -> list[CellResult]:
+    """One run per cell key (the newest): a cell recorded twice must not count as two seeds."""
+    by_key: dict[str, CellResult] = {}
+    for c in sorted(cells, key=lambda c: c.start_time):
+        by_key[c.cell] = c
+    return list(by_key.values())
+
+
+def varied_from_runs(cells: Sequence[CellResult]) -> list[str]:
+    """The varied settings recorded on the runs (``ablate.varied``), or else the params whose
+    values differ between runs (seed and machine-local paths left out)."""
+    keys: list[str] = []
+    for c in cells:
+        try:
+            for k in json.loads(c.tags.get(names.VARIED, "[]")):
+                if k not in keys:
+                    keys.append(k)
+        except (TypeError, ValueError):
+            continue
+    if not keys:
+        all_params = sorted({k for c in cells for k in c.params})
+        keys = [k for k in all_params if len({c.params.get(k) for c in cells}) > 1]
+    return [k for k in keys if k != names.SEED and k not in MACHINE_LOCAL]
+
+
+def group_by_config(cells: Sequence[CellResult], varied: Sequence[str]) -> tuple[list[ConfigRow], list[str]]:
+    """Rows of runs with the same configuration but the seed, in the order the configurations
+    were first run (trial number, then start time): a grid's own order.
+
+    Returns the rows and the settings outside ``varied`` in which they differ (a setting the
+    spec does not vary, changed between two runs of it): runs that differ in it are different
+    configurations, never seeds of one.
+    """
+    def order(c: CellResult):
+        n = c.trial_number
+        return (n if n is not None else math.inf, c.start_time)
+
+    rows: dict[tuple, ConfigRow] = {}
+    for c in sorted(cells, key=order):
+        settings = configuration(c)
+        key = tuple(sorted(settings.items()))
+        rows.setdefault(key, ConfigRow({}, [], settings)).runs.append(c)
+    every = sorted({k for r in rows.values() for k in r.settings})
+    differing = [k for k in every if k not in varied
+                 and len({r.settings.get(k, "") for r in rows.values()}) > 1]
+    for r in rows.values():
+        r.values = {k: r.settings.get(k, "") for k in list(varied) + differing}
+    return list(rows.values()), differing
+
+
+def read_histories(rows: Sequence[ConfigRow]) -> None:
+    """Each row's per-epoch metrics (one {epoch: value} per seed) from MLflow's metric history.
+    A search trial that repeated a trained configuration has its original's history."""
+    mlflow = client()
+    for row in rows:
+        for metric in CURVE_METRICS:
+            per_seed = []
+            for run in row.runs:
+                source = run.tags.get(names.REUSED_FROM) or run.run_id
+                steps = {m.step: m.value for m in mlflow.get_metric_history(source, metric)}
+                if steps:
+                    per_seed.append(steps)
+            row.history[metric] = per_seed
+
+
+# ---------------------------------------------------------------- search
+
+
+def is_search(spec: Optional[Spec], parent) -> bool:
+    """Whether the runs are a search's: its spec has one, or else its parent run says so."""
+    if spec is not None:
+        return spec.search is not None
+    return parent is not None and parent.data.tags.get(names.KIND) == names.SEARCH
+
+
+def _objective_pairs(search: Optional[SearchSpec]) -> list[tuple[str, str]]:
+    return [(o.metric, o.direction) for o in search.objectives] if search is not None else []
+
+
+def search_objectives(spec: Optional[Spec], parent) -> tuple[list[tuple[str, str]], str]:
+    """A search's objectives and where they come from: its spec, else the spec file its parent
+    run names, else top-1 alone."""
+    if spec is not None and spec.search is not None:
+        return _objective_pairs(spec.search), "the spec"
+    spec_file = parent.data.tags.get(names.SPEC_FILE) if parent is not None else None
+    if spec_file and Path(spec_file).is_file():
+        try:
+            found = _objective_pairs(read_spec(spec_file).search)
+            if found:
+                return found, f"the spec {spec_file}"
+        except AblateError:
+            pass
+    return list(DEFAULT_OBJECTIVES), "default (spec not found)"
+
+
+def summarize_search(cells: Sequence[CellResult], objectives: list[tuple[str, str]],
+                     source: str) -> SearchResult:
+    """Complete trials in trial order, their objective values and the Pareto front (for one
+    objective, the best trial)."""
+    trials = sorted((c for c in cells if c.trial_number is not None), key=lambda c: c.trial_number)
+    values = [[t.metric(objective_metric(m)) for m, _ in objectives] for t in trials]
+    front = pareto_front(values, [d for _, d in objectives]) if objectives else []
+    return SearchResult(objectives, trials, values, front, source)
