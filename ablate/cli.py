@@ -247,10 +247,10 @@ def run(spec, workers, storage, device, devices, gpus_per_cell, checkpoints, spe
     from ablate.runner import run_grid
     from ablate.summary import print_summary
     with _resumable("grid"):
-        summary = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
+        outcome = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
                            checkpoints=checkpoints, spec_args=spec_args, gpus_per_cell=gpus_per_cell)
-    print_summary(summary, spec_path=spec, spec_args=spec_args)
-    sys.exit(0 if summary.ok else 1)
+    print_summary(outcome, spec, spec_args)
+    sys.exit(0 if outcome.ok else 1)
 
 
 @cli.command()
@@ -270,11 +270,12 @@ def search(spec, trials, workers, storage, device, devices, gpus_per_cell, check
     from ablate.runner import run_search
     from ablate.summary import print_search_summary
     with _resumable("search"):
-        counts = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
-                            devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args,
-                            gpus_per_cell=gpus_per_cell)
-    click.echo("trials: " + ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())))
-    print_search_summary(spec, spec_args, storage)
+        outcome = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
+                             devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args,
+                             gpus_per_cell=gpus_per_cell)
+    counts = outcome.progress.counts
+    click.echo("trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n))
+    print_search_summary(outcome, spec, spec_args)
 
 
 # ---- report ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ A device not in the table (any CPU, a GPU not listed, fp32 training) has no know
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from ablate.environ import positive_number
@@ -47,3 +48,12 @@ def local_gpu() -> Optional[tuple[str, int]]:
         return name.strip(), int(float(memory) * 2 ** 20)
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on: a Slurm job or a container may allow fewer than the
+    machine has (``os.cpu_count()`` counts them all, and threads sized by it oversubscribe)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

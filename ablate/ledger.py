@@ -6,7 +6,7 @@ parallel workers). A worker claims a waiting trial with
 the storage's conditional WAITING -> RUNNING update, which succeeds for exactly one worker,
 trains it and tells the result. Dead workers are noticed two ways: a heartbeat that stopped
 (Optuna's heartbeat, any machine) or, where the worker's process id means the same process
-(:func:`process_space`), a process id that no longer exists; their trial is failed and its
+(:func:`ablate.liveness.process_space`), a process id that no longer exists; their trial is failed and its
 cell enqueued again, to resume from its checkpoint.
 
 A study is found by the spec's name, so two different specs that share a name share a study:
@@ -33,13 +33,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import sys
 import threading
 import time
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Optional
 
 import optuna
@@ -49,7 +47,9 @@ from optuna.trial import TrialState
 from ablate import names
 from ablate.errors import AblateError
 from ablate.launch.jobs import slurm_task
-from ablate.locks import is_transient, pid_alive, retry_busy, sqlite_path, store_lock, store_retry_seconds
+from ablate.liveness import process_space, worker_gone, worker_id
+from ablate.locks import is_transient, retry_busy, sqlite_path, store_lock, store_retry_seconds
+from ablate.search import make_pruner, make_sampler
 from ablate.urls import display_url, mask_text
 
 DEFAULT_STORAGE = "sqlite:///ablate-ledger.db"
@@ -175,24 +175,6 @@ def open_existing_storage(url: str) -> RDBStorage:
         raise AblateError(f"ledger storage {display_url(url)}: cannot open ({mask_text(first, url)})") from None
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def process_space() -> str:
-    """Where a process id names one process: one boot of one kernel, one pid namespace.
-
-    Host names are no guide (containers and cluster nodes repeat them), so a worker's pid is
-    checked only by a process in the same space; any other tells a dead worker by its heartbeat.
-    """
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:  # not Linux: the host name is the best there is
-        return f"host:{socket.gethostname()}"
-    return f"{boot}/{namespace}"
-
-
 def param_label(value: Any) -> Any:
     """A setting's value as an Optuna categorical choice: scalars as they are, lists (explicit
     shift offsets) and the like as JSON text, as :func:`ablate.search.suggest` does."""
@@ -237,6 +219,16 @@ def grid_params(values: dict[str, Any], distributions: dict[str, Any]) -> tuple[
                 json.dumps(c) == json.dumps(param_label(v)) for c in known.choices):  # not 1 == True
             params[k], dists[k] = param_label(v), known
     return params, dists
+
+
+def retried(trials: Iterable[optuna.trial.FrozenTrial]) -> set[int]:
+    """The numbers of trials that a retry stands for now: a dead worker's trial, failed and enqueued again."""
+    return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+
+
+def is_retry(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether ``trial`` is the retry of an interrupted one (it resumes a cell, it is not new work)."""
+    return bool(RetryHeartbeatStaleTrialCallback.retry_history(trial))
 
 
 def _once(fn, *args, **kwargs):
@@ -297,6 +289,17 @@ class Ledger:
                               f"this spec describes a {kind} (allowed: another spec name, or another --storage)")
 
     # ---- reading -------------------------------------------------------------------------------
+    @classmethod
+    def for_spec(cls, spec, url: str, *, create: bool = True) -> "Ledger":
+        """``spec``'s ledger at ``url``: a grid's queue, or a search's study with its sampler and pruner.
+        ``create=False`` for readers: only an existing one (else :class:`NoLedger`), nothing written."""
+        if spec.search is None:
+            return cls(url, spec.name, kind=names.GRID, create=create, metric_names=[names.VAL_TOP1])
+        objectives = spec.search.objectives
+        return cls(url, spec.name, [o.direction for o in objectives], sampler=make_sampler(spec.search),
+                   pruner=make_pruner(spec.search, spec.base.train.epochs), kind=names.SEARCH, create=create,
+                   metric_names=[o.metric for o in objectives])
+
     def trials(self, states=None) -> list[optuna.trial.FrozenTrial]:
         return _retry(self.study.get_trials, deepcopy=False, states=states)
 
@@ -415,10 +418,9 @@ class Ledger:
         """
         before = {t.number for t in self.trials(states=(TrialState.RUNNING,))}
         _retry(optuna.storages.fail_stale_trials, self.study)  # heartbeat: any machine
-        here = process_space()
         for t in self.trials(states=(TrialState.RUNNING,)):
-            pid = str(t.user_attrs.get(names.WORKER, "")).rpartition(":")[2]
-            if t.user_attrs.get(names.WORKER_SPACE) == here and pid.isdigit() and not pid_alive(int(pid)):
+            space = t.user_attrs.get(names.WORKER_SPACE)  # a worker that recorded none is left to its heartbeat
+            if space and worker_gone(str(t.user_attrs.get(names.WORKER, "")), space):
                 try:
                     failed = _retry(self.study.tell, t.number, state=TrialState.FAIL)
                 except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
@@ -508,6 +510,26 @@ class Ledger:
             _retry(trial.set_user_attr, names.FAILURE, reason[:2000])
         _retry(self.study.tell, trial, values if state == TrialState.COMPLETE else None, state=state,
                skip_if_finished=True)
+
+    def search_counts(self) -> tuple[int, int, int]:
+        """(finished, running, waiting) trials of a search: what its workers count against the target.
+
+        Failed trials that were retried (a dead worker's trial, re-enqueued) and duplicates are not
+        counted: their retry stands for them.
+        """
+        trials = self.trials()
+        superseded = retried(trials)
+        finished = running = waiting = 0
+        for t in trials:
+            if names.DUPLICATE in t.user_attrs or t.number in superseded:
+                continue
+            if t.state == TrialState.RUNNING:
+                running += 1
+            elif t.state == TrialState.WAITING:
+                waiting += 1
+            else:
+                finished += 1
+        return finished, running, waiting
 
     def counts(self, keys: Optional[set[str]] = None) -> dict[str, int]:
         """Cells (grid: by key) or trials (search) per state, duplicates left out."""

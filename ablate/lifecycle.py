@@ -1,4 +1,4 @@
-"""How the processes of ``ablate run`` / ``ablate search`` stop, and how a gone one is told apart.
+"""How the processes of ``ablate run`` / ``ablate search`` stop (whether one is gone: :mod:`ablate.liveness`).
 
 Slurm, systemd, Kubernetes and ``kill`` stop a job with SIGTERM, a terminal with SIGINT (Ctrl-C);
 both are turned into the same :class:`KeyboardInterrupt`, so that either stops the workers,
@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Optional
 
 
 class Stopped(KeyboardInterrupt):
@@ -80,16 +79,3 @@ def _set_pdeathsig(signum: int) -> bool:
         return libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
-
-
-def process_start(pid: int) -> Optional[str]:
-    """When process ``pid`` started (clock ticks since boot, from ``/proc/<pid>/stat``), or None.
-
-    A pid is reused once its process is gone; the pair (pid, start) names one process only.
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # the command name (field 2) may hold spaces and parentheses: count from the last ')'
-            return f.read().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        return None

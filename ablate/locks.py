@@ -105,22 +105,6 @@ def _file_lock(path: str):
             f.close()
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this machine still runs (a zombie does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (killed, not yet reaped by its parent) no longer runs anything
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _texts(e: BaseException) -> str:
     """The messages of an exception and of the exceptions it wraps (Optuna and MLflow wrap SQLAlchemy's)."""
     parts, seen = [], set()

@@ -1,6 +1,6 @@
 """The Optuna side of ``ablate search``: samplers, pruners, and the spec's space as ``suggest_*`` calls.
 
-A trial trains exactly like a grid cell (:func:`ablate.runner.execute`); only where its
+A trial trains exactly like a grid cell (:func:`ablate.execute.execute`); only where its
 configuration comes from differs.
 """
 from __future__ import annotations
@@ -9,11 +9,6 @@ import json
 from typing import Any
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
-
-from ablate import names
-from ablate.ledger import Ledger
 
 
 def make_sampler(search, seed: int = 0) -> optuna.samplers.BaseSampler:
@@ -75,24 +70,3 @@ def suggest(trial: optuna.Trial, space: dict) -> dict[str, Any]:
         else:
             values[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=bool(p.log))
     return values
-
-
-def counted_trials(ledger: Ledger) -> tuple[int, int, int]:
-    """(finished, running, waiting) trials of a search.
-
-    Failed trials that were retried (a dead worker's trial, re-enqueued) and duplicates are not
-    counted: their retry stands for them.
-    """
-    trials = ledger.trials()
-    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
-    finished = running = waiting = 0
-    for t in trials:
-        if names.DUPLICATE in t.user_attrs or t.number in retried:
-            continue
-        if t.state == TrialState.RUNNING:
-            running += 1
-        elif t.state == TrialState.WAITING:
-            waiting += 1
-        else:
-            finished += 1
-    return finished, running, waiting

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from ablate import names
+from ablate import liveness, names
 from ablate.config import CellConfig, flat_params
 from ablate.locks import is_lost, retry_busy, sqlite_path, store_lock
 from ablate.stores import check_tracking_store
@@ -80,6 +80,12 @@ def cell_runs(name: str) -> list:
         return []
     runs = all_runs(experiment.experiment_id, f"tags.`{names.ROLE}` = 'cell'")
     return sorted(runs, key=lambda r: r.info.start_time or 0)
+
+
+def epochs_logged(run_id: str) -> int:
+    """The last epoch a cell run logged (its ``train_loss`` steps), 0 before the first."""
+    history = _retry(client().get_metric_history, run_id, names.TRAIN_LOSS)
+    return max((m.step for m in history), default=0)
 
 
 def git_commit() -> str:
@@ -204,25 +210,14 @@ def start_parent(experiment_id: str, kind: str, spec_file: str, tags: Optional[d
 
 
 def _process_tags() -> dict[str, str]:
-    from ablate.ledger import process_space
-    from ablate.lifecycle import process_start
-    pid = os.getpid()
-    return {names.PID: str(pid), names.PROCESS_START: process_start(pid) or "", names.PROCESS_SPACE: process_space()}
+    me = liveness.this_process()
+    return {names.PID: me["pid"], names.PROCESS_START: me["start"], names.PROCESS_SPACE: me["space"]}
 
 
 def _process_gone(tags: dict[str, str]) -> bool:
     """Whether the local process a parent run's tags name has ended (False when it cannot be told here)."""
-    from ablate.ledger import process_space
-    from ablate.lifecycle import process_start
-    from ablate.locks import pid_alive
-    pid = tags.get(names.PID, "")
-    if (not pid.isdigit() or tags.get(names.HOST) != socket.gethostname()
-            or tags.get(names.PROCESS_SPACE) != process_space()):
-        return False  # another machine's (or container's) process, or a run that did not record one
-    if not pid_alive(int(pid)):
-        return True
-    started = tags.get(names.PROCESS_START)
-    return bool(started) and process_start(int(pid)) not in (None, started)  # the pid names another process now
+    space = tags.get(names.PROCESS_SPACE, "")
+    return bool(space) and liveness.gone(tags.get(names.PID, ""), space=space, start=tags.get(names.PROCESS_START, ""))
 
 
 def close_gone_parents(experiment_id: str) -> list[str]:

@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 
 from ablate import checkpoint
 from ablate.ledger import Ledger, storage_url
-from ablate.runner import CHECKPOINT_STOP_EXIT, run_grid
+from ablate.context import CHECKPOINT_STOP_EXIT
+from ablate.runner import run_grid
 from ablate.spec import load_spec
 from ablate.train import train_cell
 from conftest import run_ablate, write_spec
@@ -261,7 +262,7 @@ def test_full_disk_stops_the_grid_in_one_line_and_the_cells_resume(workdir, monk
     assert cell_run.info.status == "RUNNING"  # continued by the next run, not a failure
     monkeypatch.undo()
     summary = run_grid(str(spec_path), progress=False)
-    assert summary.ok and summary.complete == 2
+    assert summary.ok and summary.progress.counts["finished"] == 2
     runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.`ablate.role` = 'cell'", output_format="list")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ablate import train
+from ablate import execute, train
 from ablate.cli import cli
 from ablate.errors import SpecError
 from ablate.runner import run_grid
@@ -100,7 +100,7 @@ def test_a_name_that_points_elsewhere_writes_only_inside_the_working_directory(w
         seen.append(Path(checkpoint_dir).resolve())
         return real(cfg, checkpoint_dir=checkpoint_dir, **kwargs)
 
-    monkeypatch.setattr(train, "train_cell", spy)
+    monkeypatch.setattr(execute, "train_cell", spy)  # the name the cell's execution calls
     assert run_grid(str(spec), device="cpu", progress=False).ok
     assert seen and all(p.parent == (cwd / "checkpoints" / loaded.slug).resolve() for p in seen)
     report = CliRunner().invoke(cli, ["report", str(spec)])

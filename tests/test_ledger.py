@@ -15,7 +15,8 @@ import pytest
 from optuna.trial import TrialState
 
 from ablate.errors import AblateError
-from ablate.ledger import Heartbeat, Ledger, process_space
+from ablate.ledger import Heartbeat, Ledger
+from ablate.liveness import process_space
 from ablate.names import CELL_KEY as KEY, DUPLICATE, WORKER, WORKER_SPACE
 
 

@@ -17,9 +17,10 @@ from mlflow.tracking import MlflowClient
 
 from ablate import names, tracking
 from ablate.cli import cli
-from ablate.ledger import Ledger, process_space, storage_url
-from ablate.lifecycle import Stopped, exit_status, process_start, sigterm_as_interrupt
-from ablate.locks import pid_alive, store_lock
+from ablate.ledger import Ledger, storage_url
+from ablate.lifecycle import Stopped, exit_status, sigterm_as_interrupt
+from ablate.liveness import pid_alive, process_space, process_start
+from ablate.locks import store_lock
 from ablate.runner import run_grid
 from ablate.spec import load_spec
 from conftest import ablate_cmd, run_ablate, wait_for, write_spec

@@ -9,7 +9,6 @@ from optuna.trial import TrialState
 
 from ablate.ledger import Ledger, storage_url
 from ablate.runner import run_search
-from ablate.search import counted_trials
 from conftest import run_ablate, write_spec
 
 SINGLE = """\
@@ -43,10 +42,10 @@ def _runs(name):
 @pytest.mark.slow
 def test_single_objective_search_prunes(workdir):
     spec = write_spec(workdir / "s.yaml", name="pruned-search", epochs=3, extra=SINGLE)
-    counts = run_search(str(spec), progress=False)
+    counts = run_search(str(spec), progress=False).progress.counts
     study = optuna.load_study(study_name="pruned-search", storage=storage_url())
     states = [t.state for t in study.trials]
-    assert len(states) == 6 and counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 6
+    assert len(states) == 6 and counts["finished"] + counts["pruned"] == 6
     assert TrialState.PRUNED in states and TrialState.COMPLETE in states
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     # a pruned trial stopped early: fewer reported epochs than the spec's 3
@@ -82,8 +81,7 @@ def test_multi_objective_search_and_resume_to_larger_total(workdir):
     # running again with the same total trains nothing
     again = run_ablate("search", str(spec), "--trials", "5", cwd=workdir)
     assert again.returncode == 0 and "training on" not in again.stdout
-    finished, running, waiting = counted_trials(Ledger(storage_url(), "pareto-search",
-                                                       ["maximize", "minimize"]))
+    finished, running, waiting = Ledger(storage_url(), "pareto-search", ["maximize", "minimize"]).search_counts()
     assert (finished, running, waiting) == (5, 0, 0)
 
 
@@ -126,10 +124,9 @@ def test_a_search_resumed_past_its_total_says_so_and_trains_nothing(workdir):
     from click.testing import CliRunner
 
     from ablate.cli import cli
-    from ablate.runner import _open_ledger
     from ablate.spec import load_spec
     spec = write_spec(workdir / "p.yaml", name="past-total", extra=MULTI)
-    ledger = _open_ledger(load_spec(spec), storage_url())
+    ledger = Ledger.for_spec(load_spec(spec), storage_url())
     for i in range(5):
         ledger.study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, values=[50.0 + i, 1000.0]))
     result = CliRunner().invoke(cli, ["search", str(spec), "--trials", "3"])
@@ -142,7 +139,6 @@ def test_a_search_resumed_past_its_total_says_so_and_trains_nothing(workdir):
 def test_a_grid_sampler_study_can_be_told_its_last_trial(workdir):
     """Optuna's GridSampler calls Study.stop after the last grid point, which Optuna allows only
     inside Study.optimize: our workers ask and tell, and must be able to tell that trial."""
-    from ablate.runner import _open_ledger
     from ablate.search import suggest
     from ablate.spec import load_spec
     spec = load_spec(write_spec(workdir / "g.yaml", name="grid-sampled", extra="""\
@@ -153,7 +149,7 @@ search:
   space:
     model.shift: {choice: [none, four]}
 """))
-    ledger = _open_ledger(spec, storage_url())
+    ledger = Ledger.for_spec(spec, storage_url())
     seen = []
     for _ in range(2):
         trial = ledger.ask()
@@ -168,9 +164,10 @@ def test_a_trial_waits_for_an_earlier_one_whose_configuration_is_not_set_yet(wor
     import threading
     import time
 
-    from ablate.runner import Context, _open_ledger, _wait_for_same_config
+    from ablate.context import Context
+    from ablate.workers import wait_for_same_config
     from ablate.spec import load_spec
-    ledger = _open_ledger(load_spec(write_spec(workdir / "k.yaml", name="keyless", extra=MULTI)), storage_url())
+    ledger = Ledger.for_spec(load_spec(write_spec(workdir / "k.yaml", name="keyless", extra=MULTI)), storage_url())
     first, second = ledger.ask(), ledger.ask()
     ledger.set_cell_key(second, "abc")
     said = []
@@ -179,7 +176,7 @@ def test_a_trial_waits_for_an_earlier_one_whose_configuration_is_not_set_yet(wor
     timer = threading.Timer(1.0, ledger.set_cell_key, (first, "other"))
     timer.start()
     started = time.monotonic()
-    _wait_for_same_config(ledger, second, "abc", ctx)  # returns once the first has its own key
+    wait_for_same_config(ledger, second, "abc", ctx)  # returns once the first has its own key
     assert time.monotonic() - started >= 0.9 and not said
     timer.join()
     ledger.set_cell_key(second, "same")
@@ -187,6 +184,6 @@ def test_a_trial_waits_for_an_earlier_one_whose_configuration_is_not_set_yet(wor
     ledger.set_cell_key(third, "same")
     timer = threading.Timer(1.0, ledger.tell, (second, TrialState.COMPLETE, [1.0, 1.0]))
     timer.start()
-    _wait_for_same_config(ledger, third, "same", ctx)  # the same key: waits for its result, says so
+    wait_for_same_config(ledger, third, "same", ctx)  # the same key: waits for its result, says so
     timer.join()
     assert said == [f"trial {third.number}: same configuration as a running trial; waiting for its result"]

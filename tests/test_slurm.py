@@ -286,10 +286,9 @@ def test_a_search_on_slurm_reaches_its_trial_count(slurm):
     status = _wait(lambda: (s := _status(spec)).done and s, "the search to finish", every=2.0)
     assert status.counts["finished"] == 4 and status.total == 4
     from ablate.ledger import storage_url
-    from ablate.runner import _open_ledger
-    from ablate.search import counted_trials
-    ledger = _open_ledger(load_spec(spec), storage_url())
-    assert counted_trials(ledger) == (4, 0, 0)
+    from ablate.ledger import Ledger
+    ledger = Ledger.for_spec(load_spec(spec), storage_url())
+    assert ledger.search_counts() == (4, 0, 0)
     runs = [r for r in _cell_runs("sl-search") if r.info.status == "FINISHED"]
     assert sorted(int(r.data.tags["ablate.trial_number"]) for r in runs) == [0, 1, 2, 3]
     assert {t.job for t in status.tasks} == {f"{job}_0", f"{job}_1"}

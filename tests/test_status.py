@@ -12,8 +12,7 @@ from optuna.trial import TrialState
 
 from ablate import tracking
 from ablate.cli import cli
-from ablate.ledger import storage_url
-from ablate.runner import _open_ledger
+from ablate.ledger import Ledger, storage_url
 from ablate.spec import load_spec
 from ablate.status import collect
 from conftest import ROOT, write_spec
@@ -42,7 +41,7 @@ def test_status_shows_every_state_and_writes_nothing(workdir):
 
     spec = load_spec(spec_path)
     cells = {c.values["model.shift"]: c for c in spec.cells()}
-    ledger = _open_ledger(spec, storage_url())
+    ledger = Ledger.for_spec(spec, storage_url())
     ledger.enqueue_cells([cells[s] for s in ("none", "four", "eight", "up", "down")])
     experiment = tracking.ensure_experiment(spec.name)
     parent = tracking.start_parent(experiment, "grid", str(spec_path))
@@ -119,13 +118,14 @@ print(sorted({{n.split(".")[0] for n in sys.modules}} & {{"torch", "timm", "torc
 def _following(monkeypatch, answers, ending=60.0, **options):
     """`follow` against a scripted sequence of task states: each call of `collect` answers the next."""
     from ablate import status as status_mod
+    from ablate.progress import CellState
     from ablate.launch.jobs import Launch, TaskState
     launch = Launch("7", "grid", 1, "/logs", "parent", 0.0)
     made = iter(answers)
 
     def collect(*_args, **_kwargs):
         done, states = next(made)
-        counts = dict.fromkeys(status_mod.STATES, 0) | {"finished" if done else "running": 1}
+        counts = dict.fromkeys(map(str, CellState), 0) | {"finished" if done else "running": 1}
         return status_mod.Status("s.yaml", "s", "grid", 1, [], counts, None, None, "", "", True, [launch],
                                  [TaskState(f"7_{i}", s, "", "vm", "0:01") for i, s in enumerate(states)])
     monkeypatch.setattr(status_mod, "collect", collect)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from ablate.cli import cli
 from ablate.errors import AblateError
-from ablate.runner import usable_cpus
+from ablate.devices import usable_cpus
 from ablate.stores import check_database, existing_tracking_store
 from conftest import run_ablate, write_spec
 

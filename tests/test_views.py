@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 from ablate import names, tracking
 from ablate.cli import cli
 from ablate.ledger import Ledger, storage_url
-from ablate.runner import _open_ledger
+from ablate.progress import survey
+from ablate.runner import Outcome
 from ablate.summary import print_search_summary, report_command
 from ablate.spec import SpecArgs, load_spec
 from conftest import write_spec
@@ -267,8 +268,8 @@ def test_run_ends_with_the_table_of_what_it_trained_and_the_report_command(workd
     assert lines[0].endswith("(spec views-run, --set train.epochs=1): 4 cells")
     table = [re.split(r"\s{2,}", line.strip()) for line in lines[1:6]]
     assert table == [["shift", "width", "top-1", "MACs (k)", "state"],
-                     ["none", "16", "41.25", "9", "COMPLETE"], ["none", "32", "44.00", "27", "COMPLETE"],
-                     ["four", "16", "63.50", "9", "COMPLETE"], ["four", "32", "70.75", "27", "COMPLETE"]]
+                     ["none", "16", "41.25", "9", "finished"], ["none", "32", "44.00", "27", "finished"],
+                     ["four", "16", "63.50", "9", "finished"], ["four", "32", "70.75", "27", "finished"]]
     assert lines[6:] == ["4/4 cells finished, 0 failed", "next: ablate report g.yaml --set train.epochs=1"]
 
 
@@ -287,7 +288,7 @@ def test_printed_commands_repeat_the_spec_options_and_their_own():
 
 def test_search_ends_with_its_pareto_set(workdir, capsys):
     path = write_spec(workdir / "s.yaml", name="views-pareto", extra=SEARCH)
-    ledger = _open_ledger(load_spec(path), storage_url())
+    ledger = Ledger.for_spec(load_spec(path), storage_url())
     space = {"model.width": optuna.distributions.IntDistribution(8, 32, step=8),
              "model.shift": optuna.distributions.CategoricalDistribution(["none", "four"])}
     for width, shift, top1, macs in ((8, "none", 40.0, 1e4), (16, "four", 60.0, 3e4), (24, "none", 55.0, 5e4),
@@ -295,7 +296,7 @@ def test_search_ends_with_its_pareto_set(workdir, capsys):
         ledger.study.add_trial(optuna.create_trial(params={"model.width": width, "model.shift": shift},
                                                    distributions=space, values=[top1, macs],
                                                    user_attrs={names.CELL_KEY: f"k{width}"}))
-    print_search_summary(str(path), storage=None)
+    print_search_summary(Outcome(load_spec(path), survey(load_spec(path), ledger), storage_url()), str(path))
     out = capsys.readouterr().out.splitlines()
     assert out[1] == ("views-pareto: Pareto set (val_top1 maximize, macs minimize): 3 of 4 finished "
                       "configurations")
@@ -306,9 +307,11 @@ def test_search_ends_with_its_pareto_set(workdir, capsys):
 
 
 def test_a_run_that_finished_nothing_does_not_point_to_a_report(workdir, capsys):
-    from ablate.runner import Summary
+    from ablate.progress import CellProgress, CellState, Progress
     from ablate.summary import print_summary
-    write_spec(workdir / "n.yaml", name="views-nothing")
-    print_summary(Summary(total=1, complete=0, failed=[("shift=four", "diverged")], pending=0), spec_path="n.yaml")
+    spec = load_spec(write_spec(workdir / "n.yaml", name="views-nothing"))
+    failed = CellProgress(key="k", state=CellState.FAILED, values={"model.shift": "four"}, reason="diverged")
+    where = Progress(names.GRID, 1, [failed], {s: int(s == CellState.FAILED) for s in CellState})
+    print_summary(Outcome(spec, where, storage_url()), "n.yaml")
     out = capsys.readouterr().out
-    assert "0/1 cells finished, 1 failed" in out and "FAILED shift=four: diverged" in out and "next:" not in out
+    assert "0/1 cells finished, 1 failed" in out and "FAILED model.shift=four: diverged" in out and "next:" not in out

@@ -53,7 +53,7 @@ from ablate.data.cache_check import (FORMAT_VERSION, cache_root, default_cache_s
 from ablate.data.folder import usable_cpus
 from ablate.data.scan import FolderSplit, expand_root, scan_split
 from ablate.errors import AblateError
-from ablate.locks import pid_alive
+from ablate.liveness import pid_alive
 
 STORAGE = ("whole image, short side resized to S (PIL bilinear), long side in proportion; "
            "packed rows (T, S, 3) uint8, landscape images transposed")

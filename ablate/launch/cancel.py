@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ablate import names
+from ablate import names, tracking
 from ablate.errors import AblateError
 from ablate.launch.jobs import Launch, active_jobs, cancel_jobs, job_of, launches
+from ablate.ledger import Ledger, NoLedger, storage_url
+from ablate.locks import retry_busy
+from ablate.spec.builder import SpecArgs
 from ablate.urls import display_url
 
 
@@ -24,14 +27,10 @@ class Cancelled:
 
 
 def cancel(spec_path: str, storage: Optional[str] = None, *, spec_args=None) -> Cancelled:
-    from ablate.ledger import NoLedger, storage_url
-    from ablate.runner import _open_ledger
-    from ablate.spec.builder import SpecArgs
-
     spec = (spec_args or SpecArgs()).load(spec_path, check_paths=False)
     url = storage_url(storage)
     try:
-        ledger = _open_ledger(spec, url, create=False)
+        ledger = Ledger.for_spec(spec, url, create=False)
     except NoLedger:
         raise AblateError(f"{spec_path}: nothing to cancel: no ledger for {spec.name!r} at {display_url(url)} "
                           "(allowed: --storage URL of the ledger the jobs use)") from None
@@ -51,8 +50,6 @@ def cancel(spec_path: str, storage: Optional[str] = None, *, spec_args=None) -> 
 def _close_parents(run_ids: list[str]) -> None:
     if not run_ids:
         return
-    from ablate import tracking
-    from ablate.locks import retry_busy
     client = tracking.client()
     for run_id in run_ids:
         if retry_busy(client.get_run, run_id).info.status == "RUNNING":

@@ -28,14 +28,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from ablate import names
+from ablate import names, tracking
+from ablate.context import Context, checkpoint_root
 from ablate.errors import AblateError
 from ablate.launch.jobs import Launch, record_launch, run_slurm, slurm_task
-from ablate.launch.settings import SlurmSettings
 from ablate.launch.placement import Placement, Stores, check_shared_stores, placement
-from ablate.runner import Context
+from ablate.launch.settings import SlurmSettings
+from ablate.ledger import Ledger, storage_url
+from ablate.locks import retry_busy
+from ablate.preflight import check_batches, check_kind, check_trials
+from ablate.processes import run_in_group, run_workers
+from ablate.progress import survey
+from ablate.runner import queue_grid
 from ablate.spec.builder import SpecArgs
+from ablate.stores import check_stores
 from ablate.urls import display_url
+from ablate.workers import follow_cells, grid_worker, search_worker
 
 SIGNAL_DELAY_S = 90      # USR2 this long before the time limit: time to requeue (Slurm may send it up to 60 s early)
 TIMEOUT_REQUEUES = 20    # how many times one task may reach its time limit and be requeued
@@ -61,23 +69,14 @@ def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str
     spec, the settings (already parsed), the stores, and the request itself (``sbatch
     --test-only``).
     """
-    from ablate import runner, tracking
-    from ablate.ledger import storage_url
-    from ablate.stores import check_stores
-
     spec_args = spec_args or SpecArgs()
     spec = spec_args.load(spec_path)
-    if kind == "grid" and spec.search is not None:
-        raise AblateError(f"{spec_path}: search: this spec describes a search (allowed: `ablate search {spec_path}`)")
-    if kind == "search" and spec.search is None:
-        raise AblateError(f"{spec_path}: search: this spec has no search section (allowed: `ablate run {spec_path}` "
-                          "for a grid)")
-    if trials is not None and trials < 1:
-        raise AblateError(f"--trials: {trials} (allowed: a positive integer)")
+    check_kind(spec, spec_path, kind)
+    check_trials(trials)
     _check_cell_shape(settings, gpus_per_cell)
-    runner.check_batches(spec, gpus_per_cell)
+    check_batches(spec, gpus_per_cell)
     where = placement(settings)
-    stores = check_shared_stores(storage_url(storage), tracking.tracking_uri(), runner.checkpoint_root(checkpoints),
+    stores = check_shared_stores(storage_url(storage), tracking.tracking_uri(), checkpoint_root(checkpoints),
                                  settings.logs, where)
     check_stores(stores.ledger, stores.tracking)  # each one usable, before either is written
     folder = Path(stores.logs) / spec.slug
@@ -85,17 +84,16 @@ def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str
     _test_only(executor, workers)
 
     # ---- from here on, things are written: the queue, the experiment, the parent run, the jobs
-    ledger = runner._open_ledger(spec, stores.ledger)
-    if kind == "grid":
-        cells = spec.cells()
-        enqueued, done = ledger.enqueue_cells(sorted(cells, key=runner._estimated_cost, reverse=True))
-        queued = f"{len(cells)} cells, {done} already finished, {enqueued} queued"
-        target, finished = None, done == len(cells)
+    ledger = Ledger.for_spec(spec, stores.ledger)
+    if kind == names.GRID:
+        enqueued, done = queue_grid(spec, ledger)
+        cells = len(spec.cells())
+        queued = f"{cells} cells, {done} already finished, {enqueued} queued"
+        target, finished = None, done == cells
     else:
-        from ablate.search import counted_trials
         ledger.recover_dead()
         target = trials or spec.search.trials
-        done, running, waiting = counted_trials(ledger)
+        done, running, waiting = ledger.search_counts()
         queued = f"{done} trials finished of {target}; sampler {spec.search.sampler}"
         finished = done >= target and not running and not waiting
     if finished:  # nothing for a worker to do: submit nothing
@@ -127,7 +125,6 @@ def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str
                     submitted=time.time(), trials=target, options=options)
     record_launch(ledger, record)
     with _environment(MLFLOW_TRACKING_URI=stores.tracking):
-        from ablate.locks import retry_busy
         for key, value in ((names.LAUNCHER, "slurm"), (names.SLURM_JOB, job), (names.SLURM_LOGS, str(folder))):
             retry_busy(tracking.client().set_tag, parent, key, value)
     return Submitted(record, spec.name, queued, _describe(settings, where, executor), stores)
@@ -232,7 +229,6 @@ class SlurmWorker:
         self.kind, self.ctx, self.gpus = kind, ctx, gpus
 
     def __call__(self) -> str:
-        from ablate import runner
         task = slurm_task() or "?"
         try:
             storage = os.environ["ABLATE_STORAGE"]
@@ -246,8 +242,8 @@ class SlurmWorker:
         ctx.log(f"task {task} on {socket.gethostname()}: {max(1, self.gpus)} {self.kind} worker(s)"
                 f"{', CUDA_VISIBLE_DEVICES=' + os.environ['CUDA_VISIBLE_DEVICES'] if 'CUDA_VISIBLE_DEVICES' in os.environ else ''}"
                 f"{f', {cpus} CPUs' if cpus else ''}; ledger {display_url(storage)}")
-        spec = ctx.spec_args.load(ctx.spec_path)
-        ledger = runner._open_ledger(spec, storage)
+        spec = ctx.load_spec()
+        ledger = Ledger.for_spec(spec, storage)
         # a requeued task: what its previous life held is certainly not running any more
         released = ledger.release_gone(lambda t: t.user_attrs.get(names.SLURM_TASK) == task)
         if released:
@@ -255,9 +251,9 @@ class SlurmWorker:
         # submitit only logs SIGTERM; scancel, preemption and a requeue send it, and stopping at
         # once loses less than training on until SIGKILL (KillWait later) cuts an epoch anyway
         signal.signal(signal.SIGTERM, _stop)
-        target = runner.grid_worker if self.kind == "grid" else runner.search_worker
+        target = grid_worker if self.kind == names.GRID else search_worker
         if self.gpus > 1:
-            runner._run_workers(target, ctx, self.gpus, [f"cuda:{i}" for i in range(self.gpus)])
+            run_workers(target, ctx, self.gpus, [f"cuda:{i}" for i in range(self.gpus)])
         else:
             target(ctx)
         return _close_parent_if_done(spec, ledger, ctx)
@@ -266,38 +262,24 @@ class SlurmWorker:
         """One process of a task that is one cell's group (--gpus-per-cell): Slurm started one per
         GPU (or CPU process), on one or several nodes; submitit says which rank this is and where
         rank 0 listens. Rank 0 is the worker that claims and records; the others follow it."""
-        from submitit.helpers import TorchDistributedEnvironment
-
-        from ablate import runner
-        from ablate.cell_group import CellGroup, GroupBroken
-        from ablate.train import resolve_device
+        from submitit.helpers import TorchDistributedEnvironment  # lazy: submitit is imported on the cluster only
         env = TorchDistributedEnvironment()
         has_gpus = "CUDA_VISIBLE_DEVICES" in os.environ and ctx.device != "cpu"
         device = f"cuda:{env.local_rank}" if has_gpus else ctx.device
         ctx = replace(ctx, rank=env.rank, device=device, prefix=f"[rank {env.rank}] " if env.rank else "")
         ctx.log(f"task {task} on {socket.gethostname()}: rank {env.rank} of a {env.world_size}-process cell group "
                 f"on {device}; rank 0 at {env.master_addr}:{env.master_port}; ledger {display_url(storage)}")
-        spec = ctx.spec_args.load(ctx.spec_path)
-        ledger = runner._open_ledger(spec, storage) if env.rank == 0 else None
+        spec = ctx.load_spec()
+        ledger = Ledger.for_spec(spec, storage) if env.rank == 0 else None
         if ledger is not None:
             released = ledger.release_gone(lambda t: t.user_attrs.get(names.SLURM_TASK) == task)
             if released:
                 ctx.log(f"task {task}: released trial(s) {released} of its previous run, to resume them")
         signal.signal(signal.SIGTERM, _stop)
-        ctx.group = CellGroup.join(env.rank, env.world_size, f"tcp://{env.master_addr}:{env.master_port}",
-                                   resolve_device(device))
-        try:
-            if env.rank:
-                runner.follow_cells(ctx)
-                return "follower"
-            (runner.grid_worker if self.kind == "grid" else runner.search_worker)(ctx)
-            ctx.group.send({"stop": True})
-        except GroupBroken as e:
-            ctx.log(f"stopped: {e}; its cell resumes from its last checkpoint")
-            raise SystemExit(runner.GROUP_BROKEN_EXIT) from None
-        finally:
-            ctx.group.leave()
-        return _close_parent_if_done(spec, ledger, ctx)
+        worker = grid_worker if self.kind == names.GRID else search_worker
+        run_in_group(follow_cells if env.rank else worker, ctx, env.world_size,
+                     f"tcp://{env.master_addr}:{env.master_port}")
+        return "follower" if env.rank else _close_parent_if_done(spec, ledger, ctx)
 
     def checkpoint(self):
         """Time limit or preemption (submitit's USR2 handler): run this same worker again once requeued.
@@ -331,17 +313,9 @@ def _allocated_cpus() -> int:
 
 def _close_parent_if_done(spec, ledger, ctx: Context) -> str:
     """The last task to finish closes the launch's parent run (several may: the result is the same)."""
-    from ablate import runner, tracking
-    if spec.search is None:
-        summary = runner.summarize_grid(spec, ledger)
-        if summary.pending:
-            return "unfinished"
-        status = "FINISHED" if summary.ok else "FAILED"
-    else:
-        from ablate.search import counted_trials
-        finished, running, waiting = counted_trials(ledger)
-        if running or waiting or finished < ctx.trials:
-            return "unfinished"
-        status = "FINISHED"
+    where = survey(spec, ledger, runs=[], target=ctx.trials or None)
+    if not where.done:
+        return "unfinished"
+    status = "FINISHED" if spec.search is not None or where.ok else "FAILED"
     tracking.finish_run(ctx.parent_run_id, status)
     return status.lower()

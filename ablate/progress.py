@@ -1,0 +1,265 @@
+"""Where each cell of a spec stands: one vocabulary, one answer, from the ledger and MLflow.
+
+The ledger (an Optuna study) says who holds a cell and whether it is done; MLflow says how far
+its run got and what it measured. :func:`survey` reads both and gives every cell of a grid (or
+every trial of a search) one :class:`CellState`. ``ablate run``'s and ``ablate search``'s end,
+``ablate status``, Slurm's last task (which closes the parent run) and ``ablate report`` all ask
+here, so they cannot disagree. Reading writes nothing. No torch, no timm.
+
+    ledger trial      MLflow cell run        CellState
+    (none)            -                      new
+    WAITING           -                      waiting (a retry resumes from its checkpoint)
+    RUNNING           RUNNING                running, or interrupted when its worker is gone
+    COMPLETE          FINISHED               finished
+    FAIL / PRUNED     FAILED / KILLED        failed / pruned
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+from optuna.trial import FrozenTrial, TrialState
+
+from ablate import liveness, names, tracking, text
+from ablate.ledger import retried
+
+
+class CellState(str, enum.Enum):
+    """Where a cell (or a search's trial) stands; the order is the order of counts and lists."""
+    FINISHED = "finished"
+    RUNNING = "running"
+    INTERRUPTED = "interrupted"  # its worker is gone; the next run (or any live worker) resumes it
+    WAITING = "waiting"          # queued; an interrupted cell waits here to resume from its checkpoint
+    NEW = "new"                  # not queued yet (a grid not launched; a search's trial not sampled)
+    FAILED = "failed"
+    PRUNED = "pruned"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more will happen to it: finished, failed or pruned."""
+        return self in (CellState.FINISHED, CellState.FAILED, CellState.PRUNED)
+
+
+#: the states of the ledger's words (a cell run's ``ablate.state`` tag)
+_FROM_RECORD = {"COMPLETE": CellState.FINISHED, "FAIL": CellState.FAILED, "PRUNED": CellState.PRUNED,
+                "RUNNING": CellState.RUNNING, "WAITING": CellState.WAITING}
+
+
+def state_of_record(word: str) -> CellState:
+    """The state that a ledger state name or a cell run's ``ablate.state`` tag stands for."""
+    return _FROM_RECORD.get(word, CellState.RUNNING)
+
+
+@dataclass
+class CellProgress:
+    """One cell of a grid, or one trial of a search."""
+    key: str
+    state: CellState
+    values: dict[str, Any]              # the varied settings (a search: its space's parameters)
+    trial: Optional[int] = None         # the ledger trial that stands for it now
+    host: str = ""
+    worker: str = ""                    # "host:pid"
+    slurm_task: str = ""                # "45_1"
+    epoch: Optional[int] = None         # epochs completed (running, interrupted, waiting to resume)
+    epochs: Optional[int] = None
+    top1: Optional[float] = None        # finished: its validation top-1
+    macs: Optional[float] = None        # its model's multiply-adds per image, as its run recorded them
+    reason: str = ""                    # failed / pruned: why; interrupted: what happened
+    images_per_second: Optional[float] = None  # running: its last epoch's training throughput
+    mfu: Optional[float] = None         # ... and model FLOPs utilisation, where the device's peak is known
+
+    def describe(self) -> str:
+        """``shift=four, train.seed=0``: the cell as a person names it."""
+        return ", ".join(f"{k}={text.value(v)}" for k, v in self.values.items()) or self.key
+
+
+@dataclass
+class Progress:
+    kind: str                           # names.GRID or names.SEARCH
+    total: int                          # cells of the grid, or the search's target number of trials
+    cells: list[CellProgress]
+    counts: dict[CellState, int] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to train: every cell (or the target number of trials) finished, failed or pruned."""
+        return all(self.counts[s] == 0 for s in CellState if not s.settled)
+
+    @property
+    def ok(self) -> bool:
+        """Everything trained and nothing failed."""
+        return self.done and not self.counts[CellState.FAILED]
+
+    @property
+    def pending(self) -> int:
+        return sum(self.counts[s] for s in CellState if not s.settled)
+
+    def with_state(self, *states: CellState) -> list[CellProgress]:
+        return [c for c in self.cells if c.state in states]
+
+
+# ---- what the stores say ---------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    """What progress needs of one MLflow cell run."""
+    status: str                      # RUNNING, FINISHED, FAILED, KILLED
+    trial: str                       # its ablate.trial_number tag
+    top1: Optional[float]
+    macs: Optional[float]
+    epochs: Optional[int]            # train.epochs
+    reached: int = 0                 # epochs logged so far
+    images_per_second: Optional[float] = None  # the latest logged
+    mfu: Optional[float] = None
+
+
+def _runs_by_key(runs: Iterable[Any], *, history: bool) -> dict[str, list[_Run]]:
+    """The cell runs (oldest first) by cell key; ``history``: how far each RUNNING one got (a query each)."""
+    by_key: dict[str, list[_Run]] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        epochs = run.data.params.get(names.EPOCHS)
+        metrics = run.data.metrics
+        item = _Run(run.info.status, run.data.tags.get(names.TRIAL_NUMBER, ""), metrics.get(names.VAL_TOP1),
+                    metrics.get(names.MACS), int(epochs) if epochs and epochs.isdigit() else None,
+                    images_per_second=metrics.get(names.IMAGES_PER_SECOND), mfu=metrics.get(names.MFU))
+        if history and run.info.status == "RUNNING":  # training, or interrupted: how far it got
+            item.reached = tracking.epochs_logged(run.info.run_id)
+        by_key.setdefault(run.data.tags.get(names.CELL_KEY, ""), []).append(item)
+    return by_key
+
+
+def worker_gone(trial: FrozenTrial) -> Optional[str]:
+    """Why a RUNNING trial's worker is known to be gone, or None while it may still be running
+    (judged only where its pid means its process: :mod:`ablate.liveness`)."""
+    worker = str(trial.user_attrs.get(names.WORKER, ""))
+    if liveness.worker_gone(worker, str(trial.user_attrs.get(names.WORKER_SPACE, ""))):
+        return f"worker {worker} is gone; resumes from its checkpoint"
+    return None
+
+
+def survey(spec, ledger=None, *, runs: Optional[list] = None, target: Optional[int] = None,
+           gone: Callable[[FrozenTrial], Optional[str]] = worker_gone) -> Progress:
+    """Where every cell of ``spec``'s grid (or every trial of its search) stands.
+
+    ``ledger``: the spec's :class:`ablate.ledger.Ledger`, None where there is none yet (every cell
+    is new). ``runs``: the experiment's MLflow cell runs; None reads them
+    (:func:`ablate.tracking.cell_runs`), ``[]`` leaves MLflow out (states only, no epochs or top-1).
+    ``target``: a search's number of trials (default: the spec's). ``gone``: why a RUNNING trial's
+    worker is gone (then the cell is interrupted), or None."""
+    trials = ledger.trials() if ledger is not None else []
+    if runs is None:
+        runs = tracking.cell_runs(spec.name)
+    by_key = _runs_by_key(runs, history=True)
+    if spec.search is None:
+        cells = _grid_cells(spec, trials, by_key, gone)
+        total = len(cells)
+    else:
+        total = target or spec.search.trials
+        cells = _search_cells(spec, trials, by_key, gone)
+    counts = {s: sum(c.state == s for c in cells) for s in CellState}
+    if spec.search is not None:  # trials not sampled yet
+        counts[CellState.NEW] = max(0, total - sum(counts.values()))
+    return Progress(spec.kind, total, cells, counts)
+
+
+def _grid_cells(spec, trials: list[FrozenTrial], runs: dict[str, list[_Run]], gone) -> list[CellProgress]:
+    by_key: dict[str, list[FrozenTrial]] = {}
+    for t in trials:
+        key = t.user_attrs.get(names.CELL_KEY)
+        if key and names.DUPLICATE not in t.user_attrs:
+            by_key.setdefault(key, []).append(t)
+    cells = []
+    for cell in spec.cells():
+        mine = sorted(by_key.get(cell.key, []), key=lambda t: t.number)
+        of_state = {s: [t for t in mine if t.state == s] for s in TrialState}
+        c = CellProgress(key=cell.key, state=CellState.NEW, values=dict(cell.values), epochs=cell.config.train.epochs)
+        own = runs.get(cell.key, [])
+        c.macs = next((r.macs for r in reversed(own) if r.macs is not None), None)
+        if of_state[TrialState.COMPLETE]:
+            _finished(c, of_state[TrialState.COMPLETE][-1], own)
+        elif of_state[TrialState.RUNNING]:
+            _running(c, of_state[TrialState.RUNNING][-1], own, gone)
+        elif of_state[TrialState.WAITING]:
+            c.state, c.trial = CellState.WAITING, of_state[TrialState.WAITING][0].number
+            c.epoch = _epoch_reached(own)
+        elif mine:
+            _ended(c, mine[-1])
+        cells.append(c)
+    return cells
+
+
+def _search_cells(spec, trials: list[FrozenTrial], runs: dict[str, list[_Run]], gone) -> list[CellProgress]:
+    superseded = retried(trials)
+    cells = []
+    for t in sorted(trials, key=lambda t: t.number):
+        if names.DUPLICATE in t.user_attrs or t.number in superseded:
+            continue
+        key = t.user_attrs.get(names.CELL_KEY, "")
+        c = CellProgress(key=key, state=CellState.NEW, values={k: t.params[k] for k in spec.search.space if k in t.params},
+                         trial=t.number, epochs=spec.base.train.epochs)
+        own = [r for r in runs.get(key, []) if r.trial == str(t.number)] or runs.get(key, [])
+        if own and own[-1].epochs:
+            c.epochs = own[-1].epochs
+        c.macs = next((r.macs for r in reversed(own) if r.macs is not None), None)
+        if t.state == TrialState.COMPLETE:
+            _finished(c, t, own)
+        elif t.state == TrialState.RUNNING:
+            _running(c, t, own, gone)
+        elif t.state == TrialState.WAITING:
+            c.state, c.epoch = CellState.WAITING, _epoch_reached(own)
+        else:
+            _ended(c, t)
+        cells.append(c)
+    return cells
+
+
+def _held_by(c: CellProgress, trial: FrozenTrial) -> None:
+    c.trial = trial.number
+    c.worker = str(trial.user_attrs.get(names.WORKER, ""))
+    c.host = c.worker.rpartition(":")[0]
+    c.slurm_task = str(trial.user_attrs.get(names.SLURM_TASK) or "")
+
+
+def _finished(c: CellProgress, trial: FrozenTrial, runs: list[_Run]) -> None:
+    _held_by(c, trial)  # who finished it
+    c.state, c.epoch = CellState.FINISHED, c.epochs
+    done = [r for r in runs if r.status == "FINISHED" and r.top1 is not None]
+    if done:
+        c.top1 = done[-1].top1
+
+
+def _running(c: CellProgress, trial: FrozenTrial, runs: list[_Run], gone) -> None:
+    _held_by(c, trial)
+    c.epoch = _epoch_reached(runs)
+    if runs:
+        c.images_per_second, c.mfu = runs[-1].images_per_second, runs[-1].mfu
+    why = gone(trial)
+    c.state, c.reason = (CellState.INTERRUPTED, why) if why else (CellState.RUNNING, "")
+
+
+def _ended(c: CellProgress, trial: FrozenTrial) -> None:
+    c.trial = trial.number
+    c.state = CellState.PRUNED if trial.state == TrialState.PRUNED else CellState.FAILED
+    c.reason = str(trial.user_attrs.get(names.FAILURE, "")) or "unknown"
+
+
+def _epoch_reached(runs: list[_Run]) -> Optional[int]:
+    running = [r for r in runs if r.status == "RUNNING"]
+    return running[-1].reached if running else None
+
+
+# ---- from MLflow alone -------------------------------------------------------------------------------
+
+def states_from_runs(runs: Iterable[tuple[str, str]]) -> dict[str, CellState]:
+    """Each cell's state from its runs alone, ``(cell key, ablate.state tag)`` oldest first (a report
+    may read an MLflow store without its ledger): finished once any run finished, else as its
+    latest run ended. A cell that failed twice is one failed cell."""
+    states: dict[str, CellState] = {}
+    for key, word in runs:
+        if states.get(key) != CellState.FINISHED:
+            states[key] = state_of_record(word)
+    return states
