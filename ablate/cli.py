@@ -300,7 +300,7 @@ def report(target, out, cost, spec_args):
     options = (("--out", out) if out else ()) + (("--cost", cost) if cost != "macs" else ())
     command = spec_args.command("report", target, *options)
     rep = write_report(target, out, command=command, spec_args=spec_args, cost=cost)
-    runs = rep.counts["COMPLETE"]
+    runs = rep.counts["finished"]
     click.echo(f"{rep.experiment}: {runs} runs in {len(rep.rows)} configuration{'s' * (len(rep.rows) != 1)} -> "
                + ", ".join(str(p) for p in rep.files))
     if rep.correlation is not None:

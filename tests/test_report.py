@@ -282,7 +282,7 @@ def test_search_report_pareto_table_and_history(store, tmp_path):
     s = report.search
     assert [t.trial_number for t in s.trials] == [0, 1, 2, 3, 4, 7]  # COMPLETE trials only
     assert sorted(s.trials[i].trial_number for i in s.front) == [0, 1, 3, 4, 7]
-    assert report.counts == {"COMPLETE": 6, "PRUNED": 1, "FAIL": 1, "RUNNING": 0}
+    assert report.counts == {"finished": 6, "pruned": 1, "failed": 1, "running": 0}
     assert {p.name for p in tmp_path.iterdir()} == {"report.md", "report.csv", *FIGURES, "pareto.png",
                                                     "pareto.svg", "history.png", "history.svg"}
     for name in ("pareto.png", "history.png", "top1_vs_macs.png"):
@@ -535,4 +535,4 @@ def test_failures_are_counted_per_cell_not_per_run():
         return CellResult(f"{key}-{t}", {}, {}, {"ablate.cell_key": key, "ablate.state": state}, t)
     children = [run(k, "FAIL", t) for t, k in enumerate(["a", "b", "c", "a", "b", "c"])]
     children += [run("d", "FAIL", 10), run("d", "COMPLETE", 11), run("e", "COMPLETE", 12), run("f", "RUNNING", 13)]
-    assert outcome_counts(children) == {"COMPLETE": 2, "PRUNED": 0, "FAIL": 3, "RUNNING": 1}
+    assert outcome_counts(children) == {"finished": 2, "pruned": 0, "failed": 3, "running": 1}

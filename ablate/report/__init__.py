@@ -39,6 +39,7 @@ from typing import Optional
 from ablate import names
 from ablate.cost_axis import CostAxis, attach_measured, check_axis, correlation, parse_cost
 from ablate.errors import AblateError
+from ablate.progress import CellState
 from ablate.report.collect import (CellResult, ConfigRow, Report, group_by_config, is_search, latest_per_cell,
                                    outcome_counts, read_experiment, read_histories, read_spec, search_objectives,
                                    summarize_search, varied_from_runs)
@@ -93,8 +94,8 @@ def report_experiment(name: str, *, spec: Optional[Spec] = None, spec_path: Opti
     complete = [c for c in children if c.state == "COMPLETE"]
     if not complete:
         raise AblateError(f"experiment {name!r} has no finished runs in {display_url(uri)} "
-                          f"({len(children)} runs: {counts['PRUNED']} pruned, {counts['FAIL']} failed, "
-                          f"{counts['RUNNING']} unfinished)")
+                          f"({len(children)} runs: {counts[CellState.PRUNED]} pruned, {counts[CellState.FAILED]} failed, "
+                          f"{counts[CellState.RUNNING]} unfinished)")
 
     varied = [k for k in (spec.varied if spec is not None else []) if k != names.SEED] or varied_from_runs(complete)
     latest = latest_per_cell(complete)

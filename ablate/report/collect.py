@@ -16,6 +16,7 @@ from ablate.cost_axis import Correlation, CostAxis
 from ablate.errors import AblateError
 from ablate.latency import objective_metric
 from ablate.pareto import pareto_front
+from ablate.progress import CellState, states_from_runs
 from ablate.report.stats import Difference
 from ablate.spec import SearchSpec, Spec, SpecArgs
 from ablate.text import param
@@ -207,19 +208,16 @@ def _cell(run) -> CellResult:
                       dict(run.data.tags), run.info.start_time or 0)
 
 
-def outcome_counts(children: list[CellResult]) -> dict[str, int]:
-    """Complete runs, and the cells that did not finish by how their last run ended: a cell that
-    failed twice is one failed cell, and one that failed and then finished is not failed."""
-    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0}
-    last: dict[str, CellResult] = {}
-    for c in sorted(children, key=lambda c: c.start_time):
-        if c.state == "COMPLETE":
-            counts["COMPLETE"] += 1
-        last[c.cell] = c
-    done = {c.cell for c in children if c.state == "COMPLETE"}
-    for key, c in last.items():
-        if key not in done:
-            counts[c.state if c.state in counts else "RUNNING"] += 1
+def outcome_counts(children: list[CellResult]) -> dict[CellState, int]:
+    """Finished runs (a search's repeats of a configuration each count), and the cells that did not
+    finish by their :class:`CellState` from MLflow alone: a cell that failed twice is one failed
+    cell, and one that failed and then finished is not failed."""
+    counts = {CellState.FINISHED: sum(c.state == "COMPLETE" for c in children), CellState.PRUNED: 0,
+              CellState.FAILED: 0, CellState.RUNNING: 0}
+    ordered = sorted(children, key=lambda c: c.start_time)
+    for state in states_from_runs((c.cell, c.state) for c in ordered).values():
+        if state != CellState.FINISHED:
+            counts[state if state in counts else CellState.RUNNING] += 1
     return counts
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 
 from ablate import latency, names, plots
 from ablate.cost_axis import csv_columns, measured, table_columns
+from ablate.progress import CellState
 from ablate.report.collect import ConfigRow, Report
 from ablate.report.stats import LEGEND, NO_INTERVAL, format_difference
 from ablate.text import fixed, markdown_table, mean_std, param, plural
@@ -173,13 +174,13 @@ def figure_files(report: Report) -> list[tuple[str, str]]:
 def render_markdown(report: Report, command: str, spec_path: Optional[str], when: datetime) -> str:
     c = report.counts
     kind = names.SEARCH if report.search is not None else names.GRID
-    not_shown = ", ".join(f"{c[s]} {w}" for s, w in (("PRUNED", "pruned"), ("FAIL", "failed"),
-                                                       ("RUNNING", "unfinished")) if c.get(s))
+    not_shown = ", ".join(f"{c[s]} {w}" for s, w in ((CellState.PRUNED, "pruned"), (CellState.FAILED, "failed"),
+                                                       (CellState.RUNNING, "unfinished")) if c.get(s))
     lines = [
         f"# {report.experiment}",
         "",
         f"- experiment: `{report.experiment}` ({kind}" + (f", spec `{spec_path}`" if spec_path else "") + ")",
-        f"- runs: {c['COMPLETE']} complete in {len(report.rows)} configuration{'s' * (len(report.rows) != 1)}"
+        f"- runs: {c[CellState.FINISHED]} complete in {len(report.rows)} configuration{'s' * (len(report.rows) != 1)}"
         + (f" ({report.repeats} of them {'a repeat' if report.repeats == 1 else 'repeats'} of a configuration "
            "already trained, counted once)" if report.repeats else "")
         + (f"; {not_shown} (not in the tables)" if not_shown else ""),
