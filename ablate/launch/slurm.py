@@ -1,7 +1,7 @@
 """``--launcher slurm``: the workers of a grid or a search as one Slurm job array, through submitit.
 
-Each array task runs the same worker loop as a local worker (:func:`ablate.runner.grid_worker`
-or :func:`~ablate.runner.search_worker`) around the same ledger, MLflow store and checkpoints;
+Each array task runs the same worker loop as a local worker (:func:`ablate.workers.grid_worker`
+or :func:`~ablate.workers.search_worker`) around the same ledger, MLflow store and checkpoints;
 the launcher only decides where the loop runs. The command returns once the array is submitted.
 
 Stopping and resuming: a task that Slurm stops loses at most the epoch in progress.
