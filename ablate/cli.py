@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from ablate import __version__
+from ablate import __version__, names
 from ablate.errors import AblateError
 
 
@@ -172,7 +172,7 @@ def cancel(spec, storage, spec_args):
         click.echo(f"still ending: {', '.join(result.still_ending)} (Slurm has not stopped them yet)")
     if result.released:
         click.echo(f"{len(result.released)} running cell(s) queued again, to resume from their checkpoints")
-    verb = "search" if result.launches[-1].kind == "search" else "run"
+    verb = "search" if result.launches[-1].kind == names.SEARCH else "run"
     again = spec_args.command(verb, spec, "--launcher", "slurm", *result.launches[-1].options, *storage_option(storage))
     click.echo(f"the next launch finishes the rest: {again}")
 
@@ -190,7 +190,7 @@ def _resumable(kind: str):
     except KeyboardInterrupt as e:
         import signal
         status = exit_status(e)
-        what = "cells" if kind == "grid" else "trials"
+        what = "cells" if kind == names.GRID else "trials"
         click.echo(f"\nstopped ({signal.Signals(status - 128).name}): unfinished {what} stay "
                    f"in the ledger; run the same command again to resume them from their last checkpoints",
                    err=True)
@@ -240,13 +240,13 @@ def run(spec, workers, storage, device, devices, gpus_per_cell, checkpoints, spe
     and the command returns once it is submitted (or, with --follow, once every cell is done).
     """
     if _launcher(launcher, slurm, slurm_profile, follow, devices):
-        _launch_slurm(spec, "grid", workers=workers, storage=storage, device=device, checkpoints=checkpoints,
+        _launch_slurm(spec, names.GRID, workers=workers, storage=storage, device=device, checkpoints=checkpoints,
                       slurm=slurm, slurm_profile=slurm_profile, follow=follow, spec_args=spec_args,
                       gpus_per_cell=gpus_per_cell)
         return
     from ablate.runner import run_grid
     from ablate.summary import print_summary
-    with _resumable("grid"):
+    with _resumable(names.GRID):
         outcome = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
                            checkpoints=checkpoints, spec_args=spec_args, gpus_per_cell=gpus_per_cell)
     print_summary(outcome, spec, spec_args)
@@ -263,13 +263,13 @@ def search(spec, trials, workers, storage, device, devices, gpus_per_cell, check
            slurm_profile, follow):
     """Run SPEC's Optuna search up to its number of trials; re-running continues the same study."""
     if _launcher(launcher, slurm, slurm_profile, follow, devices):
-        _launch_slurm(spec, "search", workers=workers, storage=storage, device=device, checkpoints=checkpoints,
+        _launch_slurm(spec, names.SEARCH, workers=workers, storage=storage, device=device, checkpoints=checkpoints,
                       slurm=slurm, slurm_profile=slurm_profile, follow=follow, trials=trials, spec_args=spec_args,
                       gpus_per_cell=gpus_per_cell)
         return
     from ablate.runner import run_search
     from ablate.summary import print_search_summary
-    with _resumable("search"):
+    with _resumable(names.SEARCH):
         outcome = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
                              devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args,
                              gpus_per_cell=gpus_per_cell)

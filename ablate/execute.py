@@ -117,7 +117,7 @@ def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = 
             raise SystemExit(GROUP_BROKEN_EXIT) from None
         return "FAIL"
     # val_top1/val_top5/losses are already the last per-epoch values; log the run-level ones
-    per_epoch = ("epochs", "train_loss", "val_loss", "val_top1", "val_top5")
+    per_epoch = ("epochs", names.TRAIN_LOSS, "val_loss", names.VAL_TOP1, names.VAL_TOP5)
     ledger.check_owner(trial)
     run.log_metrics({k: v for k, v in metrics.items() if k not in per_epoch}, step=metrics["epochs"])
     record(run, ledger, trial, "COMPLETE", objective_values(spec, {**metrics, **measured}))

@@ -159,19 +159,20 @@ def runs_view(varied: list[str], objectives: list[str] = (), *, group: bool = Tr
     charts; a chart of the first objective (top-1) against the cost (the second objective, or
     MACs) and the per-epoch top-1, over every run rather than the first ten.
     """
-    y, x = (list(objectives) + ["val_top1", "macs"])[:2] if len(objectives) != 1 else (objectives[0], "macs")
-    metrics = list(dict.fromkeys([y, x, "val_top1", "val_top5", "macs", "params"]))
+    y, x = (list(objectives) + [names.VAL_TOP1, names.MACS])[:2] if len(objectives) != 1 else (objectives[0], names.MACS)
+    metrics = list(dict.fromkeys([y, x, names.VAL_TOP1, names.VAL_TOP5, names.MACS, names.PARAMS]))
     section = "ablate-accuracy-vs-cost"
     base = {"runsCountToCompare": CHART_RUNS, "metricSectionId": section, "deleted": False, "isGenerated": False}
     charts = [
         {**base, "uuid": "ablate-scatter", "type": "SCATTER", "displayName": f"{y} against {x}",
          "xaxis": {"key": x, "type": "METRIC"}, "yaxis": {"key": y, "type": "METRIC"}},
-        {**base, "uuid": "ablate-curve", "type": "LINE", "displayName": "val_top1 per epoch", "metricKey": "val_top1",
-         "selectedMetricKeys": ["val_top1"], "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear",
+        {**base, "uuid": "ablate-curve", "type": "LINE", "displayName": f"{names.VAL_TOP1} per epoch",
+         "metricKey": names.VAL_TOP1, "selectedMetricKeys": [names.VAL_TOP1], "lineSmoothness": 0,
+         "xAxisScaleType": "linear", "scaleType": "linear",
          "range": {}, "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [],
          "ignoreOutliers": False, "useGlobalXaxisKey": False, "useGlobalLineSmoothing": True},
     ]
-    keys = [k for k in varied if k != "train.seed"] if group else []
+    keys = [k for k in varied if k != names.SEED] if group else []
     return {
         "searchFilter": f"tags.`{names.ROLE}` = 'cell'",
         "orderByKey": _column("metrics", y), "orderByAsc": False,
