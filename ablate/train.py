@@ -172,7 +172,7 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
     from timm.scheduler import CosineLRScheduler
     from tqdm import tqdm
 
-    from ablate.data import build_loaders
+    from ablate.data.loaders import build_loaders
     from ablate.models.s2mlp import build_model
     from ablate.models.cost import model_cost
 

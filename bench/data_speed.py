@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ablate.devices import usable_cpus
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -73,7 +75,7 @@ def make_tree(root: Path, images: int, classes: int) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             tasks.append((str(folder / f"{split}_{i:06d}.JPEG"), i if split == "train" else 10**6 + i))
     todo = [t for t in tasks if not os.path.exists(t[0])]
-    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+    with multiprocessing.get_context("fork").Pool(usable_cpus()) as pool:
         pool.map(_write, todo, chunksize=16)
 
 
@@ -108,7 +110,7 @@ def cache_loader(root: Path, size: int, batch_size: int, device: torch.device):
 def deit_loader(root: Path, size: int, batch_size: int, workers: int, device: torch.device, loader: str):
     """ablate's own training loader for the full DeiT recipe (``loader``: folder or cache)."""
     from ablate.config import CellConfig
-    from ablate.data import build_loaders
+    from ablate.data.loaders import build_loaders
 
     cfg = CellConfig.model_validate({
         "data": {"name": "imagefolder", "root": str(root), "workers": workers, "loader": loader},

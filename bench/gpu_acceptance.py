@@ -210,7 +210,7 @@ def loader_batches(loaders):
 
 
 def measure_data(cfg, args, device) -> float:
-    from ablate.data import build_loaders
+    from ablate.data.loaders import build_loaders
 
     loaders = build_loaders(cfg, device, log=lambda m: None)
     say("data_loader", f"{loaders.kind} ({loaders.n_train} train images, randaugment {cfg.train.randaugment}, "
@@ -232,7 +232,7 @@ def measure_data(cfg, args, device) -> float:
 
 
 def measure_step_with_data(cfg, args, device, fixed_seconds: float) -> None:
-    from ablate.data import build_loaders
+    from ablate.data.loaders import build_loaders
     from ablate.models.s2mlp import build_model
 
     loaders = build_loaders(cfg, device, log=lambda m: None)

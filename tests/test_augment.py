@@ -12,8 +12,8 @@ from PIL import Image, ImageOps
 from scipy.stats import ks_2samp
 
 from ablate.config import CellConfig
-from ablate.data import build_loaders
 from ablate.data.folder import AugmentationError, FolderBatches
+from ablate.data.loaders import build_loaders
 from ablate.data.rand_augment import LEVEL_TO_ARG, NAME_TO_OP, BatchRandAugment, _Context, timm_hparams
 from ablate.data.scan import scan_split
 from ablate.data.seeding import generator

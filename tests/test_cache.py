@@ -15,10 +15,10 @@ from click.testing import CliRunner
 
 from ablate.cli import cli
 from ablate.config import CellConfig
-from ablate.data import build_loaders
 from ablate.data.batch_transforms import PackedBatch, resize_crops, sample_crop_boxes
 from ablate.data.cache import build_cache, open_cache, split_cache_path, stored_shape
 from ablate.data.constants import CROP_RATIO
+from ablate.data.loaders import build_loaders
 from ablate.data.scan import scan_split
 from ablate.data.seeding import generator
 from ablate.errors import AblateError

@@ -14,11 +14,11 @@ from PIL import Image
 
 from ablate.cli import cli
 from ablate.config import CellConfig
-from ablate.data import build_loaders
 from ablate.data.batch_transforms import TrainBatchTransform, random_erase, resize_crops, sample_crop_boxes
 from ablate.data.cache import build_cache, build_split_cache, open_cache, split_cache_path
 from ablate.data.scan import scan_split
 from ablate.data.imagenet100 import build_imagenet100, cmc_classes
+from ablate.data.loaders import build_loaders
 from ablate.data.seeding import generator
 from ablate.errors import AblateError
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-from ablate.data.batch_transforms import PackedBatch, PackedRows
-from ablate.data.folder import usable_cpus
+from ablate.batching import select
+from ablate.data.packed import PackedBatch, PackedRows
 from ablate.data.seeding import derive_seed, epoch_permutation
+from ablate.devices import usable_cpus
 
 
 class PackedImages(PackedRows):
@@ -48,8 +50,6 @@ class PackedImages(PackedRows):
                 dst[o:o + n] = src[s:s + n]
 
         if threads > 1 and len(blocks) > threads:
-            from concurrent.futures import ThreadPoolExecutor
-
             with ThreadPoolExecutor(threads) as pool:
                 list(pool.map(copy, [blocks[i::threads] for i in range(threads)]))
         else:
@@ -100,8 +100,6 @@ class ArrayBatches:
         return self.images.gather(rows, pin=pin, threads=threads), labels.pin_memory() if pin else labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from ablate.batching import select
-
         # every rank augments the whole global batch (the draws belong to its positions) and keeps its share
         positions = self.split.positions() if self.train and self.split is not None else None
         host = background((self._gather(r) for r in self._batch_rows()), depth=2)

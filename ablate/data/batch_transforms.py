@@ -14,7 +14,7 @@ uint8 until the last step. The recipe is the folder loader's (timm's ``create_tr
 4. conversion to float32 and normalisation;
 5. random erasing (optional; timm's ``RandomErasing`` in pixel mode, vectorised).
 
-A batch is a :class:`PackedBatch`: images of different sizes (the cache keeps every image
+A batch is a :class:`~ablate.data.packed.PackedBatch`: images of different sizes (the cache keeps every image
 whole, its short side resized) stacked along one axis of one uint8 tensor. Two resize
 back-ends crop it, with the same boxes:
 
@@ -35,11 +35,15 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
+from torchvision.ops import roi_align
+from torchvision.transforms.v2 import functional as TF
 
 from ablate.data.constants import CROP_RATIO
+from ablate.data.packed import Images, PackedBatch, as_packed, host_to
+from ablate.data.rand_augment import BatchRandAugment, timm_hparams
 from ablate.data.seeding import derive_seed, generator
 from ablate.errors import AblateError
 
@@ -47,63 +51,6 @@ from ablate.errors import AblateError
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
 _ATTEMPTS = 10
-
-
-# ---- packed batches ---------------------------------------------------------------------
-
-@dataclass
-class PackedRows:
-    """Uint8 images of different sizes in one tensor.
-
-    ``pixels`` is ``(T, W, C)``: rows of a common width ``W``, image ``i`` being rows
-    ``start[i]:start[i] + length[i]``. An image whose ``transposed[i]`` is set is stored
-    transposed (rows are its columns): the cache stores every image with its short side
-    across, so one width fits all. ``start``, ``length`` and ``transposed`` are CPU tensors;
-    ``pixels`` may live on any device.
-    """
-    pixels: torch.Tensor
-    start: torch.Tensor
-    length: torch.Tensor
-    transposed: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.start)
-
-    @property
-    def heights(self) -> torch.Tensor:
-        """Each image's height in its own orientation."""
-        return torch.where(self.transposed, self.pixels.shape[1], self.length)
-
-    @property
-    def widths(self) -> torch.Tensor:
-        return torch.where(self.transposed, self.length, self.pixels.shape[1])
-
-
-@dataclass
-class PackedBatch(PackedRows):
-    """``B`` images of different sizes, as :class:`PackedRows` lays them out: one batch."""
-
-    @property
-    def canvas(self) -> torch.Tensor:
-        """The pixels as one image ``(1, C, T, W)`` (a view)."""
-        return self.pixels.permute(2, 0, 1).unsqueeze(0)
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> "PackedBatch":
-        return PackedBatch(self.pixels.to(device, non_blocking=non_blocking), self.start, self.length, self.transposed)
-
-    @classmethod
-    def from_images(cls, images: torch.Tensor) -> "PackedBatch":
-        """A batch of equal-sized images ``(B, C, H, W)``."""
-        b, c, h, w = images.shape
-        return cls(images.permute(0, 2, 3, 1).reshape(b * h, w, c), torch.arange(b) * h, torch.full((b,), h),
-                   torch.zeros(b, dtype=torch.bool))
-
-
-Images = Union[PackedBatch, torch.Tensor]
-
-
-def as_packed(images: Images) -> PackedBatch:
-    return images if isinstance(images, PackedBatch) else PackedBatch.from_images(images)
 
 
 # ---- crop boxes -------------------------------------------------------------------------
@@ -204,8 +151,6 @@ def resize_crops(images: Images, boxes: torch.Tensor, size: int, backend: str = 
     batch = as_packed(images)
     canvas, on_canvas, n = batch.canvas, _canvas_boxes(batch, boxes), len(batch)
     if backend == "loop":
-        from torchvision.transforms.v2 import functional as TF
-
         out = torch.empty((n, canvas.shape[1], size, size), dtype=torch.uint8, device=canvas.device)
         for i, ((x0, y0, x1, y1), transposed) in enumerate(zip(on_canvas.tolist(), batch.transposed.tolist())):
             crop = canvas[0, :, y0:y1, x0:x1]
@@ -214,8 +159,6 @@ def resize_crops(images: Images, boxes: torch.Tensor, size: int, backend: str = 
             out[i] = crop if crop.shape[1:] == (size, size) else TF.resize(crop, [size, size], antialias=True)
         return out
     if backend == "roi_align":
-        from torchvision.ops import roi_align
-
         rois = torch.cat([torch.zeros(n, 1), on_canvas.to(torch.float32)], dim=1)
         out = roi_align(canvas.float(), host_to(rois, canvas.device), output_size=(size, size), spatial_scale=1.0,
                         sampling_ratio=0, aligned=True)
@@ -223,14 +166,6 @@ def resize_crops(images: Images, boxes: torch.Tensor, size: int, backend: str = 
             out = torch.where(host_to(batch.transposed, out.device).view(n, 1, 1, 1), out.transpose(-1, -2), out)
         return out
     raise ValueError(f"unknown resize backend {backend!r} (allowed: loop, roi_align)")
-
-
-def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small CPU tensor (boxes, masks) to ``device``. On CUDA through pinned memory and
-    non-blocking, so the CPU never waits for the GPU to finish the previous training step."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 @lru_cache(maxsize=16)
@@ -315,12 +250,10 @@ class TrainBatchTransform:
     randaugment: Optional[str] = None
     random_erasing: float = 0.0
     backend: str = "loop"
-    _rand_augment: Optional[object] = field(default=None, init=False, repr=False)
+    _rand_augment: Optional[BatchRandAugment] = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.randaugment:
-            from ablate.data.rand_augment import BatchRandAugment, timm_hparams
-
             self._rand_augment = BatchRandAugment(self.randaugment, timm_hparams(self.size, self.mean))
 
     def __call__(self, images: Images, seed: int) -> torch.Tensor:

@@ -36,6 +36,7 @@ evaluation on the cache sees exactly the pixels of the folder loader's resize + 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -45,15 +46,18 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from ablate.data.array_loader import PackedImages
 # the layout (where a cache lives, its format) and its staleness are torch-free, for the spec checks
 from ablate.data.cache_check import (FORMAT_VERSION, cache_root, default_cache_size,  # noqa: F401 (the API)
                                      split_cache_path, stale_reason)
-from ablate.data.folder import usable_cpus
 from ablate.data.scan import FolderSplit, expand_root, scan_split
+from ablate.devices import usable_cpus
 from ablate.errors import AblateError
 from ablate.liveness import pid_alive
+from ablate.spec import load_spec
 
 STORAGE = ("whole image, short side resized to S (PIL bilinear), long side in proportion; "
            "packed rows (T, S, 3) uint8, landscape images transposed")
@@ -87,8 +91,6 @@ def decode_resized(path: str, size: int) -> np.ndarray:
     decode + resize by about one grey level on average. The output size is computed from
     the original size, so it is always the folder loader's.
     """
-    from PIL import Image
-
     with Image.open(path) as im:
         width, height = im.size
         im.draft("RGB", (size, size))  # JPEG: libjpeg decodes at a scale that keeps both sides >= size
@@ -100,8 +102,6 @@ def decode_resized(path: str, size: int) -> np.ndarray:
 
 
 def _image_size(path: str) -> tuple[int, int]:
-    from PIL import Image
-
     with Image.open(path) as im:  # reads the header only
         return im.size
 
@@ -152,8 +152,6 @@ def _run(fn, tasks, workers: int, pixels_path: str, progress: Callable[[int], No
     pool = None
     try:
         if workers > 1:
-            import multiprocessing
-
             pool = multiprocessing.get_context("fork").Pool(workers, initializer=_open_pixels, initargs=(pixels_path,))
             results = pool.imap_unordered(fn, tasks)
         else:
@@ -190,8 +188,6 @@ def build_split_cache(split: FolderSplit, out: Path, size: int, *, workers: int 
     rebuilds. ``workers`` decoding processes (0: one per usable CPU; 1: in this process).
     ``on_progress(done)`` is called after every chunk of images. Returns a summary dict.
     """
-    from tqdm import tqdm
-
     out = Path(out)
     rebuilt = "--force" if force and cache_exists(out) else None
     if cache_exists(out) and not force:
@@ -314,8 +310,6 @@ def cache_targets(source: str, *, size: Optional[int] = None, cache_dir: Optiona
     if not path.is_file():
         raise AblateError(f"{source}: no such spec file or directory (allowed: a spec .yaml or an image-folder "
                           "tree with train/<class>/ and val/<class>/)")
-    from ablate.spec import load_spec
-
     spec = load_spec(path)
     configs = [cell.config for cell in spec.cells()] or [spec.base]
     if spec.search is not None and "model.image_size" in spec.search.space:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ablate.data.constants import eval_resize_size
+from ablate.data.scan import TreeFingerprint, expand_root, scan_tree
 from ablate.errors import AblateError
 
 #: the folder under the data root a cache goes to by default, and the format this version reads
@@ -43,7 +44,6 @@ def cache_paths(root: Path, cache_dir: Optional[str], size: int) -> dict[str, Pa
 def stale_reason(path: Path, split) -> Optional[str]:
     """Why the cache at ``path`` cannot serve ``split`` (a :class:`~ablate.data.scan.FolderSplit`):
     unreadable, another format, a changed tree; None when it can."""
-    from ablate.data.scan import TreeFingerprint
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
@@ -69,7 +69,6 @@ def cache_problem(data, image_size: int) -> Optional[str]:
     built; None when it can be used (or the loader is not ``cache``)."""
     if data.loader != "cache" or not data.root:
         return None
-    from ablate.data.scan import expand_root, scan_tree
     try:
         root = expand_root(data.root)
     except AblateError:

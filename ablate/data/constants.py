@@ -5,6 +5,8 @@ resized crop with aspect ratios (3/4, 4/3), and evaluation on the centre 224 of 
 """
 from __future__ import annotations
 
+import math
+
 #: what torchvision's ImageFolder accepts, compared case-insensitively (ImageNet uses .JPEG)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -25,6 +27,4 @@ def is_image_file(name: str) -> bool:
 def eval_resize_size(image_size: int) -> int:
     """The short side the evaluation transform resizes to before its centre crop: 8/7 of the
     input, rounded down, as timm's ``transforms_imagenet_eval`` (256 for 224, 128 for 112)."""
-    import math
-
     return math.floor(image_size / EVAL_CROP_PCT)

@@ -31,8 +31,8 @@ class DigitsSplit:
 @lru_cache(maxsize=1)
 def load_digits_split() -> DigitsSplit:
     """The fixed stratified split, as uint8 NHWC tensors and normalisation statistics."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from sklearn.datasets import load_digits  # lazy: sklearn takes 1 s to import, only the digits need it
+    from sklearn.model_selection import train_test_split  # lazy: as above
 
     digits = load_digits()
     pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]

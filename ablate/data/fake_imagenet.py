@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 from ablate.data.imagenet100 import cmc_classes
+from ablate.devices import usable_cpus
 from ablate.errors import AblateError
 
 #: (width, height, weight): the common ImageNet shapes, landscape 4:3 and 3:2 first
@@ -44,8 +46,6 @@ def decoy_wnids(count: int) -> list[str]:
 def photo(seed: int, width: int, height: int, tint: np.ndarray):
     """Smooth colour fields at two scales plus fine noise, with the class's colour cast:
     compresses like a photograph (tens of KB at 500x375)."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
     medium = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).resize((width, height),
@@ -94,7 +94,7 @@ def make_fake_imagenet(out: str | Path, *, train_per_class: int = 3, val_per_cla
                 tasks.append((str(folder / name), image_seed, c))
                 counts[split] += 1
     todo = [t for t in tasks if not os.path.exists(t[0])]
-    processes = workers or len(os.sched_getaffinity(0))
+    processes = workers or usable_cpus()
     if processes > 1 and len(todo) > 32:
         with multiprocessing.get_context("fork").Pool(processes) as pool:
             pool.map(_write, todo, chunksize=16)

@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+from PIL import Image
 
 from ablate.data.scan import FolderSplit
-from ablate.data.seeding import derive_seed, epoch_permutation
+from ablate.data.seeding import derive_seed, epoch_permutation, seeded_global_rngs
+from ablate.devices import usable_cpus
 
 
 class AugmentationError(RuntimeError):
@@ -47,14 +49,6 @@ class TransformFailed:
     traceback: str
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, as DataLoader counts them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def usable_workers(requested: int) -> int:
     """``data.workers`` capped at :func:`usable_cpus`.
 
@@ -66,8 +60,6 @@ def usable_workers(requested: int) -> int:
 
 
 def _decode(path: str):
-    from PIL import Image
-
     with Image.open(path) as im:
         return im.convert("RGB")  # forces the full decode: truncated files fail here
 
@@ -88,8 +80,6 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, item: tuple[int, int]):
-        from ablate.data.seeding import seeded_global_rngs
-
         index, seed = item
         path, label = self.samples[index]
         try:

@@ -23,7 +23,15 @@ from typing import Callable, Iterable
 import torch
 
 from ablate.config import CellConfig
-from ablate.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from ablate.data.array_loader import ArrayBatches
+from ablate.data.batch_transforms import EvalBatchTransform, TrainBatchTransform, default_backend
+from ablate.data.cache import cache_exists, cache_root, default_cache_size, open_cache, split_cache_path
+from ablate.data.constants import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
+from ablate.data.digits import load_digits_split
+from ablate.data.folder import FolderBatches, usable_workers
+from ablate.data.scan import expand_root, scan_tree
+from ablate.data.synthetic import SyntheticBatches
+from ablate.data.transforms import folder_transforms
 from ablate.errors import AblateError
 
 
@@ -74,8 +82,6 @@ def build_loaders(cfg: CellConfig, device: torch.device, *, log: Callable[[str],
 
 
 def _train_transform(cfg: CellConfig, mean, std, device: torch.device):
-    from ablate.data.batch_transforms import TrainBatchTransform, default_backend
-
     t = cfg.train
     return TrainBatchTransform(size=cfg.model.image_size, scale=(t.crop_scale, 1.0), hflip=t.hflip, mean=mean,
                                std=std, out_chans=cfg.model.in_chans, randaugment=t.randaugment,
@@ -83,16 +89,11 @@ def _train_transform(cfg: CellConfig, mean, std, device: torch.device):
 
 
 def _eval_transform(cfg: CellConfig, mean, std, device: torch.device, crop_fraction: float):
-    from ablate.data.batch_transforms import EvalBatchTransform, default_backend
-
     return EvalBatchTransform(size=cfg.model.image_size, mean=mean, std=std, out_chans=cfg.model.in_chans,
                               crop_fraction=crop_fraction, backend=default_backend(device))
 
 
 def _digits(cfg: CellConfig, device: torch.device, share: dict) -> Loaders:
-    from ablate.data.array_loader import ArrayBatches
-    from ablate.data.digits import load_digits_split
-
     d = load_digits_split()
     mean, std = (d.mean,), (d.std,)
     common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device, **share)
@@ -102,8 +103,6 @@ def _digits(cfg: CellConfig, device: torch.device, share: dict) -> Loaders:
 
 
 def _synthetic(cfg: CellConfig, device: torch.device, share: dict) -> Loaders:
-    from ablate.data.synthetic import SyntheticBatches
-
     d, m = cfg.data, cfg.model
     shape = (m.in_chans, m.image_size, m.image_size)
     common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device, **share)
@@ -113,9 +112,6 @@ def _synthetic(cfg: CellConfig, device: torch.device, share: dict) -> Loaders:
 
 
 def _image_folder(cfg: CellConfig, device: torch.device, log: Callable[[str], None], share: dict) -> Loaders:
-    from ablate.data.cache import cache_exists, cache_root, default_cache_size, split_cache_path
-    from ablate.data.scan import expand_root, scan_tree
-
     d = cfg.data
     root = expand_root(d.root)
     if cfg.model.in_chans != 3:
@@ -147,9 +143,6 @@ def _image_folder(cfg: CellConfig, device: torch.device, log: Callable[[str], No
 
 def _folder(cfg: CellConfig, root: Path, splits: dict, device: torch.device, log: Callable[[str], None],
             share: dict) -> Loaders:
-    from ablate.data.folder import FolderBatches, usable_workers
-    from ablate.data.transforms import folder_transforms
-
     train_tf, val_tf = folder_transforms(cfg)
     workers = usable_workers(cfg.data.workers)
     common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, workers=workers, device=device, log=log,
@@ -165,10 +158,6 @@ def _folder(cfg: CellConfig, root: Path, splits: dict, device: torch.device, log
 
 def _cache(cfg: CellConfig, splits: dict, paths: dict[str, Path], train_tf, device: torch.device,
            log: Callable[[str], None], share: dict) -> Loaders:
-    from ablate.data.array_loader import ArrayBatches
-    from ablate.data.cache import open_cache
-    from ablate.data.constants import eval_resize_size
-
     train_c, val_c = (open_cache(paths[s], splits[s], cache_dir=cfg.data.cache_dir) for s in ("train", "val"))
     if train_c.size < cfg.model.image_size:
         log(f"data: warning: cache size {train_c.size} is smaller than model.image_size {cfg.model.image_size}")

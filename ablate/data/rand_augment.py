@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
 
-from ablate.data.batch_transforms import host_to
+from ablate.data.packed import host_to
 from ablate.errors import AblateError
 
 #: posterize never keeps fewer bits than this (see the module docstring)
@@ -293,8 +295,6 @@ class _Context:
 def timm_hparams(image_size: int, mean: Sequence[float]) -> dict:
     """The hyper-parameters timm's ``create_transform`` hands its augmentation policies
     (``translate_const``, ``img_mean``; bilinear resampling, as the folder loader asks)."""
-    from PIL import Image
-
     return {"translate_const": int(image_size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in mean),
             "interpolation": Image.BILINEAR}
 
@@ -309,8 +309,6 @@ class BatchRandAugment:
     """
 
     def __init__(self, policy: str, hparams: dict):
-        from timm.data.auto_augment import rand_augment_transform
-
         if not policy.startswith("rand"):
             raise AblateError(f"train.randaugment: {policy!r}: the tensor data path runs RandAugment policies only "
                               "(allowed: rand-m<M>[-n<N>][-mstd<S>][-inc1]..., or data.loader: folder for "

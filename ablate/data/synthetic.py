@@ -5,6 +5,7 @@ from typing import Iterator
 
 import torch
 
+from ablate.batching import select
 from ablate.data.seeding import generator
 
 
@@ -32,8 +33,6 @@ class SyntheticBatches:
         return self.n // self.batch_size if self.train else -(-self.n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from ablate.batching import select
-
         part, epoch = (1, self.epoch) if self.train else (2, 0)
         positions = self.split.positions() if self.train and self.split is not None else None
         lo, hi = self.share

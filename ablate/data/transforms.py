@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+from timm.data import auto_augment, create_transform
+from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
+
 from ablate.config import CellConfig
 from ablate.data.constants import CROP_RATIO, EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 from ablate.data.rand_augment import MIN_POSTERIZE_BITS
@@ -39,8 +42,6 @@ class _AtLeastOneBit:
 
 def policy_ops(policy) -> list:
     """The ``AugmentOp``s of a timm augmentation policy (RandAugment, AutoAugment, AugMix)."""
-    from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
-
     if isinstance(policy, (RandAugment, AugMixAugment)):
         return list(policy.ops)
     if isinstance(policy, AutoAugment):
@@ -52,10 +53,8 @@ def keep_one_posterize_bit(transform) -> int:
     """Patch, in place, the posterize ops of every augmentation policy inside ``transform``
     (a torchvision ``Compose`` from timm's ``create_transform``); returns how many policies
     it found. Only this transform's op objects change, never timm's shared tables."""
-    from timm.data import auto_augment
-
     policies = [t for t in getattr(transform, "transforms", [])
-                if isinstance(t, (auto_augment.RandAugment, auto_augment.AutoAugment, auto_augment.AugMixAugment))]
+                if isinstance(t, (RandAugment, AutoAugment, AugMixAugment))]
     for policy in policies:
         for op in policy_ops(policy):
             if op.aug_fn is auto_augment.posterize:
@@ -65,8 +64,6 @@ def keep_one_posterize_bit(transform) -> int:
 
 def folder_transforms(cfg: CellConfig) -> tuple[Callable, Callable]:
     """``(train, val)`` PIL-image -> normalised float tensor transforms for ``cfg``."""
-    from timm.data import create_transform
-
     size, t = cfg.model.image_size, cfg.train
     try:
         train = create_transform(
