@@ -63,13 +63,12 @@ def this_process() -> dict[str, str]:
 
 
 def gone(pid: str, *, space: str = "", host: str = "", start: str = "") -> bool:
-    """Whether the process ``pid`` recorded with ``space`` (else ``host``, for records that hold
-    no space) and ``start`` has ended. False where it cannot be told from here: another space or
-    host, or no pid recorded."""
-    if not pid.isdigit():
+    """Whether the process ``pid``, recorded with its process ``space`` and/or ``host`` (each that
+    was recorded must be this process's) and its ``start``, has ended. False where it cannot be
+    told from here: another space or host, neither recorded, or no pid."""
+    if not pid.isdigit() or not (space or host):
         return False
-    here = space == process_space() if space else host == socket.gethostname()
-    if not here:
+    if (space and space != process_space()) or (host and host != socket.gethostname()):
         return False
     if not pid_alive(int(pid)):
         return True

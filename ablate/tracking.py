@@ -217,8 +217,9 @@ def _process_tags() -> dict[str, str]:
 
 def _process_gone(tags: dict[str, str]) -> bool:
     """Whether the local process a parent run's tags name has ended (False when it cannot be told here)."""
-    space = tags.get(names.PROCESS_SPACE, "")
-    return bool(space) and liveness.gone(tags.get(names.PID, ""), space=space, start=tags.get(names.PROCESS_START, ""))
+    space = tags.get(names.PROCESS_SPACE, "")  # a run that recorded no space predates the check: left alone
+    return bool(space) and liveness.gone(tags.get(names.PID, ""), space=space, host=tags.get(names.HOST, ""),
+                                         start=tags.get(names.PROCESS_START, ""))
 
 
 def close_gone_parents(experiment_id: str) -> list[str]:
