@@ -8,6 +8,8 @@ A device not in the table (any CPU, a GPU not listed, fp32 training) has no know
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from typing import Optional
 
 from ablate.environ import positive_number
@@ -36,8 +38,6 @@ def peak_flops(device_name: str, precision: str) -> Optional[float]:
 def local_gpu() -> Optional[tuple[str, int]]:
     """(name, memory in bytes) of this machine's first GPU, from nvidia-smi without starting CUDA
     (the plan stays light); None without one."""
-    import shutil
-    import subprocess
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return None

@@ -8,6 +8,7 @@ nothing. Nothing here imports torch, MLflow or Optuna.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -73,7 +74,6 @@ def _set_pdeathsig(signum: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
         return libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0

@@ -15,7 +15,9 @@ import zlib
 from contextlib import contextmanager
 from typing import Callable, Optional, TypeVar
 
+from ablate.environ import positive_number
 from ablate.errors import AblateError
+from ablate.urls import database_url, display_url, mask_text
 
 T = TypeVar("T")
 
@@ -23,7 +25,6 @@ T = TypeVar("T")
 def sqlite_path(url: str) -> Optional[str]:
     """The file behind a SQLite URL of any driver (``sqlite:///path``, ``sqlite+pysqlite:///path``),
     or None for other databases (and for ``sqlite://``, which names no file)."""
-    from ablate.urls import database_url
     parsed = database_url(url)
     if parsed is None or parsed.get_backend_name().lower() != "sqlite":
         return None
@@ -38,9 +39,7 @@ def store_lock(url: str, name: str = "ablate"):
         with _file_lock(f"{path}.lock"):
             yield
     elif url.startswith(("postgresql", "postgres")):
-        import sqlalchemy
-
-        from ablate.urls import display_url
+        import sqlalchemy  # lazy: 0.2 s to import, for a PostgreSQL store only; status imports this module
         key = zlib.crc32(name.encode())  # advisory locks are keyed by a number
         engine = sqlalchemy.create_engine(url.replace("postgres://", "postgresql://", 1), poolclass=sqlalchemy.pool.NullPool,
                                           connect_args={"connect_timeout": 10})
@@ -176,7 +175,6 @@ STORE_RETRY_ENV = "ABLATE_STORE_RETRY_SECONDS"
 
 def store_retry_seconds() -> float:
     """How long a store whose connection was lost is retried before the command gives up."""
-    from ablate.environ import positive_number
     seconds = positive_number(STORE_RETRY_ENV, f"a number of seconds above 0, e.g. {DEFAULT_STORE_RETRY:g}, the default: "
                               "how long a store that stopped answering is waited for")
     return DEFAULT_STORE_RETRY if seconds is None else seconds
@@ -189,7 +187,6 @@ class StoreLost(AblateError):
 def _store_lost(what: str, e: BaseException, waited: float) -> StoreLost:
     root = _chain(e)[-1]  # the driver's own error names the problem (the wrappers repeat it at length)
     first = (str(root).strip() or type(root).__name__).splitlines()[0].strip()
-    from ablate.urls import mask_text
     first = mask_text(first)
     global _gave_up
     _gave_up = StoreLost(f"{what} stopped answering: no connection for {waited:.0f} s ({first}); finished cells are kept "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -51,7 +52,7 @@ def activation_bytes(model, precision: str = "bf16", *, device_type: str = "cuda
 
 def measured_activation_bytes(net, images, autocast_dtype=None) -> int:
     """Bytes autograd saves in one forward pass of ``net`` on ``images``, each storage counted once."""
-    import torch
+    import torch  # lazy: ablate plan imports this module (the analytic count) without torch
 
     storages: dict[tuple[int, int], int] = {}
 
@@ -164,7 +165,6 @@ _UNITS = {"": 10 ** 9, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 
 
 def parse_size(text: str) -> int:
     """``80GB``, ``24G``, ``48GiB``, ``81920MiB`` or a bare number of GB, in bytes."""
-    import re
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
     if not match or unit not in _UNITS or float(match.group(1)) <= 0:

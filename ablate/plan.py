@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ablate.config import CellConfig, DataConfig, flat_params
+from ablate.data.scan import count_images
+from ablate.devices import local_gpu, peak_flops
 from ablate.errors import AblateError
 from ablate.memory import DEFAULT_GPU_MEMORY, plan_memory
-from ablate.pricing import REFERENCE_GPU, Measured, Price, Pricer
+from ablate.models.cost import model_cost
+from ablate.pricing import REFERENCE_GPU, Measured, Price, Pricer, measured_runs
 from ablate.spec.reference import matching_row
 from ablate.spec.types import ReferenceRow
 from ablate.units import PaperUnits, macs_in, paper_number, params_in
@@ -45,8 +48,7 @@ def dataset_sizes(data: DataConfig) -> Optional[tuple[int, int]]:
     root = Path(data.root or "")
     if not data.root or not (root / "train").is_dir():
         return None
-    from ablate.data.scan import count_images  # the files training reads, listed the same way
-    return count_images(root)
+    return count_images(root)  # the files training reads, listed the same way
 
 
 def assumptions(pricer: Pricer) -> dict[str, Any]:
@@ -197,8 +199,6 @@ class Plan:
 
 def _row(cell_config: CellConfig, key: str, seed: int, values: dict, reference: Optional[ReferenceRow],
          pricer: Pricer, memory: int = DEFAULT_GPU_MEMORY, processes: int = 1) -> PlanRow:
-    from ablate.models.cost import model_cost
-
     cost = model_cost(cell_config.model, cell_config.num_classes)
     sizes = dataset_sizes(cell_config.data)
     t = cell_config.train
@@ -218,8 +218,6 @@ def plan(spec, gpu_memory: Optional[int] = None, processes: int = 1, gpu: Option
     """The plan of a loaded :class:`~ablate.spec.Spec`: rows, totals, each cell priced for ``gpu``
     (default: this machine's GPU, else an H100) from the ``runs`` measured (default: the MLflow
     store's), and the micro-batch that fits ``gpu_memory`` bytes (default: this machine's GPU, else 80 GB)."""
-    from ablate.devices import local_gpu, peak_flops
-    from ablate.pricing import measured_runs
     here = local_gpu()
     source = "--gpu-memory"
     if gpu_memory is None and here:

@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ablate import names
+from ablate.config import SECTIONS, CellConfig
+from ablate.locks import sqlite_path
+from ablate.stores import quiet_store_logs
+from ablate.tracking import param_value
 
 #: the GPU a plan prices for when it is not told and sees none
 REFERENCE_GPU = "NVIDIA H100"
@@ -90,8 +94,6 @@ def speed_key(cfg) -> str:
 
 def _config_of(params: dict[str, str]):
     """The CellConfig a run's flat params describe (None when they no longer validate)."""
-    from ablate.config import SECTIONS, CellConfig
-    from ablate.tracking import param_value
     nested: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for key, text in params.items():
         section, _, name = key.partition(".")
@@ -107,11 +109,8 @@ def _config_of(params: dict[str, str]):
 def measured_runs(uri: Optional[str] = None) -> list[Measured]:
     """Every finished cell run with a throughput in the MLflow store at ``uri`` (default: the
     current one); nothing when there is no store (none is created)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from ablate.locks import sqlite_path
-    from ablate.stores import quiet_store_logs
+    import mlflow  # lazy: 1.1 s; importing ablate.plan stays light (the runner's preflight): only a plan reads a store
+    from mlflow.tracking import MlflowClient  # lazy: as mlflow
     uri = uri or mlflow.get_tracking_uri()
     path = sqlite_path(uri)
     if path is None and not uri.startswith(("http://", "https://", "postgresql", "mysql")):

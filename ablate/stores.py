@@ -21,7 +21,7 @@ from typing import Callable, Optional
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from ablate.errors import AblateError
-from ablate.locks import retry_busy
+from ablate.locks import retry_busy, sqlite_path
 from ablate.urls import display_url, mask_text
 
 DEFAULT_SERVER_WAIT = 15.0  # seconds to wait for an MLflow server that does not answer; ABLATE_STORE_WAIT overrides
@@ -60,7 +60,6 @@ def check_stores(ledger_url: str, tracking_uri: Optional[str] = None, *,
 def _check_not_one_file(ledger_url: str, tracking_uri: str) -> None:
     """The ledger in MLflow's own SQLite file would put Optuna's tables (and its alembic version)
     beside MLflow's, and every later MLflow command would fail on the schema."""
-    from ablate.locks import sqlite_path
     ledger, tracking = sqlite_path(ledger_url), sqlite_path(tracking_uri)
     if ledger and tracking and ledger != ":memory:" and os.path.realpath(ledger) == os.path.realpath(tracking):
         raise AblateError(f"--storage {display_url(ledger_url)}: the ledger would share MLflow's store "
@@ -81,7 +80,7 @@ def existing_tracking_store(uri: Optional[str] = None) -> str:
 
 
 def _tracking_uri() -> str:
-    import mlflow
+    import mlflow  # lazy: 1.1 s to import; ablate status and ablate plan import this module
     return mlflow.get_tracking_uri()
 
 
@@ -99,7 +98,7 @@ def _first_line(e: BaseException) -> str:
 def check_database(url: str, what: str, *, create: bool = True) -> None:
     """A SQLAlchemy URL that can hold a store: a SQLite file that is whole (or may be created
     when ``create``), or a database server that accepts a connection."""
-    import sqlalchemy
+    import sqlalchemy  # lazy: 0.2 s to import; ablate status imports this module and may check no database
     shown = display_url(url)
     try:
         parsed = sqlalchemy.engine.make_url(url)
@@ -242,7 +241,7 @@ def _check_other_store(uri: str, *, create: bool) -> None:
         path = Path(urlsplit(uri).path if uri.startswith("file:") else uri)
         if not path.exists():
             raise AblateError(f"no MLflow store at {shown}: nothing has been recorded here ({NOTHING_HERE})")
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: as mlflow in _tracking_uri
     try:
         MlflowClient(uri)  # resolves the store: an unknown scheme or a refused file store raises here
     except Exception as e:

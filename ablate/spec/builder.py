@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 from pydantic import ValidationError
 
 from ablate.config import MACHINE_LOCAL, MAX_SEED, SECTIONS, CellConfig, cell_key, flat_params
+from ablate.data.cache_check import cache_problem
 from ablate.errors import SpecError
 from ablate.spec.files import DESIGN_KEYS, SPEC_KEYS, SpecFiles
 from ablate.spec.overrides import Override, experiment_suffix, parse_overrides
@@ -543,7 +544,6 @@ class SpecBuilder:
     def _cache_not_ready(self, cells: list[Cell], base: CellConfig, unset: dict) -> list[tuple[Where, str, str]]:
         """``data.loader: cache`` without a current cache for a configuration's image size: found
         here, with the data that is not in place, rather than when its first cell starts."""
-        from ablate.data.cache_check import cache_problem
         out, seen = [], set()
         for config in [c.config for c in cells] or [base]:
             data = config.data
