@@ -62,7 +62,7 @@ class CellGroup:
     @classmethod
     def join(cls, rank: int, size: int, address: str, device: "torch.device") -> "CellGroup":
         """Join the group at ``address`` (``tcp://host:port``): NCCL on CUDA, gloo on a CPU."""
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch; ablate status imports this module
         if size > 1:
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=address, rank=rank, world_size=size,
@@ -71,21 +71,21 @@ class CellGroup:
         return cls(rank, size)
 
     def leave(self) -> None:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch; ablate status imports this module
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
     # ---- collectives (no-ops for one process) ----------------------------------------------
 
     def _device(self, tensor: "torch.Tensor") -> "torch.Tensor":
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch; ablate status imports this module
         return tensor.cuda() if dist.get_backend() == "nccl" else tensor
 
     def sum(self, tensor: "torch.Tensor") -> "torch.Tensor":
         """The element-wise sum of ``tensor`` over the ranks (a new tensor on ``tensor``'s device)."""
         if not self.distributed:
             return tensor
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch; ablate status imports this module
         t = self._device(tensor.detach().clone())
         _collective(dist.all_reduce, t)
         return t.to(tensor.device)
@@ -93,8 +93,8 @@ class CellGroup:
     def min(self, value: int) -> int:
         if not self.distributed:
             return value
-        import torch
-        import torch.distributed as dist
+        import torch  # lazy: torch; ablate status imports this module
+        import torch.distributed as dist  # lazy: torch; ablate status imports this module
         t = self._device(torch.tensor([value], dtype=torch.int64))
         _collective(dist.all_reduce, t, op=dist.ReduceOp.MIN)
         return int(t.item())
@@ -103,8 +103,8 @@ class CellGroup:
         """The leader's ``message`` on every rank (JSON over a broadcast; the others pass None)."""
         if not self.distributed:
             return message or {}
-        import torch
-        import torch.distributed as dist
+        import torch  # lazy: torch; ablate status imports this module
+        import torch.distributed as dist  # lazy: torch; ablate status imports this module
         data = json.dumps(message).encode() if self.leader else b""
         length = self._device(torch.tensor([len(data)], dtype=torch.int64))
         _collective(dist.broadcast, length, src=0)
@@ -128,7 +128,7 @@ def is_group_failure(e: BaseException) -> bool:
     """Whether ``e`` is a collective that failed because another rank is gone or silent: torch's
     distributed errors, and gloo's, which DistributedDataParallel's gradient reduction raises as a
     plain RuntimeError ("Connection reset by peer", "Connection closed by peer", a timeout)."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch; ablate status imports this module
     if isinstance(e, dist.DistError):
         return True
     text = str(e)

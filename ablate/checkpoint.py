@@ -119,7 +119,7 @@ def _write_temp(path: Path, write: Callable) -> tuple[Path, str]:
 
 def save(state: dict, path: Path) -> None:
     """Write ``state`` (tensors and plain data only) to ``path``, then list it in its integrity record."""
-    import torch
+    import torch  # lazy: the runner's parent imports this module for paths and clean-up, never torch
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -165,7 +165,7 @@ def set_aside(path: Path, why: str, log: Callable[[str], None]) -> Path:
 
 def load(path: Path, map_location, log: Callable[[str], None] = print) -> Optional[dict]:
     """The checkpoint at ``path`` if there is one and it is intact, else None (set aside if it was bad)."""
-    import torch
+    import torch  # lazy: the runner's parent imports this module for paths and clean-up, never torch
     if not path.exists():
         return None
     listed = _listed_digests(path)

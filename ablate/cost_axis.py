@@ -21,6 +21,8 @@ from typing import Any, Optional, Sequence
 
 from ablate import latency, names
 from ablate.errors import AblateError
+from ablate.plots.style import macs_label
+from ablate.units import count_unit
 
 CHOICES = ("macs", "params", "gpu_hours", "latency:<target>")
 
@@ -70,8 +72,6 @@ class CostAxis:
 
     def label(self, values: Sequence[float]) -> tuple[str, float]:
         """(x-axis label, divisor) for these values."""
-        from ablate.plots.style import macs_label
-        from ablate.units import count_unit
         if self.name == "macs":
             prefix, divisor = count_unit(values)
             return macs_label(prefix), divisor
@@ -199,7 +199,7 @@ def correlation(rows: Sequence[Any], axis: CostAxis) -> Correlation:
     xs, ys = pairs(rows, axis)
     if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return Correlation(axis.target or "", math.nan, math.nan, len(xs))
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # lazy: 0.7 s to import; only a latency axis's correlation needs it
     result = spearmanr(xs, ys)
     return Correlation(axis.target or "", float(result.statistic), float(result.pvalue), len(xs))
 

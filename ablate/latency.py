@@ -34,22 +34,30 @@ A search may minimise a latency (``objectives: [{metric: latency:cpu, direction:
 the worker measures each trial right after building it (:func:`measure_objectives`) and records
 the value under the target named as the objective (``latency_ms.cpu``).
 
-This module imports neither torch nor MLflow at import time (``ablate --help`` stays fast).
+This module imports neither torch nor MLflow at import time (its imports marked ``# lazy:``):
+``ablate report`` and :mod:`ablate.cost_axis` import it for the metric names.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import platform
 import re
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from ablate import names
+from ablate import names, tracking
+from ablate.config import MACHINE_LOCAL, CellConfig, flat_params
 from ablate.errors import AblateError
+from ablate.locks import retry_busy
+from ablate.spec import SpecArgs
+from ablate.tracking import CellRun, param_text, param_value
+from ablate.urls import display_url
 
 #: metric prefixes, each followed by ``.<target>``
 LATENCY = "latency_ms"          # median latency per image, milliseconds
@@ -127,7 +135,6 @@ def slug(text: str) -> str:
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, ``sysctl`` on macOS), else the platform's."""
-    import platform
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
             if line.lower().startswith(("model name", "hardware")) and ":" in line:
@@ -137,7 +144,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     if platform.system() == "Darwin":
-        import subprocess
         try:
             out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
                                  timeout=5).stdout.strip()
@@ -174,7 +180,7 @@ class Machine:
 
 def this_machine(device: Any, batch: int = 1, precision: str = "fp32") -> Machine:
     """The :class:`Machine` of a torch ``device`` of this process, at its current thread count."""
-    import torch
+    import torch  # lazy: torch; ablate report imports this module for the metric names
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return Machine(device.type, name, torch.get_num_threads(), torch.__version__.split("+")[0], batch, precision)
@@ -182,7 +188,7 @@ def this_machine(device: Any, batch: int = 1, precision: str = "fp32") -> Machin
 
 def resolve_device(device: str):
     """``cpu``, ``cuda`` or ``cuda:N`` as a torch device this machine has (one-line error otherwise)."""
-    import torch
+    import torch  # lazy: torch; ablate report imports this module for the metric names
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -267,7 +273,7 @@ def time_forward(model, example, *, precision: str = "fp32", seconds: float = DE
                  warmup_repeats: int = WARMUP_REPEATS) -> Measurement:
     """Time ``model(example)`` as :mod:`ablate.latency` describes: eval mode, inference mode,
     a warm-up, then at least ``min_repeats`` passes and ``seconds`` of them, each timed alone."""
-    import torch
+    import torch  # lazy: torch; ablate report imports this module for the metric names
     device = example.device
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
@@ -295,9 +301,9 @@ def time_forward(model, example, *, precision: str = "fp32", seconds: float = DE
 def measure_config(cfg, device, *, batch: int = 1, precision: str = "fp32", seconds: float = DEFAULT_SECONDS,
                    num_classes: Optional[int] = None) -> Measurement:
     """Build ``cfg``'s model (random weights, no data) on ``device`` and time it on a random batch."""
-    import torch
+    import torch  # lazy: torch; ablate report imports this module for the metric names
 
-    from ablate.models.s2mlp import build_model
+    from ablate.models.s2mlp import build_model  # lazy: torch and timm, as torch
     torch.manual_seed(0)
     classes = num_classes if num_classes is not None else (cfg.num_classes or 1000)
     model = build_model(cfg.model, classes).to(device)
@@ -317,7 +323,6 @@ def measure_config(cfg, device, *, batch: int = 1, precision: str = "fp32", seco
 def configuration_params(params: Mapping[str, str]) -> dict[str, str]:
     """A run's params without the seed and the machine-local settings: what ``ablate report``
     groups runs by (one row per configuration)."""
-    from ablate.config import MACHINE_LOCAL
     return {k: v for k, v in params.items() if k != SEED and k not in MACHINE_LOCAL}
 
 
@@ -330,15 +335,11 @@ def configuration_key(params: Mapping[str, str]) -> str:
 
 def logged_params(cfg) -> dict[str, str]:
     """``cfg``'s flat params as a cell run logs them (the same text, so that keys agree)."""
-    from ablate.config import flat_params
-    from ablate.tracking import param_text
     return {k: param_text(v) for k, v in flat_params(cfg).items()}
 
 
 def config_from_params(params: Mapping[str, str]):
     """The :class:`~ablate.config.CellConfig` a run's params describe."""
-    from ablate.config import CellConfig
-    from ablate.tracking import param_value
     nested: dict[str, dict[str, Any]] = {}
     for key, text in params.items():
         section, _, name = key.partition(".")
@@ -360,7 +361,6 @@ class Configuration:
 
 
 def _all_runs(client, experiment_id: str, filter_string: str = "") -> list:
-    from ablate.locks import retry_busy
     runs, token = [], None
     while True:
         page = retry_busy(client.search_runs, [experiment_id], filter_string=filter_string, max_results=1000,
@@ -413,10 +413,7 @@ def configurations(spec, client, experiment_id: Optional[str]) -> list[Configura
 
 def _latency_run(client, experiment_id: str, conf: Configuration, spec_file: str, spec) -> str:
     """The configuration's latency run: found by its key, else created with its params."""
-    from mlflow.entities import Param
-
-    from ablate import tracking
-    from ablate.locks import retry_busy
+    from mlflow.entities import Param  # lazy: 1.1 s to import (mlflow); ablate report imports this module
     if conf.latency_run is not None:
         return conf.latency_run
     tags = {names.ROLE: names.ROLE_LATENCY, names.CONFIG_KEY: conf.key, names.SPEC_FILE: spec_file,
@@ -436,7 +433,6 @@ def record(run_ids: Sequence[str], target: str, measurement: Measurement, machin
            extra: Optional[Mapping[str, float]] = None) -> None:
     """Log one target's numbers on each run (a configuration's latency run and its cell runs):
     the metrics at step 0, so that a new measurement of the target replaces the old value."""
-    from ablate.tracking import CellRun
     values = {**measurement.metrics(target), **(extra or {})}
     for run_id in run_ids:
         run = CellRun(run_id, resumed=False)
@@ -466,11 +462,7 @@ def measure_spec(spec_path: str, *, device: str = "cpu", batch: int = 1, threads
     """``ablate latency``: measure every configuration of a spec (a search: of its finished trials)
     on ``device`` and record the numbers in the spec's MLflow experiment under ``target`` (default:
     derived from this machine)."""
-    import torch
-
-    from ablate import tracking
-    from ablate.spec import SpecArgs
-    from ablate.urls import display_url
+    import torch  # lazy: torch; ablate report imports this module for the metric names
     if batch < 1:
         raise AblateError(f"--batch: {batch} (allowed: an integer >= 1)")
     if precision not in PRECISIONS:
@@ -528,7 +520,7 @@ def measure_objectives(spec, cfg, device=None, run=None, *, seconds: float = OBJ
     wanted = latency_objectives(spec)
     if not wanted:
         return {}
-    import torch
+    import torch  # lazy: torch; ablate report imports this module for the metric names
     out: dict[str, float] = {}
     for objective in wanted:
         target = objective[len(OBJECTIVE_PREFIX):]

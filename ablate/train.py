@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -25,6 +26,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from ablate import checkpoint, names
 from ablate.batching import BatchSplit, mixup_once_per_step
@@ -32,7 +35,8 @@ from ablate.cell_group import CellGroup, group_broken, is_group_failure
 from ablate.config import CellConfig
 from ablate.data.seeding import derive_seed
 from ablate.devices import peak_flops
-from ablate.memory import SAFETY, MicroBatchMemory
+from ablate.memory import SAFETY, MicroBatchMemory, probe_micro_batch, state_bytes
+from ablate.models.cost import model_cost
 
 
 class CellFailed(Exception):
@@ -141,7 +145,6 @@ def peak_memory_gb(device: torch.device) -> float:
     tensors; CPU: the process's peak resident set, which never resets)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
@@ -166,15 +169,14 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
     callbacks are the leader's). ``micro_batch`` overrides ``train.micro_batch`` (after an
     out-of-memory error). Returns the final metrics.
     """
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
-    from tqdm import tqdm
+    # timm, the loaders and the model take 1.8 s to import: the runner's parent imports this module and never trains
+    from timm.data import Mixup  # lazy: timm (see above)
+    from timm.loss import SoftTargetCrossEntropy  # lazy: timm (see above)
+    from timm.optim import create_optimizer_v2  # lazy: timm (see above)
+    from timm.scheduler import CosineLRScheduler  # lazy: timm (see above)
 
-    from ablate.data.loaders import build_loaders
-    from ablate.models.s2mlp import build_model
-    from ablate.models.cost import model_cost
+    from ablate.data.loaders import build_loaders  # lazy: torchvision and timm (see above)
+    from ablate.models.s2mlp import build_model  # lazy: timm (see above)
 
     t = cfg.train
     seed_everything(t.seed)
@@ -191,7 +193,6 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
     loaders.set_split(split)
     net = model
     if group.distributed:
-        from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = create_optimizer_v2(model, opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                                     **({"fused": True} if device.type == "cuda" and t.optimizer == "adamw" else {}))
@@ -406,8 +407,6 @@ def resolve_micro_batch(cfg: CellConfig, model, device: torch.device, group: Cel
 
 
 def _probe(cfg: CellConfig, model, device: torch.device, per_rank: int, log: Callable[[str], None]) -> int:
-    from ablate.memory import probe_micro_batch, state_bytes
-
     total = torch.cuda.get_device_properties(device).total_memory
     fixed = state_bytes(sum(p.numel() for p in model.parameters()))
     shape = (cfg.model.in_chans, cfg.model.image_size, cfg.model.image_size)
