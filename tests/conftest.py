@@ -12,6 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The suite's two test processes share two cores, and many tests start training processes of
+# their own: torch's default of a thread per core then oversubscribes the CPU, and these tiny
+# models train several times slower with their threads waiting on each other. One thread per
+# process, set before torch is imported and inherited by every process a test starts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
