@@ -2,7 +2,9 @@
 
 Every command's work is a function in the package that tests call directly; here we only
 translate options and turn :class:`~ablate.errors.AblateError` into a one-line message and
-exit status 2.
+exit status 2. Each command imports its own modules inside its function (``# lazy: per
+command``): ``ablate --help``, ``plan`` and ``status`` never pay for torch, timm or the stores of
+the others.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def spec_options(command):
     its spec with ``spec_args.load(path)``, so that every command reads the same spec alike."""
     @functools.wraps(command)
     def with_spec_args(*args, overrides, experiment_name, max_cells, **kwargs):
-        from ablate.spec import MAX_CELLS, SpecArgs
+        from ablate.spec import MAX_CELLS, SpecArgs  # lazy: per command
         spec_args = SpecArgs(tuple(overrides), experiment_name, max_cells or MAX_CELLS)
         return command(*args, spec_args=spec_args, **kwargs)
 
@@ -109,9 +111,9 @@ def _launcher(launcher, slurm, slurm_profile, follow, devices) -> bool:
 
 def _launch_slurm(spec, kind, *, workers, storage, device, checkpoints, slurm, slurm_profile, follow, spec_args,
                   trials=None, gpus_per_cell=1):
-    from ablate.launch.settings import load_settings
-    from ablate.launch.slurm import launch
-    from ablate.urls import display_url, storage_option
+    from ablate.launch.settings import load_settings  # lazy: per command
+    from ablate.launch.slurm import launch  # lazy: per command
+    from ablate.urls import display_url, storage_option  # lazy: per command
     settings = load_settings(slurm, slurm_profile)
     done = launch(spec, kind=kind, workers=workers, storage=storage, checkpoints=checkpoints, device=device,
                   settings=settings, trials=trials, spec_args=spec_args, gpus_per_cell=gpus_per_cell)
@@ -127,7 +129,7 @@ def _launch_slurm(spec, kind, *, workers, storage, device, checkpoints, slurm, s
     click.echo(f"follow: {status}    stop: {spec_args.command('cancel', spec, *storage_option(storage))}")
     if not follow:
         return
-    from ablate.status import follow as follow_status
+    from ablate.status import follow as follow_status  # lazy: per command
     try:
         final = follow_status(spec, job, storage=storage, echo=click.echo, spec_args=spec_args)
     except KeyboardInterrupt:
@@ -148,7 +150,7 @@ def _launch_slurm(spec, kind, *, workers, storage, device, checkpoints, slurm, s
 def status(spec, as_json, storage, spec_args):
     """Where SPEC's grid or search stands: every cell's state, counts, elapsed time, ETA and its
     Slurm jobs. Reads the ledger, MLflow and Slurm; writes nothing."""
-    from ablate.status import collect
+    from ablate.status import collect  # lazy: per command
     result = collect(spec, storage, spec_args=spec_args)
     click.echo(result.to_json() if as_json else result.to_text())
 
@@ -160,8 +162,8 @@ def status(spec, as_json, storage, spec_args):
 @spec_options
 def cancel(spec, storage, spec_args):
     """Cancel SPEC's Slurm jobs (scancel); unfinished cells resume from their checkpoints at the next launch."""
-    from ablate.launch.cancel import cancel as cancel_spec
-    from ablate.urls import storage_option
+    from ablate.launch.cancel import cancel as cancel_spec  # lazy: per command
+    from ablate.urls import storage_option  # lazy: per command
     result = cancel_spec(spec, storage, spec_args=spec_args)
     if not result.launches:
         click.echo(f"{spec}: no Slurm job of this spec is queued or running")
@@ -183,12 +185,12 @@ def cancel(spec, storage, spec_args):
 def _resumable(kind: str):
     """Ctrl-C or SIGTERM during a local run or search: the workers are stopped and the parent run
     marked KILLED below; here say that a re-run resumes, and exit 130 (SIGINT) or 143 (SIGTERM)."""
-    from ablate.lifecycle import exit_status, sigterm_as_interrupt
+    from ablate.lifecycle import exit_status, sigterm_as_interrupt  # lazy: per command
     try:
         with sigterm_as_interrupt():
             yield
     except KeyboardInterrupt as e:
-        import signal
+        import signal  # lazy: per command
         status = exit_status(e)
         what = "cells" if kind == names.GRID else "trials"
         click.echo(f"\nstopped ({signal.Signals(status - 128).name}): unfinished {what} stay "
@@ -244,8 +246,8 @@ def run(spec, workers, storage, device, devices, gpus_per_cell, checkpoints, spe
                       slurm=slurm, slurm_profile=slurm_profile, follow=follow, spec_args=spec_args,
                       gpus_per_cell=gpus_per_cell)
         return
-    from ablate.runner import run_grid
-    from ablate.summary import print_summary
+    from ablate.runner import run_grid  # lazy: per command
+    from ablate.summary import print_summary  # lazy: per command
     with _resumable(names.GRID):
         outcome = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
                            checkpoints=checkpoints, spec_args=spec_args, gpus_per_cell=gpus_per_cell)
@@ -267,8 +269,8 @@ def search(spec, trials, workers, storage, device, devices, gpus_per_cell, check
                       slurm=slurm, slurm_profile=slurm_profile, follow=follow, trials=trials, spec_args=spec_args,
                       gpus_per_cell=gpus_per_cell)
         return
-    from ablate.runner import run_search
-    from ablate.summary import print_search_summary
+    from ablate.runner import run_search  # lazy: per command
+    from ablate.summary import print_search_summary  # lazy: per command
     with _resumable(names.SEARCH):
         outcome = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
                              devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args,
@@ -294,8 +296,8 @@ def report(target, out, cost, spec_args):
     With --set (or --name), the report of the runs made with those same options. With
     --cost latency:TARGET, also a figure of the measured latency against MACs and their rank
     correlation."""
-    from ablate.report import write_report
-    from ablate.stores import existing_tracking_store
+    from ablate.report import write_report  # lazy: per command
+    from ablate.stores import existing_tracking_store  # lazy: per command
     existing_tracking_store()  # a folder with no runs: say so, without creating an empty mlflow.db
     options = (("--out", out) if out else ()) + (("--cost", cost) if cost != "macs" else ())
     command = spec_args.command("report", target, *options)
@@ -332,7 +334,9 @@ def models(assignments, base, classes):
       ablate models --set model.width=384 --set model.depth=6
       ablate models --set image_size=112 --set "shift=[[0,1],[0,-1]]"
     """
-    from ablate.models.cost import cost_row, format_table, model_cost, model_config_from_overrides, variant_rows
+    from ablate.models.cost import model_cost  # lazy: per command
+    from ablate.models.listing import (cost_row, format_table,  # lazy: per command
+                                       model_config_from_overrides, variant_rows)
     if not assignments and base == "s2mlp_wide_16_224":
         click.echo(format_table(variant_rows(classes)))
         return
@@ -373,7 +377,7 @@ def latency(spec, device, batch, threads, precision, target, seconds, spec_args)
       ablate latency experiments/quickstart.yaml --device cpu --batch 1
       ablate report experiments/quickstart.yaml --cost latency:<the target it prints>
     """
-    from ablate.latency import measure_spec
+    from ablate.latency import measure_spec  # lazy: per command
     result = measure_spec(spec, device=device, batch=batch, threads=threads, precision=precision, target=target,
                           seconds=seconds, spec_args=spec_args, echo=click.echo)
     n = len(result.configurations)
@@ -399,7 +403,7 @@ def latency(spec, device, batch, threads, precision, target, seconds, spec_args)
               "or sqlite:///ablate-ledger.db)")
 def ui(host, port, optuna, optuna_port, storage):
     """Browse the runs: the MLflow UI on the store the runs use, until Ctrl-C."""
-    from ablate.ui import serve
+    from ablate.ui import serve  # lazy: per command
     serve(host, port, optuna=optuna, storage=storage, optuna_port=optuna_port, echo=click.echo)
 
 
@@ -425,7 +429,7 @@ def data_imagenet100(imagenet, out, force):
     Example:
       ablate data imagenet100 --imagenet /data/imagenet --out /data/imagenet100
     """
-    from ablate.data.imagenet100 import build_imagenet100
+    from ablate.data.imagenet100 import build_imagenet100  # lazy: per command
     counts = build_imagenet100(imagenet, out, force=force)
     for split, c in counts.items():
         click.echo(f"{split}: {c['images']} images, {c['classes']} classes")
@@ -452,7 +456,7 @@ def data_fake_imagenet(out, train_per_class, val_per_class, decoys, seed):
       IMAGENET100_ROOT=/tmp/in100 ablate run experiments/paper/shift-patterns.yaml \\
           --set model.width=64 --set model.depth=2 --set train.epochs=1 --set train.batch_size=32
     """
-    from ablate.data.fake_imagenet import make_fake_imagenet
+    from ablate.data.fake_imagenet import make_fake_imagenet  # lazy: per command
     counts = make_fake_imagenet(out, train_per_class=train_per_class, val_per_class=val_per_class,
                                 decoys=decoys, seed=seed)
     click.echo(f"train: {counts['train']} images, val: {counts['val']} images -> {out}")
@@ -485,7 +489,7 @@ def data_cache(source, size, out, workers, force):
       ablate data cache /data/imagenet100 --size 256
       ablate data cache experiments/paper/shift-patterns.yaml
     """
-    from ablate.data.cache import build_cache, cache_targets
+    from ablate.data.cache import build_cache, cache_targets  # lazy: per command
     for target in cache_targets(source, size=size, cache_dir=out):
         summary = build_cache(target.root, target.size, cache_dir=target.cache_dir, workers=workers, force=force,
                               log=click.echo)
@@ -521,8 +525,8 @@ def plan(spec, as_json, no_data_check, spec_args, gpu_memory, gpus_per_cell, gpu
     dataset root that does not exist, or whose ${VAR} is unset, is named in the plan (ablate
     run refuses it).
     """
-    from ablate.memory import parse_size
-    from ablate.plan import plan as make_plan
+    from ablate.memory import parse_size  # lazy: per command
+    from ablate.plan import plan as make_plan  # lazy: per command
     try:
         memory = parse_size(gpu_memory) if gpu_memory is not None else None
     except ValueError as e:
@@ -535,5 +539,5 @@ def plan(spec, as_json, no_data_check, spec_args, gpu_memory, gpus_per_cell, gpu
 @cli.command("spec-help")
 def spec_help():
     """Every data, model and train setting of a spec: type, default and description."""
-    from ablate.spec import format_settings_help
+    from ablate.spec import format_settings_help  # lazy: per command
     click.echo(format_settings_help())

@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Collection, Iterable, Optional
 
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -118,7 +119,6 @@ def check_foreign_tables(url: str) -> None:
     path = sqlite_path(url)
     if path is not None and (not os.path.exists(path) or os.path.getsize(path) == 0):
         return
-    import sqlalchemy
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(url))
     try:
         tables = set(_retry(lambda: sqlalchemy.inspect(engine).get_table_names()))

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ablate import text
 from ablate.config import CellConfig, DataConfig, flat_params
 from ablate.data.scan import count_images
 from ablate.devices import local_gpu, peak_flops
@@ -280,14 +281,6 @@ def _search_plan(spec, pricer: Pricer) -> SearchPlan:
 # Text
 # ---------------------------------------------------------------------------------------------
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
-
-
 def _hours(h: Optional[float]) -> str:
     if h is None:
         return "?"
@@ -305,26 +298,13 @@ def _space_label(param: dict[str, Any]) -> str:
     """A parameter as written in the spec: ``int [64, 768], step 64``, ``choice [none, four]``."""
     if param["kind"] == "choice":
         return "choice " + json.dumps(param["choices"], separators=(", ", ":"))
-    text = f"{param['kind']} [{_fmt(param['low'])}, {_fmt(param['high'])}]"
-    return text + (f", step {_fmt(param['step'])}" if param.get("step") else "") + (", log" if param.get("log") else "")
+    label = f"{param['kind']} [{text.number(param['low'])}, {text.number(param['high'])}]"
+    return (label + (f", step {text.number(param['step'])}" if param.get("step") else "")
+            + (", log" if param.get("log") else ""))
 
 
 def _paper(top: Optional[float]) -> str:
     return "-" if top is None else f"{top:.1f}"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _table(header: list[str], body: list[list[str]], left: int) -> list[str]:
-    """Aligned columns: the first ``left`` columns left-aligned, the rest right-aligned."""
-    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return [line(header)] + [line(r) for r in body]
 
 
 def _micro(r: PlanRow) -> str:
@@ -374,7 +354,7 @@ def format_plan(p: Plan) -> str:
         lines += [f"search: {s.trials} trials, sampler {s.sampler}, pruner {s.pruner}; {objectives}",
                   f"data: {data}", ""]
         body = [[k, _space_label(spec)] for k, spec in s.space.items()]
-        lines += _table(["setting", "space"], body, left=2)
+        lines += text.aligned(["setting", "space"], body, left=2)
         hours = s.gpu_hours_per_trial
         lines += ["", f"per trial (over {s.corners} corners of the space): params {_range(s.params_m, '{:.3g}')} M, "
                   f"{_range(s.gmacs, '{:.3g}')} GMACs, "
@@ -382,8 +362,8 @@ def format_plan(p: Plan) -> str:
                   f"total for {s.trials} trials: "
                   + (f"{_range(s.gpu_hours, _hours)} GPU-h (estimate)" if hours else "GPU-h unknown")]
     else:
-        lines += [f"{_plural(len(p.rows), 'cell')} = {_plural(p.configurations, 'configuration')} x "
-                  f"{_plural(len(p.seeds), 'seed')}; data: {data}", ""]
+        lines += [f"{text.plural(len(p.rows), 'cell')} = {text.plural(p.configurations, 'configuration')} x "
+                  f"{text.plural(len(p.seeds), 'seed')}; data: {data}", ""]
         varied = [k for k in p.varied if k != "train.seed"] + (["train.seed"] if "train.seed" in p.varied else [])
         labels = varied or ["cell"]
         header = labels + ["params (M)", "GMACs", "epochs", "GPU-h", "priced by", "MB/img", "micro"]
@@ -396,16 +376,17 @@ def format_plan(p: Plan) -> str:
             row = r.reference or NO_ROW
             mi = " Mi" if row.params_unit == "Mi" else ""
             gi = " Gi" if row.macs_unit == "Gi" else ""
-            line = [_fmt(r.values[k]) for k in varied] or ["base"]
+            line = [text.number(r.values[k]) for k in varied] or ["base"]
             line += [paper_number(r.params_in_paper_units()) + mi, paper_number(r.gmacs_in_paper_units()) + gi,
                      str(r.epochs), _hours(r.gpu_hours), r.priced_by or "-", f"{r.activation_mb:.3g}", _micro(r)]
             if ref:
-                line += [_paper(row.top1), _paper(row.top5), _fmt("-" if row.params_m is None else row.params_m) + mi,
-                         _fmt("-" if row.gmacs is None else row.gmacs) + gi]
+                line += [_paper(row.top1), _paper(row.top5),
+                         text.number("-" if row.params_m is None else row.params_m) + mi,
+                         text.number("-" if row.gmacs is None else row.gmacs) + gi]
             body.append(line + [r.key])
         total = ["total"] + [""] * (len(labels) + 2) + [_hours(p.gpu_hours), "", "", ""]
         body.append(total + [""] * (len(header) - len(total)))
-        lines += _table(header, body, left=len(labels))
+        lines += text.aligned(header, body, left=len(labels))
         if p.gpu_hours is not None:
             lines += ["", "wall time (one worker per GPU): " + ", ".join(
                 f"{g} GPU{'s' if g > 1 else ''} {_hours(p.wall_hours(g))} h" for g in WALL_GPUS)]
@@ -414,8 +395,8 @@ def format_plan(p: Plan) -> str:
         lines += ["", _memory_note(p)]
         tight = [r for r in p.rows if not r.micro_batch]
         if tight:
-            lines += [f"warning: {_plural(len(tight), 'cell')} cannot fit {p.gpu_memory / 1e9:.0f} GB even at micro-batch "
-                      "1 without activation checkpointing: set train.grad_checkpointing: true"
+            lines += [f"warning: {text.plural(len(tight), 'cell')} cannot fit {p.gpu_memory / 1e9:.0f} GB even at "
+                      "micro-batch 1 without activation checkpointing: set train.grad_checkpointing: true"
                       + ("" if all(r.micro_batch_checkpointed for r in tight) else
                          " (some do not fit even then: a smaller model or a larger GPU)")]
     if p.data_problems:

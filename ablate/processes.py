@@ -49,7 +49,8 @@ def run_workers(target: Callable[[Context], None], ctx: Context, workers: int, d
                 wctx = Context(**{**ctx.__dict__, "prefix": name if workers > 1 or rank else "", "index": i,
                                   "threads": threads, "progress": False if workers > 1 or rank else ctx.progress,
                                   "device": devices[n] if devices else ctx.device, "rank": rank, "address": address})
-                p = mp_ctx.Process(target=_worker_process, args=(target if rank == 0 else follow_cells, wctx, os.getpid()),
+                loop = target if rank == 0 else follow_cells
+                p = mp_ctx.Process(target=_worker_process, args=(loop, wctx, os.getpid()),
                                    name=f"ablate-worker-{i}" + (f".{rank}" if per_cell > 1 else ""))
                 p.start()
                 procs.append(p)

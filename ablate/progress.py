@@ -199,8 +199,8 @@ def _search_cells(spec, trials: list[FrozenTrial], runs: dict[str, list[_Run]], 
         if names.DUPLICATE in t.user_attrs or t.number in superseded:
             continue
         key = t.user_attrs.get(names.CELL_KEY, "")
-        c = CellProgress(key=key, state=CellState.NEW, values={k: t.params[k] for k in spec.search.space if k in t.params},
-                         trial=t.number, epochs=spec.base.train.epochs)
+        values = {k: t.params[k] for k in spec.search.space if k in t.params}
+        c = CellProgress(key=key, state=CellState.NEW, values=values, trial=t.number, epochs=spec.base.train.epochs)
         own = [r for r in runs.get(key, []) if r.trial == str(t.number)] or runs.get(key, [])
         if own and own[-1].epochs:
             c.epochs = own[-1].epochs

@@ -132,7 +132,8 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     counts = ledger.counts(keys)
     resume = _to_resume(ledger, keys)
     queue = f"{done} already finished, " + (f"{resume} to resume, " if resume else "") + \
-        f"{max(0, counts['WAITING'] - resume)} queued" + (f", {counts['RUNNING']} running elsewhere" if counts["RUNNING"] else "")
+        f"{max(0, counts['WAITING'] - resume)} queued" + \
+        (f", {counts['RUNNING']} running elsewhere" if counts["RUNNING"] else "")
     experiment_id = tracking.ensure_experiment(spec.name, spec)
     _close_gone_parents(experiment_id)
     print(f"{spec.name}{overrides_note(spec)}: {len(cells)} cells, {queue}; "

@@ -85,7 +85,8 @@ class Status:
             mine = [t for t in self.tasks if job_of(t.job) == launch.job]
             for t in mine:
                 why = t.reason + (f" (exit {t.exit_code})" if t.state == "FAILED" and t.exit_code else "")
-                lines.append("  " + "  ".join(x for x in (t.job.ljust(10), t.state.ljust(11), t.nodes, why) if x).rstrip())
+                cells = (t.job.ljust(10), t.state.ljust(11), t.nodes, why)
+                lines.append("  " + "  ".join(x for x in cells if x).rstrip())
             if not mine and not self.slurm_error:
                 lines.append("  no task known to Slurm any more")
         if self.slurm_error:
@@ -222,6 +223,7 @@ def follow(spec_path: str, launch: Launch, *, storage: Optional[str] = None, ech
                 return status
         elif not status.slurm_error and mine and not any(t.active for t in mine):
             see = (spec_args or SpecArgs()).command("status", spec_path, *storage_option(storage))
-            echo(f"every task of Slurm job {launch.job} has ended with work left; see `{see}` and the logs in {launch.logs}")
+            echo(f"every task of Slurm job {launch.job} has ended with work left; see `{see}` and the logs in "
+                 f"{launch.logs}")
             return status
         time.sleep(interval)

@@ -70,8 +70,8 @@ def search_results(spec, ledger: Ledger) -> tuple[str, list[ResultRow]]:
     for t in chosen:
         metrics = dict(runs[str(t.number)].data.metrics) if str(t.number) in runs else {}
         metrics.update({o.metric: v for o, v in zip(objectives, t.values)})
-        rows.append(ResultRow({"trial": t.number, **{k: t.params.get(k, "") for k in spec.search.space}}, str(CellState.FINISHED),
-                              metrics))
+        values = {"trial": t.number, **{k: t.params.get(k, "") for k in spec.search.space}}
+        rows.append(ResultRow(values, str(CellState.FINISHED), metrics))
     what = (f"Pareto set ({', '.join(f'{o.metric} {o.direction}' for o in objectives)}): "
             f"{len(rows)} of {len(trials)} finished configurations" if len(objectives) > 1 else
             f"best of {len(trials)} finished configurations ({objectives[0].metric} {objectives[0].direction})")

@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import mlflow
 import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
 
 from ablate import liveness, names
 from ablate.config import CellConfig, flat_params
@@ -35,8 +38,7 @@ def _not_a_lost_connection(record: logging.LogRecord) -> bool:
     return not (record.exc_info and record.exc_info[1] is not None and is_lost(record.exc_info[1]))
 
 
-def client():
-    from mlflow.tracking import MlflowClient
+def client() -> MlflowClient:
     db_log = logging.getLogger("mlflow.store.db.utils")
     if _not_a_lost_connection not in db_log.filters:
         db_log.addFilter(_not_a_lost_connection)
@@ -44,7 +46,6 @@ def client():
 
 
 def tracking_uri() -> str:
-    import mlflow
     return mlflow.get_tracking_uri()
 
 
@@ -313,7 +314,6 @@ class CellRun:
     def _describe(self, cfg: CellConfig) -> None:
         """Log the cell's params and config.yaml, then drop the incomplete mark. Logging the same
         values again (a resumed run whose creator died midway) is harmless."""
-        from mlflow.entities import Param
         c = client()
         params = [Param(k, param_text(v)) for k, v in flat_params(cfg).items()]
         for i in range(0, len(params), 100):
@@ -325,7 +325,6 @@ class CellRun:
     @classmethod
     def copy_of(cls, run, parent_id: str, trial_number: int) -> "CellRun":
         """A finished run for a search trial that repeated an earlier trial's configuration."""
-        from mlflow.entities import Param
         tags = {k: v for k, v in run.data.tags.items() if k.startswith("ablate.")}
         tags.update({names.PARENT_ID: parent_id, names.TRIAL_NUMBER: str(trial_number),
                      names.REUSED_FROM: run.info.run_id})
@@ -338,11 +337,9 @@ class CellRun:
         return cr
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
         _retry(client().log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
-        from mlflow.entities import Metric
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         _retry(client().log_batch, self.run_id, metrics=batch)

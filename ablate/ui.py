@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import urlencode
 
+import mlflow
+
 from ablate import names
 from ablate.errors import AblateError
+from ablate.ledger import storage_url
 from ablate.locks import sqlite_path
 from ablate.urls import absolute_sqlite, mask_url
 
@@ -52,13 +55,11 @@ def absolute_store_uri(uri: str, cwd: Optional[Path] = None) -> str:
 
 def tracking_store_uri() -> str:
     """The store MLflow logs to here: ``MLFLOW_TRACKING_URI`` or MLflow's default."""
-    import mlflow
     return absolute_store_uri(mlflow.get_tracking_uri())
 
 
 def ledger_store_url(storage: Optional[str] = None) -> str:
     """``--storage``, else ``ABLATE_STORAGE``, else the ledger's default file, made absolute."""
-    from ablate.ledger import storage_url
     return absolute_store_uri(storage_url(storage))
 
 

@@ -11,6 +11,8 @@ import os
 import re
 from urllib.parse import unquote, urlsplit
 
+from sqlalchemy.engine import make_url
+
 MASK = "***"
 _SECRET_QUERY = re.compile(r"(?i)((?:^|&)(?:password|passwd|pwd|token|secret|access_token)=)[^&]*")
 # user:PASSWORD@ inside free text; a database password may hold "/" (SQLAlchemy reads up to the "@")
@@ -32,7 +34,6 @@ def database_url(url: str):
     ``sqlite+pysqlite://``), else None: the one reading of a database URL that the stores use."""
     if _backend(url) not in DATABASE_BACKENDS:
         return None
-    from sqlalchemy.engine import make_url
     try:
         return make_url(url)
     except Exception:  # ArgumentError, ValueError (a bad port): not a URL SQLAlchemy can read

@@ -21,35 +21,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ablate"
 LAZY = "# lazy:"
 DYNAMIC = ("import_module", "__import__", "spec_from_file_location")
 
-#: function-level imports without ``# lazy:`` that predate the rule, in modules their owners are
-#: changing: module -> the modules it imports that way. Shrink it as they move to the top (or are
-#: marked lazy); the test fails on an entry that is no longer needed, so it only ever shrinks.
-ALLOWED = {
-    # the CLI imports each command's module inside the command: --help, plan and status stay light
-    "ablate.cli": {"ablate.data.cache", "ablate.data.fake_imagenet", "ablate.data.imagenet100", "ablate.latency",
-                   "ablate.launch.cancel", "ablate.launch.settings", "ablate.launch.slurm", "ablate.lifecycle",
-                   "ablate.memory", "ablate.models.cost", "ablate.plan", "ablate.report", "ablate.runner",
-                   "ablate.spec", "ablate.status", "ablate.stores", "ablate.summary", "ablate.ui", "ablate.urls",
-                   "signal"},
-    # submitit (and through it torch) only for a Slurm launch
-    "ablate.launch.slurm": {"submitit", "submitit.helpers", "submitit.slurm.slurm"},
-    "ablate.launch.jobs": {"ablate.locks"},
-    "ablate.ledger": {"sqlalchemy"},
-    "ablate.report.stats": {"scipy.stats"},
-    # mlflow (1.1 s) only where a run is read or written
-    "ablate.tracking": {"mlflow", "mlflow.entities", "mlflow.tracking"},
-    "ablate.ui": {"ablate.ledger", "mlflow"},
-    "ablate.urls": {"sqlalchemy.engine"},
-}
-
-#: late imports that close a cycle, kept until the module named moves: (importing module, imported)
-TRANSITIONAL = {
-    # ablate.models.cost answers the listing's names for ablate/cli.py (its module __getattr__)
-    # until cli.py imports them from ablate.models.listing
-    ("ablate.models.cost", "ablate.models.listing"),
-}
-
-
 @dataclass(frozen=True)
 class Import:
     module: str      # the importing module
@@ -114,7 +85,7 @@ def graph(late: bool = False) -> tuple[dict[str, set[str]], list[Import]]:
     every = [i for name, path in known.items() for i in imports(name, path, known)]
     edges: dict[str, set[str]] = {name: set() for name in known}
     for i in every:
-        if not (i.runtime or late) or not i.target.startswith("ablate.") or (i.module, i.target) in TRANSITIONAL:
+        if not (i.runtime or late) or not i.target.startswith("ablate."):
             continue
         target = i.target
         while target not in known:
@@ -172,23 +143,17 @@ def test_no_import_cycle():
 def test_no_cycle_through_a_function_either():
     """Counting the imports inside functions too (lazy ones included): a late import defers a
     cost, it must not be what keeps two modules from importing each other."""
-    edges, every = graph(late=True)
+    edges, _ = graph(late=True)
     found = cycles(edges)
     shown = ["; ".join(f"{m} -> {', '.join(sorted(edges[m] & set(c)))}" for m in c) for c in found]
     assert not found, "import cycles through functions:\n" + "\n".join(shown)
-    gone = TRANSITIONAL - {(i.module, i.target) for i in every}
-    assert not gone, f"TRANSITIONAL entries no longer needed (remove them): {sorted(gone)}"
 
 
 def test_imports_sit_at_the_top_unless_marked_lazy():
     _, every = graph()
-    late = [i for i in every if not i.runtime and not i.lazy]
-    unexplained = [f"{i.module}, line {i.line}: {i.target}" for i in late if i.target not in ALLOWED.get(i.module, ())]
+    unexplained = [f"{i.module}, line {i.line}: {i.target}" for i in every if not i.runtime and not i.lazy]
     assert not unexplained, ("imports inside functions without `# lazy: <reason>` (move them to the top, or say "
                              "what importing late buys):\n" + "\n".join(unexplained))
-    used = {(i.module, i.target) for i in late}
-    stale = sorted(f"{m}: {t}" for m, targets in ALLOWED.items() for t in targets if (m, t) not in used)
-    assert not stale, "ALLOWED entries no longer needed (remove them):\n" + "\n".join(stale)
 
 
 def test_lazy_imports_say_why():

@@ -17,6 +17,7 @@ from typing import Iterable, Optional
 
 from ablate import names
 from ablate.errors import AblateError
+from ablate.locks import retry_busy, store_lock
 
 #: Slurm states in which a task still holds (or waits for) a node
 ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
@@ -78,7 +79,6 @@ def launches(study) -> list[Launch]:
 
 def record_launch(ledger, launch: Launch) -> None:
     """Append ``launch`` to the study's records (under the store lock: two launches at once keep both)."""
-    from ablate.locks import retry_busy, store_lock
     with store_lock(ledger.url):
         records = [asdict(x) for x in launches(ledger.study)] + [asdict(launch)]
         retry_busy(ledger.study.set_user_attr, names.SLURM_LAUNCHES, json.dumps(records))

@@ -28,6 +28,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+import submitit
+from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
+from submitit.slurm.slurm import _make_sbatch_string  # private: its batch script writer, for sbatch --test-only
+
 from ablate import names, tracking
 from ablate.context import Context, checkpoint_root
 from ablate.errors import AblateError
@@ -163,7 +167,6 @@ def _check_cell_shape(settings: SlurmSettings, gpus_per_cell: int) -> None:
 
 def _executor(settings: SlurmSettings, folder: Path, slug: str, workers: int, where: Placement,
               gpus_per_cell: int = 1):
-    import submitit
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=TIMEOUT_REQUEUES)
     extra = {"export": "ALL", **settings.sbatch_options()}  # ALL: even where SBATCH_EXPORT says otherwise
     minutes = settings.time or where.default_time or where.max_time
@@ -192,7 +195,6 @@ def _test_only(executor, workers: int) -> None:
     """Ask Slurm whether it would take the array as it will be submitted, without submitting it."""
     # submitit writes the batch script only when it submits; this is its own writer (a private
     # function, the only one we use) run on the same parameters, so the check sees that script
-    from submitit.slurm.slurm import _make_sbatch_string
     script = _make_sbatch_string(command="true", folder=executor.folder, map_count=workers if workers > 1 else None,
                                  **executor.parameters)
     result = run_slurm(["sbatch", "--test-only", "--parsable"], check=False, input=script)
@@ -262,7 +264,6 @@ class SlurmWorker:
         """One process of a task that is one cell's group (--gpus-per-cell): Slurm started one per
         GPU (or CPU process), on one or several nodes; submitit says which rank this is and where
         rank 0 listens. Rank 0 is the worker that claims and records; the others follow it."""
-        from submitit.helpers import TorchDistributedEnvironment  # lazy: submitit is imported on the cluster only
         env = TorchDistributedEnvironment()
         has_gpus = "CUDA_VISIBLE_DEVICES" in os.environ and ctx.device != "cpu"
         device = f"cuda:{env.local_rank}" if has_gpus else ctx.device
@@ -288,7 +289,6 @@ class SlurmWorker:
         submitit requeues the job and exits next; the SIGTERM with which Slurm then ends the task
         must not interrupt that exit (it would print a traceback from wherever the exit had got to).
         """
-        from submitit.helpers import DelayedSubmission
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return DelayedSubmission(self)
 

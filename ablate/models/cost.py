@@ -74,16 +74,3 @@ def model_cost(model_cfg: "ModelConfig", num_classes: int) -> Cost:
         params_patch=params_patch, params_blocks=params_blocks, params_norm=params_norm,
         params_head=params_head, params=params_patch + params_blocks + params_norm + params_head,
         params_paper=params_patch + params_blocks, macs=macs, flops=2 * macs)
-
-
-# ---- transitional: ``ablate/cli.py`` still imports the ``ablate models`` listing from here ----
-
-_LISTING = ("COLUMNS", "cost_row", "format_table", "model_config_from_overrides", "variant_rows")
-
-
-def __getattr__(name: str):
-    # remove once ablate/cli.py imports these names from ablate.models.listing (which imports this module)
-    if name in _LISTING:
-        from ablate.models import listing  # lazy: transitional alias, a cycle listing -> cost until cli.py moves
-        return getattr(listing, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

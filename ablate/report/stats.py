@@ -14,6 +14,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Mapping
 
+from scipy.stats import t  # scipy comes with scikit-learn
+
 LEVEL = 0.95
 PAIRED = "paired t"
 WELCH = "Welch t"
@@ -45,7 +47,6 @@ class Difference:
 
 def t_quantile(df: float, level: float = LEVEL) -> float:
     """The two-sided ``level`` quantile of Student's t with ``df`` degrees of freedom."""
-    from scipy.stats import t  # scipy comes with scikit-learn
     return float(t.ppf((1 + level) / 2, df))
 
 
