@@ -34,8 +34,8 @@ A search may minimise a latency (``objectives: [{metric: latency:cpu, direction:
 the worker measures each trial right after building it (:func:`measure_objectives`) and records
 the value under the target named as the objective (``latency_ms.cpu``).
 
-This module imports neither torch nor MLflow at import time (its imports marked ``# lazy:``):
-``ablate report`` and :mod:`ablate.cost_axis` import it for the metric names.
+This module imports torch only where it measures (its imports marked ``# lazy:``): ``ablate
+report`` and :mod:`ablate.cost_axis` import it for the metric names.
 """
 from __future__ import annotations
 
@@ -51,12 +51,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from mlflow.entities import Param
+
 from ablate import names, tracking
-from ablate.config import MACHINE_LOCAL, CellConfig, flat_params
+from ablate.config import MACHINE_LOCAL, flat_params
 from ablate.errors import AblateError
 from ablate.locks import retry_busy
 from ablate.spec import SpecArgs
-from ablate.tracking import CellRun, param_text, param_value
+from ablate.tracking import CellRun, param_text
 from ablate.urls import display_url
 
 #: metric prefixes, each followed by ``.<target>``
@@ -338,16 +340,6 @@ def logged_params(cfg) -> dict[str, str]:
     return {k: param_text(v) for k, v in flat_params(cfg).items()}
 
 
-def config_from_params(params: Mapping[str, str]):
-    """The :class:`~ablate.config.CellConfig` a run's params describe."""
-    nested: dict[str, dict[str, Any]] = {}
-    for key, text in params.items():
-        section, _, name = key.partition(".")
-        if name:
-            nested.setdefault(section, {})[name] = param_value(text)
-    return CellConfig.model_validate(nested)
-
-
 @dataclass
 class Configuration:
     """One configuration to measure: its key, resolved config, what tells it apart, and its runs."""
@@ -360,25 +352,14 @@ class Configuration:
     measurement: Optional[Measurement] = None
 
 
-def _all_runs(client, experiment_id: str, filter_string: str = "") -> list:
-    runs, token = [], None
-    while True:
-        page = retry_busy(client.search_runs, [experiment_id], filter_string=filter_string, max_results=1000,
-                          page_token=token, what="the MLflow store")
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _label(params: Mapping[str, str], varied: Sequence[str]) -> str:
     return " ".join(f"{k.rsplit('.', 1)[-1]}={params.get(k, '')}" for k in varied if k != SEED) or "the configuration"
 
 
-def configurations(spec, client, experiment_id: Optional[str]) -> list[Configuration]:
+def configurations(spec, experiment_id: Optional[str]) -> list[Configuration]:
     """A grid's configurations (its cells, seeds merged), or a search's finished trials, each
     with its finished cell runs and its latency run when the experiment has them."""
-    runs = _all_runs(client, experiment_id) if experiment_id is not None else []
+    runs = tracking.all_runs(experiment_id) if experiment_id is not None else []
     cells = [r for r in runs if r.data.tags.get(names.ROLE) == "cell" and r.info.status == "FINISHED"
              and r.data.tags.get(names.STATE) == "COMPLETE"]
     found: dict[str, Configuration] = {}
@@ -394,7 +375,7 @@ def configurations(spec, client, experiment_id: Optional[str]) -> list[Configura
             params = dict(run.data.params)
             key = configuration_key(params)
             if key not in found:
-                found[key] = Configuration(key, config_from_params(params), configuration_params(params),
+                found[key] = Configuration(key, tracking.config_from_params(params), configuration_params(params),
                                            _label(params, spec.varied))
     for run in cells:
         conf = found.get(configuration_key(run.data.params))
@@ -413,7 +394,6 @@ def configurations(spec, client, experiment_id: Optional[str]) -> list[Configura
 
 def _latency_run(client, experiment_id: str, conf: Configuration, spec_file: str, spec) -> str:
     """The configuration's latency run: found by its key, else created with its params."""
-    from mlflow.entities import Param  # lazy: 1.1 s to import (mlflow); ablate report imports this module
     if conf.latency_run is not None:
         return conf.latency_run
     tags = {names.ROLE: names.ROLE_LATENCY, names.CONFIG_KEY: conf.key, names.SPEC_FILE: spec_file,
@@ -478,7 +458,7 @@ def measure_spec(spec_path: str, *, device: str = "cpu", batch: int = 1, threads
     started = time.perf_counter()
     experiment_id = tracking.ensure_experiment(spec.name, spec)
     client = tracking.client()
-    confs = configurations(spec, client, experiment_id)
+    confs = configurations(spec, experiment_id)
     if not confs:
         raise AblateError(f"{spec_path}: search {spec.name!r} has no finished trials in "
                           f"{display_url(tracking.tracking_uri())} yet (allowed: measure after `ablate search`)")

@@ -20,13 +20,13 @@ import json
 import os
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
-from ablate import names
-from ablate.config import SECTIONS, CellConfig
+from mlflow.tracking import MlflowClient
+
+from ablate import names, tracking
 from ablate.locks import sqlite_path
 from ablate.stores import quiet_store_logs
-from ablate.tracking import param_value
 
 #: the GPU a plan prices for when it is not told and sees none
 REFERENCE_GPU = "NVIDIA H100"
@@ -92,45 +92,27 @@ def speed_key(cfg) -> str:
     return json.dumps(what, sort_keys=True)
 
 
-def _config_of(params: dict[str, str]):
-    """The CellConfig a run's flat params describe (None when they no longer validate)."""
-    nested: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-    for key, text in params.items():
-        section, _, name = key.partition(".")
-        if section in nested and name:
-            nested[section][name] = param_value(text)
-    nested["data"] = {}  # paths of another machine: the speed does not depend on them
-    try:
-        return CellConfig.model_validate(nested)
-    except ValueError:
-        return None
-
-
 def measured_runs(uri: Optional[str] = None) -> list[Measured]:
     """Every finished cell run with a throughput in the MLflow store at ``uri`` (default: the
     current one); nothing when there is no store (none is created)."""
-    import mlflow  # lazy: 1.1 s; importing ablate.plan stays light (the runner's preflight): only a plan reads a store
-    from mlflow.tracking import MlflowClient  # lazy: as mlflow
-    uri = uri or mlflow.get_tracking_uri()
+    uri = uri or tracking.tracking_uri()
     path = sqlite_path(uri)
     if path is None and not uri.startswith(("http://", "https://", "postgresql", "mysql")):
         return []
     if path is not None and not os.path.exists(path):
         return []
     quiet_store_logs()
-    client = MlflowClient(uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    out, token = [], None
-    while experiments:
-        page = client.search_runs(experiments, filter_string=f"tags.`{names.ROLE}` = 'cell' and "
-                                  "attributes.status = 'FINISHED'", max_results=1000, page_token=token)
-        for run in page:
-            rate, device = run.data.metrics.get("images_per_second"), run.data.tags.get(names.DEVICE_NAME)
-            cfg = _config_of(run.data.params) if rate and device else None
-            if cfg is not None:
-                out.append(Measured(device, speed_key(cfg), rate, int(run.data.tags.get(names.PROCESSES, "1")),
-                                    run.data.metrics.get("mfu")))
-        token = page.token
-        if not token:
-            break
+    experiments = [e.experiment_id for e in MlflowClient(uri).search_experiments()]
+    out = []
+    for run in tracking.all_runs(experiments, f"tags.`{names.ROLE}` = 'cell' and attributes.status = 'FINISHED'",
+                                 uri=uri):
+        rate, device = run.data.metrics.get(names.IMAGES_PER_SECOND), run.data.tags.get(names.DEVICE_NAME)
+        if not (rate and device):
+            continue
+        try:  # the data section's paths are another machine's: the speed does not depend on them
+            cfg = tracking.config_from_params(run.data.params, without_data=True)
+        except ValueError:  # params of an older version that no longer validate
+            continue
+        out.append(Measured(device, speed_key(cfg), rate, int(run.data.tags.get(names.PROCESSES, "1")),
+                            run.data.metrics.get(names.MFU)))
     return out

@@ -23,7 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ablate import liveness, names
-from ablate.config import CellConfig, flat_params
+from ablate.config import SECTIONS, CellConfig, flat_params
 from ablate.locks import is_lost, retry_busy, sqlite_path, store_lock
 from ablate.stores import check_tracking_store
 from ablate.urls import database_url
@@ -49,16 +49,21 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def all_runs(experiment_id: str, filter_string: str = "", order_by: Optional[list[str]] = None) -> list:
-    """Every run of an experiment that matches ``filter_string``, through all of MLflow's pages."""
+def all_runs(experiments: str | list[str], filter_string: str = "", order_by: Optional[list[str]] = None, *,
+             uri: Optional[str] = None) -> list:
+    """Every run of one experiment (an id) or several (a list) that matches ``filter_string``, through
+    all of MLflow's pages, in the store at ``uri`` (default: the current one)."""
+    ids = [experiments] if isinstance(experiments, str) else list(experiments)
+    reader = client() if uri is None else MlflowClient(uri)
     runs, token = [], None
-    while True:
-        page = _retry(client().search_runs, [experiment_id], filter_string=filter_string, order_by=order_by,
+    while ids:
+        page = _retry(reader.search_runs, ids, filter_string=filter_string, order_by=order_by,
                       max_results=1000, page_token=token)
         runs += list(page)
         token = page.token
         if not token:
-            return runs
+            break
+    return runs
 
 
 def existing_experiment(name: str):
@@ -264,6 +269,20 @@ def param_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def config_from_params(params: dict[str, str], *, without_data: bool = False) -> CellConfig:
+    """The :class:`CellConfig` a cell run's params describe (:func:`param_value` of each), raising
+    pydantic's ``ValidationError`` (a ``ValueError``) where they no longer validate. ``without_data``:
+    the data section left at its defaults (its paths are another machine's)."""
+    nested: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, text in params.items():
+        section, _, name = key.partition(".")
+        if section in nested and name:
+            nested[section][name] = param_value(text)
+    if without_data:
+        nested["data"] = {}
+    return CellConfig.model_validate(nested)
 
 
 def find_cell_runs(experiment_id: str, key: str) -> list:
