@@ -187,6 +187,8 @@ def _epoch_text(r: CellProgress) -> str:
 def _where_or_why(r: CellProgress) -> str:
     if r.state in (CellState.RUNNING, CellState.INTERRUPTED):
         where = [r.host, f"worker {r.worker}" if r.worker else "", f"slurm {r.slurm_task}" if r.slurm_task else ""]
+        if r.reason:  # interrupted: the reason names the worker or the Slurm task that is gone
+            where = [r.host]
         speed = "" if r.state != CellState.RUNNING or r.images_per_second is None else \
             f"{r.images_per_second:.0f} img/s" + (f", MFU {r.mfu:.0%}" if r.mfu is not None else "")
         return " ".join(x for x in [*where, r.reason] if x) + (f"; {speed}" if speed else "")
