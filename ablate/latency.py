@@ -85,7 +85,6 @@ DEFAULT_SECONDS = 1.0
 OBJECTIVE_SECONDS = 0.5
 
 _TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-SEED = "train.seed"
 
 
 # ---------------------------------------------------------------- names
@@ -325,7 +324,7 @@ def measure_config(cfg, device, *, batch: int = 1, precision: str = "fp32", seco
 def configuration_params(params: Mapping[str, str]) -> dict[str, str]:
     """A run's params without the seed and the machine-local settings: what ``ablate report``
     groups runs by (one row per configuration)."""
-    return {k: v for k, v in params.items() if k != SEED and k not in MACHINE_LOCAL}
+    return {k: v for k, v in params.items() if k != names.SEED and k not in MACHINE_LOCAL}
 
 
 def configuration_key(params: Mapping[str, str]) -> str:
@@ -353,7 +352,7 @@ class Configuration:
 
 
 def _label(params: Mapping[str, str], varied: Sequence[str]) -> str:
-    return " ".join(f"{k.rsplit('.', 1)[-1]}={params.get(k, '')}" for k in varied if k != SEED) or "the configuration"
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={params.get(k, '')}" for k in varied if k != names.SEED) or "the configuration"
 
 
 def configurations(spec, experiment_id: Optional[str]) -> list[Configuration]:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ablate import text
+from ablate import names, text
 from ablate.config import CellConfig, DataConfig, flat_params
 from ablate.data.scan import count_images
 from ablate.devices import local_gpu, peak_flops
@@ -154,7 +154,7 @@ class Plan:
 
     @property
     def configurations(self) -> int:
-        return len({json.dumps({k: v for k, v in r.values.items() if k != "train.seed"}, sort_keys=True)
+        return len({json.dumps({k: v for k, v in r.values.items() if k != names.SEED}, sort_keys=True)
                     for r in self.rows})
 
     @property
@@ -364,7 +364,7 @@ def format_plan(p: Plan) -> str:
     else:
         lines += [f"{text.plural(len(p.rows), 'cell')} = {text.plural(p.configurations, 'configuration')} x "
                   f"{text.plural(len(p.seeds), 'seed')}; data: {data}", ""]
-        varied = [k for k in p.varied if k != "train.seed"] + (["train.seed"] if "train.seed" in p.varied else [])
+        varied = [k for k in p.varied if k != names.SEED] + ([names.SEED] if names.SEED in p.varied else [])
         labels = varied or ["cell"]
         header = labels + ["params (M)", "GMACs", "epochs", "GPU-h", "priced by", "MB/img", "micro"]
         ref = p.reference_source is not None

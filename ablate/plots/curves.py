@@ -9,10 +9,11 @@ from typing import Mapping, Sequence
 
 from matplotlib.figure import Figure
 
+from ablate import names
 from ablate.plots.style import Encoding, figure, finite, legend_outside, save
 
 #: the panels, left to right: (metric, axis label)
-PANELS = (("val_top1", "top-1 (%), validation"), ("train_loss", "training loss"))
+PANELS = ((names.VAL_TOP1, "top-1 (%), validation"), (names.TRAIN_LOSS, "training loss"))
 
 
 @dataclass

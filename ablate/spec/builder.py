@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 from pydantic import ValidationError
 
+from ablate import names
 from ablate.config import MACHINE_LOCAL, MAX_SEED, SECTIONS, CellConfig, cell_key, flat_params
 from ablate.data.cache_check import cache_problem
 from ablate.errors import SpecError
@@ -184,8 +185,8 @@ class SpecBuilder:
         self.problems.raise_if_any()
 
         if len(seeds) > 1:
-            varied = varied + ["train.seed"]
-            cells = [Cell(c.config, c.key, {**c.values, "train.seed": c.seed}, c.seed) for c in cells]
+            varied = varied + [names.SEED]
+            cells = [Cell(c.config, c.key, {**c.values, names.SEED: c.seed}, c.seed) for c in cells]
         given = {o.key: o.value for o in overrides}
         name = self.name_option or spec_name + experiment_suffix(self._effective(overrides, base_config, seeds))
         return Spec(name=name, description=description, path=self.path, base=base_config, seeds=seeds,
@@ -282,7 +283,7 @@ class SpecBuilder:
     def setting_key(self, key: Any, path: tuple) -> bool:
         """Whether a grid/zip/search/exclude key names a setting; adds the problem if not."""
         if key in SETTINGS:
-            if key == "train.seed":
+            if key == names.SEED:
                 self.add(path, "vary seeds with the top-level `seeds:` list (allowed: seeds: [0, 1, 2])")
                 return False
             return True

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+from ablate import names
 from ablate.spec.problems import Problems, Where, option_where, setting_hint
 from ablate.spec.types import SETTINGS
 from ablate.spec.yaml_source import read_yaml_text
@@ -59,7 +60,7 @@ def parse_overrides(items: Iterable[str], problems: Problems, *, settings: Itera
         if key not in known:
             problems.add(where, None, f"unknown setting {key}{setting_hint(key, settings)} (allowed: {allowed})")
             continue
-        if key == "train.seed":
+        if key == names.SEED:
             problems.add(where, None, "set seeds with --set seeds=[0, 1, 2] (allowed: a list of seeds)")
             continue
         if not raw.strip():

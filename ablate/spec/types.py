@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from ablate import names
 from ablate.config import SECTIONS, CellConfig
 from ablate.errors import AblateError
 from ablate.spec.problems import format_value, format_values, section_dicts, setting_hint, validate_cell
@@ -117,7 +118,7 @@ class Spec:
     @property
     def kind(self) -> str:
         """``search`` for a search spec, else ``grid`` (a spec without a grid is a grid of one cell)."""
-        return "search" if self.search is not None else "grid"
+        return names.SEARCH if self.search is not None else names.GRID
 
     def cells(self) -> list[Cell]:
         """Every cell in run order: seeds outermost, then the grid keys and zip groups as written.
