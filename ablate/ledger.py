@@ -22,7 +22,9 @@ against the installed version:
 - ``storage.set_trial_state_values(id, RUNNING)``: the conditional WAITING -> RUNNING update
   that ``Study.ask`` itself uses to pop a waiting trial, here restricted to our cells;
 - ``optuna.Trial(study, id)``: the claimed trial as a ``Trial`` (what ``Study.ask`` returns);
-- ``storage.record_heartbeat(id)``: what ``Study.optimize``'s heartbeat thread records.
+- ``storage.record_heartbeat(id)``: what ``Study.optimize``'s heartbeat thread records;
+- ``storage._get_stale_trial_ids(study_id)``: the trials ``fail_stale_trials`` would fail, for a
+  reader (``ablate status``) that must only look.
 Everything else (attributes, tell, retries, stale-trial recovery) goes through public calls.
 
 Default storage: ``sqlite:///ablate-ledger.db`` in the working directory, beside MLflow's
@@ -428,6 +430,14 @@ class Ledger:
                 _retry(RetryHeartbeatStaleTrialCallback(), self.study, failed)
         after = {t.number for t in self.trials(states=(TrialState.RUNNING,))}
         return sorted(before - after - {t.number for t in self.trials(states=(TrialState.COMPLETE,))})
+
+    def stale(self) -> set[int]:
+        """Numbers of the RUNNING trials whose heartbeat is older than the grace period: their worker
+        is gone, wherever it ran. Only reads (:meth:`recover_dead` is what fails and requeues them)."""
+        study_id = _retry(self.storage.get_study_id_from_name, self.study.study_name)
+        # private Optuna: the query fail_stale_trials makes before it fails what it finds
+        ids = set(_retry(self.storage._get_stale_trial_ids, study_id))
+        return {t.number for t in self.trials(states=(TrialState.RUNNING,)) if _trial_id(t) in ids}
 
     def release_gone(self, gone: Callable[[optuna.trial.FrozenTrial], bool]) -> list[int]:
         """Fail the RUNNING trials whose worker is known to be gone (``gone(trial)``, e.g. its Slurm

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 from optuna.trial import FrozenTrial, TrialState
 
 from ablate import liveness, names, tracking, text
-from ablate.ledger import retried
+from ablate.ledger import heartbeat_settings, retried
 
 
 class CellState(str, enum.Enum):
@@ -141,6 +141,16 @@ def worker_gone(trial: FrozenTrial) -> Optional[str]:
     return None
 
 
+def _or_stale(gone: Callable[[FrozenTrial], Optional[str]], stale: set[int]) -> Callable[[FrozenTrial], Optional[str]]:
+    """``gone``, and else a heartbeat older than the grace period (a worker on any machine)."""
+    def judged(trial: FrozenTrial) -> Optional[str]:
+        why = gone(trial)
+        if why is None and trial.number in stale:
+            why = f"no heartbeat for over {heartbeat_settings()[1]} s; resumes from its checkpoint"
+        return why
+    return judged
+
+
 def survey(spec, ledger=None, *, runs: Optional[list] = None, target: Optional[int] = None,
            gone: Callable[[FrozenTrial], Optional[str]] = worker_gone) -> Progress:
     """Where every cell of ``spec``'s grid (or every trial of its search) stands.
@@ -149,8 +159,10 @@ def survey(spec, ledger=None, *, runs: Optional[list] = None, target: Optional[i
     is new). ``runs``: the experiment's MLflow cell runs; None reads them
     (:func:`ablate.tracking.cell_runs`), ``[]`` leaves MLflow out (states only, no epochs or top-1).
     ``target``: a search's number of trials (default: the spec's). ``gone``: why a RUNNING trial's
-    worker is gone (then the cell is interrupted), or None."""
+    worker is gone (then the cell is interrupted), or None; a trial whose heartbeat is older than
+    the grace period is interrupted too, whoever ran it."""
     trials = ledger.trials() if ledger is not None else []
+    gone = _or_stale(gone, ledger.stale() if ledger is not None else set())
     if runs is None:
         runs = tracking.cell_runs(spec.name)
     by_key = _runs_by_key(runs, history=True)

@@ -159,9 +159,11 @@ def test_a_worker_in_another_pid_space_is_recovered_by_heartbeat_only(workdir, m
     trial = ledger.claim()
     trial.set_user_attr(WORKER, f"{socket.gethostname()}:{_dead_pid()}")
     trial.set_user_attr(WORKER_SPACE, "another-boot/pid:[4026531836]")
-    assert ledger.recover_dead() == []
+    assert ledger.recover_dead() == [] and ledger.stale() == set()
     assert [t.state for t in ledger.trials()] == [TrialState.RUNNING]
     time.sleep(4.5)  # past the grace period: the heartbeat says the worker is gone
+    assert ledger.stale() == {trial.number}  # a reader sees it (storage._get_stale_trial_ids) ...
+    assert [t.state for t in ledger.trials()] == [TrialState.RUNNING]  # ... and changes nothing
     assert ledger.recover_dead() == [trial.number]
     assert ledger.claim().user_attrs[KEY] == "k000"
 

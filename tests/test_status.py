@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 from click.testing import CliRunner
 from optuna.trial import TrialState
@@ -15,7 +16,7 @@ from ablate.cli import cli
 from ablate.ledger import Ledger, storage_url
 from ablate.spec import load_spec
 from ablate.status import collect
-from conftest import ROOT, write_spec
+from conftest import write_spec
 
 
 def _files(root):
@@ -97,14 +98,10 @@ def test_status_shows_every_state_and_writes_nothing(workdir):
 
 
 def test_status_imports_neither_torch_nor_timm(workdir):
-    """`ablate status` runs on login nodes and laptops: its own imports stay light. (The package's
-    __init__ registers the timm models; it is kept out here so that only status's imports count.)"""
+    """`ablate status` runs on login nodes and laptops: its imports stay light."""
     spec = write_spec(workdir / "s.yaml", name="st-light")
     code = f"""
-import sys, types
-models = types.ModuleType("ablate.models")  # the package, without its __init__ (the timm registry)
-models.__path__ = [{str(ROOT / "ablate" / "models")!r}]
-sys.modules["ablate.models"] = models
+import sys
 from ablate.status import collect
 from ablate.launch import cancel, jobs, placement, settings
 print(collect({str(spec)!r}).summary())
@@ -113,6 +110,24 @@ print(sorted({{n.split(".")[0] for n in sys.modules}} & {{"torch", "timm", "torc
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["st-light: grid of 1 cells: 0 finished, 0 running, 1 new; ETA unknown", "[]"]
+
+
+def test_a_worker_elsewhere_whose_heartbeat_stopped_reads_interrupted(workdir, monkeypatch):
+    """Its pid means nothing here (another machine): the stale heartbeat alone tells, as it tells
+    the ledger's recovery, and status says so without failing or requeueing anything."""
+    monkeypatch.setenv("ABLATE_HEARTBEAT", "1,3")
+    spec_path = write_spec(workdir / "h.yaml", name="st-stale")
+    spec = load_spec(spec_path)
+    ledger = Ledger.for_spec(spec, storage_url())
+    ledger.enqueue_cells(spec.cells())
+    trial = ledger.claim()
+    trial.set_user_attr(tracking.names.WORKER, f"elsewhere:{_dead_pid()}")
+    trial.set_user_attr(tracking.names.WORKER_SPACE, "another-boot/pid:[4026531836]")
+    assert [r.state for r in collect(str(spec_path)).rows] == ["running"]
+    time.sleep(4.5)  # past the 3 s grace
+    [row] = collect(str(spec_path)).rows
+    assert row.state == "interrupted" and row.reason.startswith("no heartbeat for over 3 s"), row
+    assert [t.state for t in ledger.trials()] == [TrialState.RUNNING]
 
 
 def _following(monkeypatch, answers, ending=60.0, **options):
