@@ -19,18 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-#: files whose tests run in one test process, in order: they share a module-scoped fixture (built
-#: once there) or the single-node Slurm cluster (whose timing tests must not compete for it)
-TOGETHER = {"test_augment", "test_cache", "test_checkpoint", "test_paper_rehearsal", "test_report", "test_slurm"}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        module = item.path.stem
-        if module in TOGETHER:
-            item.add_marker(pytest.mark.xdist_group(module))
-
-
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A clean cwd whose stores (mlflow.db, ablate-ledger.db, checkpoints/) are all inside tmp_path."""
