@@ -16,7 +16,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
 
 from ablate import checkpoint
 from ablate.ledger import Ledger, storage_url
