@@ -83,6 +83,7 @@ class Progress:
     total: int                          # cells of the grid, or the search's target number of trials
     cells: list[CellProgress]
     counts: dict[CellState, int] = field(default_factory=dict)
+    trials: list[FrozenTrial] = field(default_factory=list)  # the ledger's trials it was read from
 
     @property
     def done(self) -> bool:
@@ -117,8 +118,8 @@ class _Run:
     mfu: Optional[float] = None
 
 
-def _runs_by_key(runs: Iterable[Any], *, history: bool) -> dict[str, list[_Run]]:
-    """The cell runs (oldest first) by cell key; ``history``: how far each RUNNING one got (a query each)."""
+def _runs_by_key(runs: Iterable[Any]) -> dict[str, list[_Run]]:
+    """The cell runs (oldest first) by cell key, with how far each RUNNING one got (a query each)."""
     by_key: dict[str, list[_Run]] = {}
     for run in sorted(runs, key=lambda r: r.info.start_time or 0):
         epochs = run.data.params.get(names.EPOCHS)
@@ -126,7 +127,7 @@ def _runs_by_key(runs: Iterable[Any], *, history: bool) -> dict[str, list[_Run]]
         item = _Run(run.info.status, run.data.tags.get(names.TRIAL_NUMBER, ""), metrics.get(names.VAL_TOP1),
                     metrics.get(names.MACS), int(epochs) if epochs and epochs.isdigit() else None,
                     images_per_second=metrics.get(names.IMAGES_PER_SECOND), mfu=metrics.get(names.MFU))
-        if history and run.info.status == "RUNNING":  # training, or interrupted: how far it got
+        if run.info.status == "RUNNING":  # training, or interrupted: how far it got
             item.reached = tracking.epochs_logged(run.info.run_id)
         by_key.setdefault(run.data.tags.get(names.CELL_KEY, ""), []).append(item)
     return by_key
@@ -165,7 +166,7 @@ def survey(spec, ledger=None, *, runs: Optional[list] = None, target: Optional[i
     gone = _or_stale(gone, ledger.stale() if ledger is not None else set())
     if runs is None:
         runs = tracking.cell_runs(spec.name)
-    by_key = _runs_by_key(runs, history=True)
+    by_key = _runs_by_key(runs)
     if spec.search is None:
         cells = _grid_cells(spec, trials, by_key, gone)
         total = len(cells)
@@ -175,7 +176,7 @@ def survey(spec, ledger=None, *, runs: Optional[list] = None, target: Optional[i
     counts = {s: sum(c.state == s for c in cells) for s in CellState}
     if spec.search is not None:  # trials not sampled yet
         counts[CellState.NEW] = max(0, total - sum(counts.values()))
-    return Progress(spec.kind, total, cells, counts)
+    return Progress(spec.kind, total, cells, counts, trials)
 
 
 def _grid_cells(spec, trials: list[FrozenTrial], runs: dict[str, list[_Run]], gone) -> list[CellProgress]:

@@ -91,7 +91,7 @@ class Outcome:
     """What a command leaves: its spec (loaded once, passed down) and where each cell stands."""
     spec: Spec
     progress: Progress
-    ledger: str  # the ledger's URL
+    ledger: Ledger
 
     @property
     def ok(self) -> bool:
@@ -142,7 +142,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     with_root = _checkpoints_ours(checkpoints) or not Path(root).exists()
     if not counts["WAITING"] and not counts["RUNNING"]:  # nothing to train: no parent run for it
         _remove_empty_checkpoints(root, spec, with_root)
-        return Outcome(spec, survey(spec, ledger), url)
+        return Outcome(spec, survey(spec, ledger), ledger)
     parent = tracking.start_parent(experiment_id, names.GRID, str(spec_path), tags=spec_tags(spec))
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=root, device=device, progress=progress, workers=workers, spec_args=spec_args,
@@ -152,7 +152,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     where = survey(spec, ledger)
     if where.done:
         _remove_empty_checkpoints(root, spec, with_root)
-    return Outcome(spec, where, url)
+    return Outcome(spec, where, ledger)
 
 
 def _to_resume(ledger: Ledger, keys: set[str]) -> int:
@@ -178,7 +178,7 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
         print(f"{spec.name}: the study already has {finished} finished trials"
               f"{', more than' if finished > target else ', as many as'} {asked}: nothing to do", flush=True)
         _remove_empty_checkpoints(checkpoint_root(checkpoints), spec, _checkpoints_ours(checkpoints))
-        return Outcome(spec, survey(spec, ledger, target=target), url)
+        return Outcome(spec, survey(spec, ledger, target=target), ledger)
     experiment_id = tracking.ensure_experiment(spec.name, spec)
     _close_gone_parents(experiment_id)
     root = checkpoint_root(checkpoints)
@@ -195,4 +195,4 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
     _, running, waiting = ledger.search_counts()
     if not running and not waiting:
         _remove_empty_checkpoints(root, spec, with_root)
-    return Outcome(spec, survey(spec, ledger, target=target), url)
+    return Outcome(spec, survey(spec, ledger, target=target), ledger)

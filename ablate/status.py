@@ -100,9 +100,9 @@ def collect(spec_path: str, storage: Optional[str] = None, *, spec_args=None) ->
     url = storage_url(storage)
     try:
         ledger = Ledger.for_spec(spec, url, create=False)
-        trials, records, launched = ledger.trials(), launches(ledger.study), True
+        records, launched = launches(ledger.study), True
     except NoLedger:
-        ledger, trials, records, launched = None, [], [], False
+        ledger, records, launched = None, [], False
     tasks, slurm_error = [], ""
     if records:
         try:
@@ -116,8 +116,8 @@ def collect(spec_path: str, storage: Optional[str] = None, *, spec_args=None) ->
                     counts={str(s): n for s, n in where.counts.items()}, elapsed=None, eta=None,
                     ledger=display_url(url), mlflow=display_url(tracking.tracking_uri()), launched=launched,
                     launches=records, tasks=tasks, slurm_error=slurm_error)
-    status.elapsed = _elapsed(trials, records, status.done)
-    status.eta = _eta(status, trials, tasks)
+    status.elapsed = _elapsed(where.trials, records, status.done)
+    status.eta = _eta(status, where.trials, tasks)
     return status
 
 

@@ -140,7 +140,7 @@ def print_search_summary(outcome: Outcome, spec_path: str, spec_args: SpecArgs =
     """The end of ``ablate search``: its Pareto set or best trial, and the ``ablate report`` command."""
     out = out or sys.stdout
     spec = outcome.spec
-    what, rows = search_results(spec, Ledger.for_spec(spec, outcome.ledger, create=False))
+    what, rows = search_results(spec, outcome.ledger)
     print(f"\n{spec.name}{overrides_note(spec)}: {what}", file=out)
     metrics = list(dict.fromkeys([o.metric for o in spec.search.objectives] + [names.VAL_TOP1, names.MACS]))
     _print_rows(format_results(rows, metrics, with_state=False), len(rows), "configurations", out)

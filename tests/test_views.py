@@ -296,7 +296,7 @@ def test_search_ends_with_its_pareto_set(workdir, capsys):
         ledger.study.add_trial(optuna.create_trial(params={"model.width": width, "model.shift": shift},
                                                    distributions=space, values=[top1, macs],
                                                    user_attrs={names.CELL_KEY: f"k{width}"}))
-    print_search_summary(Outcome(load_spec(path), survey(load_spec(path), ledger), storage_url()), str(path))
+    print_search_summary(Outcome(load_spec(path), survey(load_spec(path), ledger), ledger), str(path))
     out = capsys.readouterr().out.splitlines()
     assert out[1] == ("views-pareto: Pareto set (val_top1 maximize, macs minimize): 3 of 4 finished "
                       "configurations")
@@ -312,6 +312,6 @@ def test_a_run_that_finished_nothing_does_not_point_to_a_report(workdir, capsys)
     spec = load_spec(write_spec(workdir / "n.yaml", name="views-nothing"))
     failed = CellProgress(key="k", state=CellState.FAILED, values={"model.shift": "four"}, reason="diverged")
     where = Progress(names.GRID, 1, [failed], {s: int(s == CellState.FAILED) for s in CellState})
-    print_summary(Outcome(spec, where, storage_url()), "n.yaml")
+    print_summary(Outcome(spec, where, Ledger.for_spec(spec, storage_url())), "n.yaml")
     out = capsys.readouterr().out
     assert "0/1 cells finished, 1 failed" in out and "FAILED model.shift=four: diverged" in out and "next:" not in out
