@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -82,6 +84,60 @@ class ModelConfig(_Section):
         "post", description="post: x + Norm(f(x)) as in the paper's figures; pre: x + f(Norm(x))")
     drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate (linearly increasing over blocks)")
     in_chans: PositiveInt = Field(3, description="input image channels")
+    token_mixing: Literal["shift", "mlp", "dwconv", "none"] = Field(
+        "shift", description="what mixes the patches in each block, between FC1's GELU and FC2: shift (the "
+        "spatial shift of model.shift), mlp (MLP-Mixer's token-mixing MLP across the patches), dwconv (a learned "
+        "depthwise convolution of model.kernel_size), none (no spatial mixing, the paper's FF; the same network "
+        "as shift: none)")
+    token_hidden: Optional[PositiveInt] = Field(
+        None, description="hidden size of the token-mixing MLP (token_mixing: mlp; default: half the width, "
+        "as MLP-Mixer)")
+    kernel_size: PositiveInt = Field(3, description="side of the depthwise convolution (token_mixing: dwconv; odd)")
+    timm: Optional[str] = Field(
+        None, description="a timm model name (e.g. mixer_b16_224, resmlp_36_224): train that model instead of "
+        "S²-MLP, with the same data and recipe; it takes image_size, drop_path and in_chans from here, "
+        "the rest from timm_args")
+    timm_args: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of timm.create_model for model.timm (e.g. "
+        "{patch_size: 16, embed_dim: 384}); num_classes, in_chans, img_size and drop_path_rate come from the "
+        "data and model.image_size / model.drop_path")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_what_applies(cls, data):
+        # A cell's model is S²-MLP or a timm model; the settings of the other kind that it
+        # inherits (from the base block or --set) do not apply to it and take their defaults.
+        # The spec builder refuses them where they are written beside the choice itself.
+        if isinstance(data, dict):
+            drop = S2MLP_ONLY if data.get("timm") is not None else ("timm_args",)
+            data = {k: v for k, v in data.items() if k not in drop}
+        return data
+
+    @field_validator("timm")
+    @classmethod
+    def _timm_name(cls, v):
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
+            raise ValueError(f"{v!r} is not a timm model name (allowed: a registered name such as mixer_b16_224; "
+                             "`ablate models --timm` lists them)")
+        return v
+
+    @field_validator("timm_args")
+    @classmethod
+    def _timm_args(cls, v):
+        for name, value in v.items():
+            if name in TIMM_ARGS_FROM_ABLATE:
+                raise ValueError(f"timm_args.{name} is set by ablate (allowed: {TIMM_ARGS_FROM_ABLATE[name]})")
+            if not _plain(value):
+                raise ValueError(f"timm_args.{name}: {value!r} is not a plain value (allowed: numbers, strings, "
+                                 "booleans, null and lists of them)")
+        return v
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, v):
+        if v % 2 == 0:
+            raise ValueError(f"kernel_size {v} is even (allowed: an odd size, so the patch grid keeps its shape)")
+        return v
 
     @field_validator("shift", mode="before")
     @classmethod
@@ -107,7 +163,29 @@ class ModelConfig(_Section):
         return _float32(v)
 
     @model_validator(mode="after")
+    def _operator_settings(self):
+        """Settings of one token-mixing operator are refused with another, unless at their defaults."""
+        if self.timm is not None:
+            return self
+        mixing = self.token_mixing
+        if mixing != "shift" and not (self.shift == "four" or (mixing == "none" and self.shift == "none")):
+            raise ValueError(f"shift {self.shift!r} applies to token_mixing: shift only, not token_mixing: {mixing} "
+                             "(allowed: leave shift out, or token_mixing: shift)")
+        if mixing != "shift" and self.border != "keep":
+            raise ValueError(f"border {self.border} applies to token_mixing: shift only, not token_mixing: {mixing} "
+                             "(allowed: leave border out, or token_mixing: shift)")
+        if mixing != "mlp" and self.token_hidden is not None:
+            raise ValueError(f"token_hidden {self.token_hidden} applies to token_mixing: mlp only, not token_mixing: "
+                             f"{mixing} (allowed: leave token_hidden out, or token_mixing: mlp)")
+        if mixing != "dwconv" and self.kernel_size != 3:
+            raise ValueError(f"kernel_size {self.kernel_size} applies to token_mixing: dwconv only, not "
+                             f"token_mixing: {mixing} (allowed: leave kernel_size out, or token_mixing: dwconv)")
+        return self
+
+    @model_validator(mode="after")
     def _consistent(self):
+        if self.timm is not None:
+            return self  # timm checks its own arguments (the spec builder builds it once)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size "
                              f"{self.patch_size} (allowed: a patch size that divides the image size)")
@@ -133,6 +211,26 @@ class ModelConfig(_Section):
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def token_mlp_hidden(self) -> int:
+        """Hidden size of the token-mixing MLP: ``token_hidden``, else half the width (MLP-Mixer's 0.5)."""
+        return self.token_hidden or max(1, int(0.5 * self.width))
+
+
+#: the settings only an S²-MLP cell has (a timm cell leaves them at their defaults)
+S2MLP_ONLY = ("patch_size", "width", "depth", "mlp_ratio", "shift", "border", "norm", "norm_position",
+              "token_mixing", "token_hidden", "kernel_size")
+#: timm.create_model arguments that ablate sets itself, and where they come from
+TIMM_ARGS_FROM_ABLATE = {"num_classes": "the data's classes", "in_chans": "model.in_chans",
+                         "img_size": "model.image_size", "drop_path_rate": "model.drop_path",
+                         "pretrained": "nothing: no weights are downloaded, every model trains from scratch"}
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 class TrainConfig(_Section):
@@ -164,6 +262,10 @@ class TrainConfig(_Section):
                                      "pass instead of keeping them (timm's set_grad_checkpointing): less memory, "
                                      "about a third more compute")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="random seed of initialisation, data order and augmentation")
+    eval_train_images: int = Field(
+        10_000, ge=0, description="training images evaluated after every epoch like the validation split (eval "
+        "mode, no augmentation; the same fixed subset for every epoch and cell of a dataset): train_top1 and "
+        "train_loss_eval, for the train - val gap (0 = off; the whole split if smaller)")
 
     @model_validator(mode="after")
     def _micro_batch_divides(self):
@@ -224,6 +326,14 @@ MACHINE_LOCAL = {"data.root", "data.cache_dir", "data.workers", "data.loader",
                  "train.micro_batch", "train.grad_checkpointing"}
 
 
+#: settings added after cells were first keyed, with the value every earlier cell had: left out of
+#: the key at that value, so that earlier cells keep their keys
+KEYED_WHEN_SET = {"model.token_mixing": "shift", "model.token_hidden": None, "model.kernel_size": 3,
+                  "model.timm": None, "model.timm_args": {}, "train.eval_train_images": 10_000}
+#: the identity entry that ties a timm cell to the timm release that defines its model
+TIMM_VERSION = "timm.version"
+
+
 def num_classes(data: DataConfig) -> int:
     """Number of classes without reading any image (imagefolder: its train/ sub-folders)."""
     if data.name in NUM_CLASSES:
@@ -243,12 +353,25 @@ def flat_params(cfg: CellConfig) -> dict[str, Any]:
     return out
 
 
+def identity(cfg: CellConfig) -> dict[str, Any]:
+    """What a cell's key is a hash of: its dotted settings without the machine-local ones and
+    the later ones at their old value; ``token_mixing: none`` as ``shift: none`` (one network,
+    one cell); a timm model with the timm release that defines it."""
+    flat = flat_params(cfg)
+    if flat["model.token_mixing"] == "none":
+        flat["model.token_mixing"], flat["model.shift"] = "shift", "none"
+    out = {k: v for k, v in flat.items()
+           if k not in MACHINE_LOCAL and not (k in KEYED_WHEN_SET and v == KEYED_WHEN_SET[k])}
+    if cfg.model.timm is not None:
+        out[TIMM_VERSION] = version("timm")
+    return out
+
+
 def cell_key(cfg: CellConfig) -> str:
     """Stable identity of a configuration: a hash of its canonical resolved form.
 
     Independent of YAML key order, comments, file names and where a value came from, and of
     the machine-local settings (paths, loader choice, worker counts).
     """
-    identity = {k: v for k, v in flat_params(cfg).items() if k not in MACHINE_LOCAL}
-    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(identity(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
