@@ -42,12 +42,23 @@ def activation_bytes(model, precision: str = "bf16", *, device_type: str = "cuda
     norm = 4 if precision != "fp32" and device_type == "cuda" else low
     stats = 2 * 4 * m if model.norm == "layernorm" else 0  # one norm's mean and rstd
     # FC1, FC2, FC3 inputs and the first GELU's: M·c each; FC4's input and the second GELU's: M·h each
-    block = low * (4 * m * c + 2 * m * h) + 2 * (norm * m * c + stats)
+    block = low * (4 * m * c + 2 * m * h + _mixer_saved(model)) + 2 * (norm * m * c + stats)
     embed = low * model.in_chans * model.image_size ** 2 + norm * m * c + stats  # the image, the patch norm
     head = low * c + (norm * m * c + stats if model.norm_position == "pre" else 0)  # pooled features (+ final norm)
     if grad_checkpointing:
         return embed + model.depth * 4 * m * c + block + head
     return embed + model.depth * block + head
+
+
+def _mixer_saved(model) -> int:
+    """Values a block's token mixer saves per image beyond FC2's input: the token MLP its
+    (transposed) input and its hidden layer twice (GELU's input, FC's input); the depthwise
+    convolution its input; the shift nothing."""
+    if model.token_mixing == "mlp":
+        return model.num_patches * model.width + 2 * model.width * model.token_mlp_hidden
+    if model.token_mixing == "dwconv":
+        return model.num_patches * model.width
+    return 0
 
 
 def measured_activation_bytes(net, images, autocast_dtype=None) -> int:

@@ -17,6 +17,14 @@ CONFIGS = [
     dict(image_size=48, patch_size=16, width=32, depth=3, mlp_ratio=3, norm_position="pre",
          shift="eight", in_chans=1),
     dict(image_size=24, patch_size=6, width=20, depth=2, mlp_ratio=2, shift="none", border="zero"),
+    # the other token mixers (ablate/models/mixing.py): their weights counted as the module holds them
+    dict(image_size=32, patch_size=4, width=16, depth=2, mlp_ratio=2, token_mixing="mlp"),
+    dict(image_size=30, patch_size=5, width=12, depth=1, mlp_ratio=3, token_mixing="mlp", token_hidden=7,
+         norm_position="pre"),
+    dict(image_size=32, patch_size=8, width=16, depth=2, mlp_ratio=4, token_mixing="dwconv"),
+    dict(image_size=48, patch_size=8, width=8, depth=1, mlp_ratio=1, token_mixing="dwconv", kernel_size=5,
+         norm="affine"),
+    dict(image_size=32, patch_size=8, width=16, depth=2, mlp_ratio=4, token_mixing="none"),
 ]
 
 

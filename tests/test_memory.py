@@ -20,6 +20,10 @@ from ablate.models.s2mlp import build_model
     {"depth": 3, "shift": "eight", "mlp_ratio": 2},
     {"norm_position": "pre"},
     {"norm": "affine", "patch_size": 16},
+    {"token_mixing": "mlp"},
+    {"token_mixing": "mlp", "token_hidden": 24, "norm_position": "pre"},
+    {"token_mixing": "dwconv", "kernel_size": 5},
+    {"token_mixing": "none"},
 ])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_analytic_activation_bytes_equal_what_autograd_saves(settings, amp):

@@ -101,8 +101,8 @@ def test_build_model_from_config_and_init():
                       norm="affine", norm_position="pre", border="zero", in_chans=1)
     model = build_model(cfg, num_classes=7)
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
-    assert model.blocks[0].spatial_mlp.shift.offsets[4:] == ((1, 1), (1, -1), (-1, 1), (-1, -1))
-    assert model.blocks[0].spatial_mlp.shift.border == "zero"
+    assert model.blocks[0].spatial_mlp.mix.offsets[4:] == ((1, 1), (1, -1), (-1, 1), (-1, -1))
+    assert model.blocks[0].spatial_mlp.mix.border == "zero"
     assert model.hidden == 72
     fc = model.blocks[1].channel_mlp.fc1
     assert torch.count_nonzero(fc.bias) == 0 and 0.01 < fc.weight.std() < 0.03  # trunc_normal(.02)

@@ -10,6 +10,12 @@ N the depth, k the number of classes and C the input channels:
              patch FC, two per block, and a final one for pre-norm models. No MACs counted.
 * head:      params (c + 1) k                           MACs c k
 
+The token mixer inside each block (``model.token_mixing``, :mod:`ablate.models.mixing`) adds,
+per block, nothing for ``shift`` and ``none``, and for
+
+* ``mlp`` (hidden t, across the M patches): params 2Mt + t + M       MACs 2 c M t
+* ``dwconv`` (kernel k x k, depthwise):     params c k² + c          MACs M c k²
+
 ``macs`` counts one per multiply-add, as the paper (and DeiT, MLP-Mixer) does under the name
 "FLOPs"; ``flops = 2 * macs`` is what ``torch.utils.flop_counter`` reports. GELU, norms,
 pooling, residual additions and the shift (a copy) are not counted, as in the paper.
@@ -65,12 +71,25 @@ def model_cost(model_cfg: "ModelConfig", num_classes: int) -> Cost:
     patch_in = model_cfg.in_chans * p * p
 
     params_patch = (patch_in + 1) * c
-    params_blocks = n * (2 * c * c + 2 * c * h + 3 * c + h)
+    mixer_params, mixer_macs = token_mixer_cost(model_cfg)
+    params_blocks = n * (2 * c * c + 2 * c * h + 3 * c + h + mixer_params)
     norms = 1 + 2 * n + (1 if model_cfg.norm_position == "pre" else 0)
     params_norm = norms * 2 * c
     params_head = (c + 1) * k if k > 0 else 0
-    macs = m * c * patch_in + n * m * (2 * c * c + 2 * c * h) + c * k
+    macs = m * c * patch_in + n * (m * (2 * c * c + 2 * c * h) + mixer_macs) + c * k
     return Cost(
         params_patch=params_patch, params_blocks=params_blocks, params_norm=params_norm,
         params_head=params_head, params=params_patch + params_blocks + params_norm + params_head,
         params_paper=params_patch + params_blocks, macs=macs, flops=2 * macs)
+
+
+def token_mixer_cost(model_cfg: "ModelConfig") -> tuple[int, int]:
+    """(params, multiply-adds per image) of one block's token mixer; the shift's are zero."""
+    c, m = model_cfg.width, model_cfg.num_patches
+    if model_cfg.token_mixing == "mlp":
+        t = model_cfg.token_mlp_hidden
+        return 2 * m * t + t + m, 2 * c * m * t
+    if model_cfg.token_mixing == "dwconv":
+        k2 = model_cfg.kernel_size ** 2
+        return c * k2 + c, m * c * k2
+    return 0, 0

@@ -25,7 +25,7 @@ checkpointing, TorchScript, ``torch.fx`` and ``torch.compile``. Features are (B,
 timm calls ``output_fmt = 'NHWC'``.
 """
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 from timm.layers import DropPath, Mlp, PatchEmbed, get_device_dtype, lecun_normal_, trunc_normal_
@@ -35,6 +35,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from ablate.data.constants import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
+from ablate.models.mixing import make_token_mixer
 from ablate.models.shift import Border, SpatialShift
 from ablate.models.shift_patterns import ShiftSpec
 
@@ -68,29 +69,36 @@ def norm_layer(name: NormName) -> type[nn.Module] | partial:
     raise ValueError(f"unknown norm {name!r} (allowed: layernorm, affine)")
 
 
-class ShiftMlp(nn.Module):
-    """The spatial-mixing branch of a block: FC1 -> GELU -> spatial shift -> FC2 (all c -> c)."""
+class SpatialMlp(nn.Module):
+    """The spatial-mixing branch of a block: FC1 -> GELU -> token mixer -> FC2 (all c -> c).
 
-    def __init__(self, dim: int, shift: ShiftSpec, border: Border):
+    The mixer is the spatial shift in S²-MLP; :mod:`ablate.models.mixing` has the others.
+    """
+
+    def __init__(self, dim: int, make_mixer: Callable[[], nn.Module]):
         super().__init__()
         self.fc1 = nn.Linear(dim, dim)
         self.act = nn.GELU()
-        self.shift = SpatialShift(shift, border)
+        self.mix = make_mixer()
         self.fc2 = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.shift(self.act(self.fc1(x))))
+        return self.fc2(self.mix(self.act(self.fc1(x))))
 
 
 class S2Block(nn.Module):
-    """One S²-MLP block on (B, H, W, C) as the paper draws it: each residual branch ends in a norm."""
+    """One S²-MLP block on (B, H, W, C) as the paper draws it: each residual branch ends in a norm.
+
+    ``make_mixer`` builds the token mixer (default: the spatial shift ``shift`` with ``border``).
+    """
 
     def __init__(self, dim: int, hidden: int, shift: ShiftSpec = "four", border: Border = "keep",
-                 norm: NormName = "layernorm", drop_path: float = 0.0):
+                 norm: NormName = "layernorm", drop_path: float = 0.0,
+                 make_mixer: Optional[Callable[[], nn.Module]] = None):
         super().__init__()
         make_norm = norm_layer(norm)
         self.norm1 = make_norm(dim)
-        self.spatial_mlp = ShiftMlp(dim, shift, border)
+        self.spatial_mlp = SpatialMlp(dim, make_mixer or partial(SpatialShift, shift, border))
         self.norm2 = make_norm(dim)
         self.channel_mlp = Mlp(dim, hidden, act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -119,6 +127,11 @@ class S2MLP(nn.Module):
         mlp_ratio: expansion r of the channel MLP (hidden = round(r * c)).
         shift: pattern name (``four``, ``eight``, ``up_right``, ..., ``none``) or (dy, dx) offsets.
         border: ``keep`` (paper) or ``zero``; see :mod:`ablate.models.shift`.
+        token_mixing: the operator between FC1's GELU and FC2: ``shift`` (the paper), ``mlp``
+            (MLP-Mixer's token MLP), ``dwconv`` (a learned depthwise conv) or ``none``; see
+            :mod:`ablate.models.mixing`.
+        token_hidden: hidden size of the ``mlp`` operator (default: half the width).
+        kernel_size: side of the ``dwconv`` operator.
         norm: ``layernorm`` or ``affine`` (ResMLP; the paper's deep model).
         norm_position: ``post`` (paper figures: norm ends each branch) or ``pre``.
         drop_path: stochastic-depth rate of the last block; rises linearly from 0 over the blocks.
@@ -132,7 +145,8 @@ class S2MLP(nn.Module):
                  mlp_ratio: float = 4.0, shift: ShiftSpec = "four", border: Border = "keep",
                  norm: NormName = "layernorm", norm_position: Literal["post", "pre"] = "post",
                  drop_path: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
-                 global_pool: str = "avg", drop_rate: float = 0.0):
+                 global_pool: str = "avg", drop_rate: float = 0.0, token_mixing: str = "shift",
+                 token_hidden: Optional[int] = None, kernel_size: int = 3):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
@@ -151,7 +165,10 @@ class S2MLP(nn.Module):
                                       output_fmt="NHWC")
         rates = torch.linspace(0, drop_path, depth).tolist()
         block = PreNormS2Block if norm_position == "pre" else S2Block
-        self.blocks = nn.Sequential(*[block(width, self.hidden, shift, border, norm, rate) for rate in rates])
+        make_mixer = partial(make_token_mixer, token_mixing, width, image_size // patch_size, shift, border,
+                             token_hidden, kernel_size)
+        self.blocks = nn.Sequential(*[block(width, self.hidden, norm=norm, drop_path=rate, make_mixer=make_mixer)
+                                      for rate in rates])
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=width, reduction=patch_size)
                              for i in range(depth)]
         self.norm = make_norm(width) if norm_position == "pre" else nn.Identity()
@@ -267,7 +284,8 @@ def build_model(model_cfg: "ModelConfig", num_classes: int) -> S2MLP:
     return S2MLP(image_size=m.image_size, patch_size=m.patch_size, width=m.width, depth=m.depth,
                  mlp_ratio=m.mlp_ratio, shift=m.shift, border=m.border, norm=m.norm,
                  norm_position=m.norm_position, drop_path=m.drop_path, num_classes=num_classes,
-                 in_chans=m.in_chans)
+                 in_chans=m.in_chans, token_mixing=m.token_mixing, token_hidden=m.token_hidden,
+                 kernel_size=m.kernel_size)
 
 
 # ---- timm registration: the paper's two ImageNet-1K settings (224 x 224, p = 16, r = 4) ----
