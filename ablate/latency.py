@@ -304,7 +304,7 @@ def measure_config(cfg, device, *, batch: int = 1, precision: str = "fp32", seco
     """Build ``cfg``'s model (random weights, no data) on ``device`` and time it on a random batch."""
     import torch  # lazy: torch; ablate report imports this module for the metric names
 
-    from ablate.models.s2mlp import build_model  # lazy: torch and timm, as torch
+    from ablate.models.zoo import build_model  # lazy: torch and timm, as torch
     torch.manual_seed(0)
     classes = num_classes if num_classes is not None else (cfg.num_classes or 1000)
     model = build_model(cfg.model, classes).to(device)

@@ -183,11 +183,11 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def plan_memory(model, params: int, batch: int, processes: int, memory: int, precision: str = "bf16"):
+def plan_memory(per_image: int, per_image_checkpointed: int, params: int, batch: int, processes: int,
+                memory: int) -> tuple[int, int, int]:
     """(activation bytes per image, micro-batch that fits ``memory``, that with checkpointing) for
     a cell on CUDA: the plan's estimate of what ``train.micro_batch: auto`` will find."""
-    per_image = activation_bytes(model, precision)
     per_rank = batch // processes
     fixed = state_bytes(params)
     return (per_image, fitting_micro_batch(per_image, fixed, memory, per_rank),
-            fitting_micro_batch(activation_bytes(model, precision, grad_checkpointing=True), fixed, memory, per_rank))
+            fitting_micro_batch(per_image_checkpointed, fixed, memory, per_rank))

@@ -25,6 +25,7 @@ INCOMPLETE = "ablate.incomplete"  # cell runs: set at creation, removed once its
 DEVICE = "ablate.device"          # cpu, cuda:0, ...
 DEVICE_NAME = "ablate.device_name"  # the kind of device: "cpu", or the GPU's name ("NVIDIA H100 80GB HBM3")
 DATA_LOADER = "ablate.data_loader"  # which data path trained the cell: cache, folder, memory
+COST_SOURCE = "ablate.cost_source"  # "analytic" (S²-MLP, paper §3.4) or "counted" (a timm model's forward pass)
 PRECISION = "ablate.precision"    # what training computed in: bf16, fp16 (CUDA autocast) or fp32
 THREADS = "ablate.threads"        # torch's CPU thread count while training (results depend on it)
 DETERMINISTIC = "ablate.deterministic_algorithms"  # torch.are_deterministic_algorithms_enabled()

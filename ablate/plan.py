@@ -23,7 +23,7 @@ from ablate.data.scan import count_images
 from ablate.devices import local_gpu, peak_flops
 from ablate.errors import AblateError
 from ablate.memory import DEFAULT_GPU_MEMORY, plan_memory
-from ablate.models.cost import model_cost
+from ablate.models.zoo import activation_bytes, model_cost
 from ablate.pricing import REFERENCE_GPU, Measured, Price, Pricer, measured_runs
 from ablate.spec.reference import matching_row
 from ablate.spec.types import ReferenceRow
@@ -91,6 +91,7 @@ class PlanRow(PaperUnits):
     micro_batch: int = 0               # the micro-batch that fits the plan's GPU memory (0: not even 1)
     micro_batch_checkpointed: int = 0  # ... with train.grad_checkpointing
     batch_size: int = 0
+    counted: bool = False              # cost counted on a forward pass (a timm model), not analytic
 
     def params_in_paper_units(self) -> float:
         """Paper-convention parameters in the unit the reference row uses (M = 10^6, Mi = 2^20)."""
@@ -200,18 +201,22 @@ class Plan:
 
 def _row(cell_config: CellConfig, key: str, seed: int, values: dict, reference: Optional[ReferenceRow],
          pricer: Pricer, memory: int = DEFAULT_GPU_MEMORY, processes: int = 1) -> PlanRow:
-    cost = model_cost(cell_config.model, cell_config.num_classes)
+    classes = cell_config.num_classes
+    cost = model_cost(cell_config.model, classes)
     sizes = dataset_sizes(cell_config.data)
     t = cell_config.train
     price = pricer.price(cell_config, cost.macs, *sizes) if sizes else Price(None, "", "image counts unknown")
-    per_image, micro, micro_ckpt = plan_memory(cell_config.model, cost.params, t.batch_size, processes, memory,
-                                               t.amp if t.amp != "off" else "fp32")
+    precision = t.amp if t.amp != "off" else "fp32"
+    per_image, micro, micro_ckpt = plan_memory(
+        activation_bytes(cell_config.model, classes, precision),
+        activation_bytes(cell_config.model, classes, precision, grad_checkpointing=True),
+        cost.params, t.batch_size, processes, memory)
     return PlanRow(key=key, seed=seed, values=values, params=cost.params, params_paper=cost.params_paper,
                    macs=cost.macs, flops=cost.flops, epochs=t.epochs,
                    train_images=sizes[0] if sizes else None, val_images=sizes[1] if sizes else None,
                    gpu_hours=price.hours, reference=reference, priced_by=price.source, price_detail=price.detail,
                    activation_mb=per_image / 1e6, micro_batch=micro,
-                   micro_batch_checkpointed=micro_ckpt, batch_size=t.batch_size)
+                   micro_batch_checkpointed=micro_ckpt, batch_size=t.batch_size, counted=cost.counted)
 
 
 def plan(spec, gpu_memory: Optional[int] = None, processes: int = 1, gpu: Optional[str] = None,
@@ -377,7 +382,9 @@ def format_plan(p: Plan) -> str:
             mi = " Mi" if row.params_unit == "Mi" else ""
             gi = " Gi" if row.macs_unit == "Gi" else ""
             line = [text.number(r.values[k]) for k in varied] or ["base"]
-            line += [paper_number(r.params_in_paper_units()) + mi, paper_number(r.gmacs_in_paper_units()) + gi,
+            counted = " c" if r.counted else ""
+            line += [paper_number(r.params_in_paper_units()) + mi + counted,
+                     paper_number(r.gmacs_in_paper_units()) + gi + counted,
                      str(r.epochs), _hours(r.gpu_hours), r.priced_by or "-", f"{r.activation_mb:.3g}", _micro(r)]
             if ref:
                 line += [_paper(row.top1), _paper(row.top5),
@@ -406,5 +413,7 @@ def format_plan(p: Plan) -> str:
               "params: the paper's convention (patch FC + blocks; classifier and norms excluded), in 10^6 "
               "(Mi: 2^20, where the paper's row uses it);",
               "GMACs: multiply-adds per image / 10^9 (Gi: / 2^30), the paper's \"FLOPs\" (FLOPs = 2 x MACs).",
+              *(["c: counted on a forward pass of the timm model (torch.utils.flop_counter; params without the "
+                 "classifier, norms included); the rest analytic (paper §3.4)."] if any(r.counted for r in p.rows) else []),
               _pricing_note(p)]
     return "\n".join(lines)

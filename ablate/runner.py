@@ -23,7 +23,7 @@ from ablate.devices import peak_from_setting
 from ablate.errors import AblateError
 from ablate.ledger import Ledger, is_retry, storage_url
 from ablate.lifecycle import sigterm_as_interrupt
-from ablate.models.cost import model_cost
+from ablate.models.zoo import model_cost
 from ablate.preflight import check_batches, check_kind, check_trials, worker_count
 from ablate.processes import run_workers
 from ablate.progress import Progress, survey

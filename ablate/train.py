@@ -36,7 +36,7 @@ from ablate.config import CellConfig
 from ablate.data.seeding import derive_seed
 from ablate.devices import peak_flops
 from ablate.memory import SAFETY, MicroBatchMemory, probe_micro_batch, state_bytes
-from ablate.models.cost import model_cost
+from ablate.models.zoo import model_cost
 
 
 class CellFailed(Exception):
@@ -176,7 +176,7 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
     from timm.scheduler import CosineLRScheduler  # lazy: timm (see above)
 
     from ablate.data.loaders import build_loaders  # lazy: torchvision and timm (see above)
-    from ablate.models.s2mlp import build_model  # lazy: timm (see above)
+    from ablate.models.zoo import build_model  # lazy: timm (see above)
 
     t = cfg.train
     seed_everything(t.seed)
@@ -223,6 +223,7 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
     if on_start is not None and group.leader:
         on_start({names.DATA_LOADER: loaders.kind, names.N_TRAIN: loaders.n_train,
                   names.N_VAL: loaders.n_val, names.DEVICE: str(device), names.PRECISION: used,
+                  names.COST_SOURCE: "counted" if cost.counted else "analytic",
                   names.DEVICE_NAME: device_name(device),
                   names.MICRO_BATCH: micro, names.PROCESSES: group.size, names.ACCUM_STEPS: split.accum,
                   **determinism_settings()})

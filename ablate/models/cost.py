@@ -59,9 +59,10 @@ class Cost(PaperUnits):
     params_paper: int   # paper convention: patch FC + blocks (classifier and norms excluded)
     macs: int           # multiply-adds per image: patch FC + blocks + head
     flops: int          # 2 * macs (what torch.utils.flop_counter counts)
+    counted: bool = False  # counted on a forward pass (a timm model: no breakdown, the parts are 0)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "counted"}
 
 
 def model_cost(model_cfg: "ModelConfig", num_classes: int) -> Cost:

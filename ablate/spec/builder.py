@@ -7,6 +7,7 @@ counted before its product is (``max_cells``).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import shlex
@@ -17,9 +18,10 @@ from typing import Any, Optional, Sequence
 from pydantic import ValidationError
 
 from ablate import names
-from ablate.config import MACHINE_LOCAL, MAX_SEED, SECTIONS, CellConfig, cell_key, flat_params
+from ablate.config import MACHINE_LOCAL, MAX_SEED, S2MLP_ONLY, SECTIONS, CellConfig, cell_key, flat_params
 from ablate.data.cache_check import cache_problem
 from ablate.errors import SpecError
+from ablate.models import timm_baselines
 from ablate.spec.files import DESIGN_KEYS, SPEC_KEYS, SpecFiles
 from ablate.spec.overrides import Override, experiment_suffix, parse_overrides
 from ablate.spec.problems import (Problems, Where, did_you_mean, format_value, format_values, location,
@@ -159,6 +161,7 @@ class SpecBuilder:
                 self.add((key,), "is empty (allowed: leave the key out, or give it a value; see docs/specs.md)")
         base = self._sections(raw)
         seeds = self._seeds(raw.get("seeds", [0]))
+        raw = self._section_axes(raw, base)
         grid = self._grid(raw.get("grid"))
         zips = self._zips(raw.get("zip"))
         search = self._search(raw.get("search"), base) if raw.get("search") is not None else None
@@ -166,6 +169,7 @@ class SpecBuilder:
             self.add(("search",), "a spec has either a grid (with zip) or a search, not both "
                      "(allowed: remove grid/zip, or search)")
         varied = self._varied(grid, zips, search)
+        self._varied_keys = set(varied)
         exclude = self._exclude(raw.get("exclude"), varied)
         reference = read_reference(raw.get("reference"), self)
         reference = rows_for_overrides(reference, {k: o.value for k, o in self.fixed.items()})
@@ -180,6 +184,8 @@ class SpecBuilder:
             self._check_unique(cells)
             check_reference(reference, cells, self)
             check_baseline(baseline, [c.values for c in cells], self)
+        if not self.problems:
+            self._check_timm(cells, base_config)
         if not self.problems:
             self._check_data(search, cells, base_config)
         self.problems.raise_if_any()
@@ -252,6 +258,7 @@ class SpecBuilder:
                 base[section] = {}
             else:
                 base[section] = value
+        self._check_model_kind("model", base["model"], ("model",))
         if "seed" in base["train"]:
             self.add(("train", "seed"), "set seeds with the top-level `seeds:` list (allowed: seeds: [0, 1, 2])")
         return base
@@ -315,6 +322,65 @@ class SpecBuilder:
             self.add(path, "empty list (allowed: at least one value)")
             return False
         return True
+
+    def _section_axes(self, raw: dict, base: dict) -> dict:
+        """``grid: {model: [{timm: mixer_b16_224}, {width: 384, depth: 36}]}``: a grid axis named by a
+        section, whose values are mappings of its settings applied together. Each becomes one zip
+        group of dotted settings; a setting an entry leaves out keeps the base's value there."""
+        grid = raw.get("grid")
+        if not isinstance(grid, dict) or not any(k in SECTIONS for k in grid):
+            return raw
+        groups = []
+        for section in [k for k in grid if k in SECTIONS]:
+            entries, path = grid[section], ("grid", section)
+            if not self.values_list(entries, path):
+                continue
+            if not all(isinstance(e, dict) and e for e in entries):
+                self.add(path, f"expected a list of mappings of {section} settings (allowed: e.g. {section}: "
+                         "[{timm: mixer_b16_224}, {token_mixing: shift}])")
+                continue
+            names_ = list(dict.fromkeys(n for e in entries for n in e))
+            good = all(self.setting_key(f"{section}.{n}", path + (i, n))
+                       for i, e in enumerate(entries) for n in e)
+            if not good:
+                continue
+            for i, entry in enumerate(entries):
+                self._check_model_kind(section, entry, path + (i,))
+            default = {n: SECTIONS[section].model_fields[n].get_default(call_default_factory=True) for n in names_}
+            group = {f"{section}.{n}": [e.get(n, base[section].get(n, default[n])) if isinstance(base[section], dict)
+                                        else e.get(n, default[n]) for e in entries] for n in names_}
+            index = len(groups) + (len(raw["zip"]) if isinstance(raw.get("zip"), list) else
+                                   1 if isinstance(raw.get("zip"), dict) else 0)
+            for n in names_:
+                for i in range(len(entries)):
+                    self.origins[("zip", index, f"{section}.{n}", i)] = self.where(*path, i, n) \
+                        if n in entries[i] else self.where(*path, i)
+                self.origins[("zip", index, f"{section}.{n}")] = self.where(*path)
+            self.origins.setdefault(("zip", index), self.where(*path))
+            groups.append(group)
+        zips = raw.get("zip")
+        zips = [] if zips is None else [zips] if isinstance(zips, dict) else zips
+        rest = {k: v for k, v in grid.items() if k not in SECTIONS}
+        out = {**raw, "zip": (zips + groups) if isinstance(zips, list) else zips}
+        if rest:
+            out["grid"] = rest
+        else:
+            out.pop("grid")
+            self.origins.setdefault(("grid",), self.where("grid"))
+        return out
+
+    def _check_model_kind(self, section: str, written: Any, path: tuple) -> None:
+        """A mapping that chooses a timm model may not also set S²-MLP's own settings (nor one that
+        chooses S²-MLP timm's arguments): they would be dropped without a word."""
+        if section != "model" or not isinstance(written, dict):
+            return
+        if written.get("timm") is not None:
+            for n in (n for n in written if n in S2MLP_ONLY):
+                self.add(path + (n,), f"applies to S²-MLP, not to the timm model {written['timm']} (allowed: "
+                         "model.timm_args for the timm model's own arguments)", f"model.{n}")
+        elif "timm" in written and "timm_args" in written and written["timm_args"]:
+            self.add(path + ("timm_args",), "applies to a timm model only, and this mapping sets timm: null "
+                     "(allowed: a model.timm name beside it)", "model.timm_args")
 
     def _grid(self, grid: Any) -> dict[str, list]:
         if grid is None:
@@ -506,6 +572,35 @@ class SpecBuilder:
                          "not part of a cell's identity)", "grid")
                 return
             first[cell.key] = cell
+
+    # -- timm baselines --
+
+    def _check_timm(self, cells: list[Cell], base: CellConfig) -> None:
+        """Build each distinct timm model once (on the meta device): an unknown name or argument is
+        a spec error, not a failed cell. ``model.timm_args`` with no timm cell is one too."""
+        configs = [c.config for c in cells] or [base]
+        if not any(c.model.timm for c in configs):
+            if ("model", "timm_args") in self.origins:
+                self.add(("model", "timm_args"), "applies to a timm model only, and no cell has one (allowed: "
+                         "set model.timm too, or leave timm_args out)", "model.timm_args")
+            return
+        seen = set()
+        for config in configs:
+            m = config.model
+            if m.timm is None:
+                continue
+            what = json.dumps([m.timm, m.timm_args, m.image_size, m.in_chans, m.drop_path, config.num_classes > 0],
+                              sort_keys=True)
+            if what in seen:
+                continue
+            seen.add(what)
+            if timm_baselines.cached(m, config.num_classes) is not None:
+                continue  # built and counted before
+            problem = timm_baselines.problem(m, config.num_classes)
+            if problem:
+                key = "model.timm_args" if "timm cannot build" in problem or "fixes" in problem else "model.timm"
+                path = self._varied_path(key) if key in self._varied_keys else (tuple(key.split(".")))
+                self.add(path, problem, key)
 
     # -- data --
 
