@@ -19,7 +19,7 @@ from ablate.augment_policy import check_policy
 from ablate.models.cost import model_cost
 from ablate.models.shift_patterns import resolve_offsets
 
-NUM_CLASSES = {"imagenet100": 100, "digits": 10}
+NUM_CLASSES = {"imagenet100": 100, "imagenet1k": 1000, "digits": 10}
 #: the largest synthetic split: its images are made batch by batch, but an epoch must end
 MAX_SYNTHETIC_IMAGES = 10 ** 8
 #: the largest model trained: far beyond any S²-MLP (the wide one has 7.1e7 parameters and 1.4e10
@@ -42,8 +42,9 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: Literal["imagenet100", "imagefolder", "digits", "synthetic"] = Field(
-        "digits", description="dataset: imagenet100, imagefolder (any root/{train,val}/<class>/ tree), "
+    name: Literal["imagenet100", "imagenet1k", "imagefolder", "digits", "synthetic"] = Field(
+        "digits", description="dataset: imagenet100, imagenet1k (the ILSVRC-2012 tree `ablate data imagenet1k` "
+        "checks), imagefolder (any root/{train,val}/<class>/ tree), "
         "digits (embedded 8x8 handwritten digits), synthetic (random tensors)")
     root: Optional[str] = Field(None, description="dataset root with train/ and val/ folders "
                                 "(imagenet100, imagefolder); ${VAR} is expanded")
@@ -63,7 +64,7 @@ class DataConfig(_Section):
 
     @property
     def needs_root(self) -> bool:
-        return self.name in ("imagenet100", "imagefolder")
+        return self.name in ("imagenet100", "imagenet1k", "imagefolder")
 
 
 class ModelConfig(_Section):
@@ -342,6 +343,22 @@ def num_classes(data: DataConfig) -> int:
         return data.num_classes
     train = Path(data.root or ".") / "train"
     return sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else 0
+
+
+#: the settings of one token mixer only
+OPERATOR_SETTINGS = {"shift": "shift", "border": "shift", "token_hidden": "mlp", "kernel_size": "dwconv"}
+
+
+def applies(dotted: str, cfg: CellConfig) -> bool:
+    """Whether a setting means anything for this cell's model: S²-MLP's own settings do not for a
+    timm model, nor ``model.timm_args`` for S²-MLP, nor one token mixer's settings for another
+    (each sits at its default there)."""
+    section, _, name = dotted.partition(".")
+    if section != "model":
+        return True
+    if cfg.model.timm is not None:
+        return name not in S2MLP_ONLY
+    return name != "timm_args" and OPERATOR_SETTINGS.get(name, cfg.model.token_mixing) == cfg.model.token_mixing
 
 
 def flat_params(cfg: CellConfig) -> dict[str, Any]:

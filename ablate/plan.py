@@ -31,7 +31,7 @@ from ablate.units import PaperUnits, macs_in, paper_number, params_in
 
 #: (train, val) images. imagenet100: the CMC class list (docs/paper.md); digits: a fixed stratified
 #: 80/20 split of scikit-learn's 1,797 digits.
-DATASET_SIZES = {"imagenet100": (126_689, 5_000), "digits": (1_437, 360)}
+DATASET_SIZES = {"imagenet100": (126_689, 5_000), "imagenet1k": (1_281_167, 50_000), "digits": (1_437, 360)}
 #: at most this many corner combinations of a search space are costed
 MAX_SEARCH_CORNERS = 4096
 
@@ -381,7 +381,7 @@ def format_plan(p: Plan) -> str:
             row = r.reference or NO_ROW
             mi = " Mi" if row.params_unit == "Mi" else ""
             gi = " Gi" if row.macs_unit == "Gi" else ""
-            line = [text.number(r.values[k]) for k in varied] or ["base"]
+            line = [text.number(r.values[k]) if r.values[k] is not None else "-" for k in varied] or ["base"]
             counted = " c" if r.counted else ""
             line += [paper_number(r.params_in_paper_units()) + mi + counted,
                      paper_number(r.gmacs_in_paper_units()) + gi + counted,

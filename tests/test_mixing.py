@@ -102,3 +102,40 @@ def test_operator_settings_at_their_defaults_are_accepted():
     ModelConfig(**SMALL, token_mixing="mlp", shift="four", kernel_size=3)
     ModelConfig(**SMALL, token_mixing="none", shift="none")
     assert ModelConfig(**SMALL, token_mixing="mlp").token_mlp_hidden == 4  # half the width, as MLP-Mixer
+
+
+def _spec(tmp_path, body: str):
+    path = tmp_path / "m.yaml"
+    path.write_text("name: m\ndata: {name: digits}\n"
+                    "model: {image_size: 16, patch_size: 4, width: 16, depth: 1, mlp_ratio: 2}\n" + body)
+    return path
+
+
+def test_a_grid_of_mixers_keeps_the_keys_of_the_shift_cells(tmp_path):
+    from ablate.spec import load_spec
+    mixers = load_spec(_spec(tmp_path, "grid:\n  model:\n    - {token_mixing: shift, shift: four}\n"
+                                        "    - {token_mixing: mlp}\n    - {token_mixing: none}\n"))
+    (tmp_path / "s.yaml").write_text("name: s\ndata: {name: digits}\n"
+                                     "model: {image_size: 16, patch_size: 4, width: 16, depth: 1, mlp_ratio: 2}\n"
+                                     "grid:\n  model.shift: [four, none]\n")
+    shifts = load_spec(tmp_path / "s.yaml")
+    by_mixer = {c.values["model.token_mixing"]: c for c in mixers.cells()}
+    by_shift = {c.values["model.shift"]: c.key for c in shifts.cells()}
+    assert by_mixer["shift"].key == by_shift["four"] and by_mixer["none"].key == by_shift["none"]
+    # a setting of another mixer is shown as not applying, not as the base's value
+    assert by_mixer["mlp"].values["model.shift"] is None
+
+
+def test_none_and_shift_none_in_one_grid_are_one_cell_refused_as_a_pair(tmp_path):
+    from ablate.errors import SpecError
+    from ablate.spec import load_spec
+    with pytest.raises(SpecError, match="the same configuration .*token_mixing: none is shift: none"):
+        load_spec(_spec(tmp_path, "grid:\n  model:\n    - {token_mixing: none}\n    - {shift: none}\n"))
+
+
+def test_an_operator_setting_the_grid_would_give_another_mixer_is_refused_at_its_line(tmp_path):
+    from ablate.errors import SpecError
+    from ablate.spec import load_spec
+    with pytest.raises(SpecError) as e:
+        load_spec(_spec(tmp_path, "grid:\n  model.token_mixing: [mlp, dwconv]\n  model.token_hidden: [8]\n"))
+    assert "m.yaml:6:" in str(e.value) and "token_hidden 8 applies to token_mixing: mlp only" in str(e.value)

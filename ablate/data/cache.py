@@ -320,7 +320,7 @@ def cache_targets(source: str, *, size: Optional[int] = None, cache_dir: Optiona
     for cfg in configs:
         if not cfg.data.needs_root:
             raise AblateError(f"{source}: data.name: {cfg.data.name} is not read from image files "
-                              "(allowed: imagenet100, imagefolder)")
+                              "(allowed: imagenet100, imagenet1k, imagefolder)")
         target = CacheTarget(cfg.data.root, cache_dir or cfg.data.cache_dir,
                              size or cfg.data.cache_size or default_cache_size(cfg.model.image_size))
         if target not in targets:

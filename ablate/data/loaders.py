@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ablate.config import CellConfig
+from ablate.config import NUM_CLASSES, CellConfig
 from ablate.data.array_loader import ArrayBatches
 from ablate.data.batch_transforms import EvalBatchTransform, TrainBatchTransform, default_backend
 from ablate.data.cache import cache_exists, cache_root, default_cache_size, open_cache, split_cache_path
@@ -182,6 +182,7 @@ def _cache(cfg: CellConfig, splits: dict, paths: dict[str, Path], train_tf, devi
 
 
 def _check_classes(cfg: CellConfig, classes: list[str], where) -> None:
-    if cfg.data.name == "imagenet100" and len(classes) != 100:
-        raise AblateError(f"data.root: {where} has {len(classes)} classes, imagenet100 has 100 "
-                          "(allowed: a tree made by `ablate data imagenet100`, or data.name: imagefolder)")
+    expected = NUM_CLASSES.get(cfg.data.name)
+    if cfg.data.needs_root and expected is not None and len(classes) != expected:
+        raise AblateError(f"data.root: {where} has {len(classes)} classes, {cfg.data.name} has {expected} "
+                          f"(allowed: a tree made by `ablate data {cfg.data.name}`, or data.name: imagefolder)")

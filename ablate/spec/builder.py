@@ -18,7 +18,8 @@ from typing import Any, Optional, Sequence
 from pydantic import ValidationError
 
 from ablate import names
-from ablate.config import MACHINE_LOCAL, MAX_SEED, S2MLP_ONLY, SECTIONS, CellConfig, cell_key, flat_params
+from ablate.config import (MACHINE_LOCAL, MAX_SEED, S2MLP_ONLY, SECTIONS, CellConfig, applies, cell_key,
+                           flat_params)
 from ablate.data.cache_check import cache_problem
 from ablate.errors import SpecError
 from ablate.models import timm_baselines
@@ -553,7 +554,7 @@ class SpecBuilder:
             for combo, config in resolved:
                 config = config.model_copy(update={"train": config.train.model_copy(update={"seed": seed})})
                 flat = flat_params(config)
-                values = {k: flat[k] for k in varied}
+                values = {k: flat[k] if applies(k, config) else None for k in varied}
                 cells.append(Cell(config=config, key=cell_key(config), values=values, seed=seed))
         return cells
 
@@ -569,7 +570,8 @@ class SpecBuilder:
                 self.add(("grid",) if ("grid",) in self.origins else ("zip",),
                          f"cells {format_values(other.values) or 'base'} and {format_values(cell.values)} are "
                          f"the same configuration (allowed: distinct values; {local} are machine-local and "
-                         "not part of a cell's identity)", "grid")
+                         "not part of a cell's identity; token_mixing: none is shift: none; a timm model "
+                         "ignores S²-MLP's settings)", "grid")
                 return
             first[cell.key] = cell
 
