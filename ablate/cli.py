@@ -333,16 +333,19 @@ def models(assignments, base, classes):
       ablate models
       ablate models --set model.width=384 --set model.depth=6
       ablate models --set image_size=112 --set "shift=[[0,1],[0,-1]]"
+      ablate models --set token_mixing=mlp
+      ablate models --set timm=mixer_b16_224        (counted: c)
     """
-    from ablate.models.cost import model_cost  # lazy: per command
+    from ablate.models.zoo import model_cost  # lazy: per command
     from ablate.models.listing import (cost_row, format_table,  # lazy: per command
                                        model_config_from_overrides, variant_rows)
     if not assignments and base == "s2mlp_wide_16_224":
         click.echo(format_table(variant_rows(classes)))
         return
     cfg = model_config_from_overrides(assignments, base=base)
+    row = cost_row("config", cfg, classes)  # checks a timm name first
     cost = model_cost(cfg, classes)
-    click.echo(format_table([cost_row("config", cfg, classes)]))
+    click.echo(format_table([row]))
     click.echo(" ".join(f"{k}={v}" for k, v in cost.as_dict().items()))
 
 

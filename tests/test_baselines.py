@@ -149,3 +149,12 @@ def test_a_grid_with_a_timm_baseline_trains_resumes_after_kill_9_and_reports_sid
     assert report.returncode == 0, report.stdout + report.stderr
     table = (workdir / "reports" / "mixed" / "report.md").read_text()
     assert DEIT["timm"] in table and "dwconv" in table
+
+
+def test_models_listing_counts_a_timm_model_and_names_a_typo(cache):
+    out = CliRunner().invoke(cli, ["models", "--set", "timm=deit_tiny_patch16_224", "--set", "image_size=32",
+                                   "--set", 'timm_args={"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}'])
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines()[1].split()[:2] == ["deit_tiny_patch16_224", "-"] and " c" in out.output
+    bad = CliRunner().invoke(cli, ["models", "--set", "timm=mixr_b16_224"])
+    assert bad.exit_code == 2 and "did you mean mixer_b16_224" in bad.output

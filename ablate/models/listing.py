@@ -10,7 +10,8 @@ from typing import Iterable, Sequence
 
 from ablate.config import ModelConfig
 from ablate.errors import AblateError
-from ablate.models.cost import model_cost
+from ablate.models import timm_baselines
+from ablate.models.zoo import model_cost
 from ablate.models.s2mlp import VARIANTS
 from ablate.spec.overrides import parse_overrides
 from ablate.spec.problems import Problems, option_where, validate_cell
@@ -21,6 +22,15 @@ COLUMNS = ("name", "width", "depth", "patch", "image", "ratio", "norm", "params_
 
 
 def cost_row(name: str, model_cfg: ModelConfig, num_classes: int) -> dict[str, object]:
+    """A row of the listing; a timm model's is counted (its S²-MLP columns are '-')."""
+    if model_cfg.timm is not None:
+        problem = timm_baselines.problem(model_cfg, num_classes)
+        if problem:
+            raise AblateError(f"--set model.timm={model_cfg.timm}: {problem}")
+        cost = model_cost(model_cfg, num_classes)
+        return {"name": model_cfg.timm, "width": "-", "depth": "-", "patch": "-", "image": model_cfg.image_size,
+                "ratio": "-", "norm": "-", "params_M": paper_number(cost.params_m) + " c",
+                "params_Mi": paper_number(cost.params_mi) + " c", "GMACs": paper_number(cost.gmacs) + " c"}
     cost = model_cost(model_cfg, num_classes)
     return {"name": name, "width": model_cfg.width, "depth": model_cfg.depth,
             "patch": model_cfg.patch_size, "image": model_cfg.image_size,
