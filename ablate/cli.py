@@ -439,18 +439,59 @@ def data_imagenet100(imagenet, out, force):
     click.echo(f"wrote {out}")
 
 
+@data.command("imagenet1k")
+@click.option("--imagenet", required=True, type=click.Path(file_okay=False),
+              help="ImageNet-1K root: train/<wnid>/*.JPEG (the 1,000 classes) and val/, its images either in "
+              "val/<wnid>/ or flat (ILSVRC2012_val_00000001.JPEG ..., as the official archive ships them)")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="new ImageNet-1K root; gets train/<wnid> and val/<wnid> as symbolic links")
+@click.option("--val-labels", default=None, type=click.Path(dir_okay=False),
+              help="labels of flat validation images: Kaggle's LOC_val_solution.csv, '<file name> <wnid>' lines, "
+              "or one wnid per line (default: LOC_val_solution.csv, val_labels.txt or "
+              "imagenet_2012_validation_synset_labels.txt in val/, the tree or beside it)")
+@click.option("--force", is_flag=True, help="replace train/ and val/ of a non-empty --out")
+def data_imagenet1k(imagenet, out, val_labels, force):
+    """Check an ImageNet-1K tree (the 1,000 ILSVRC-2012 classes) and build a root for
+    data.name: imagenet1k, as symbolic links: no image is copied. Flat validation images are
+    sorted into class folders by a labels file. Every problem is named before anything is
+    written.
+
+    \b
+    Examples:
+      ablate data imagenet1k --imagenet /data/imagenet --out /data/imagenet1k
+      ablate data imagenet1k --imagenet /data/kaggle/ILSVRC/Data/CLS-LOC --out /data/imagenet1k
+    """
+    from ablate.data.imagenet1k import build_imagenet1k  # lazy: per command
+    result = build_imagenet1k(imagenet, out, val_labels=val_labels, force=force)
+    if result["val_labels"] is not None:
+        click.echo(f"val: sorted into class folders by {result['val_labels']}")
+    elif val_labels is not None:
+        click.echo(f"--val-labels: not used: {imagenet}/val is already in class folders")
+    click.echo(f"ImageNet-1K: {result['classes']} classes, {result['train']} train images, {result['val']} val "
+               f"images -> {result['out']}")
+
+
 @data.command("fake-imagenet")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="where to write train/<wnid>/ and val/<wnid>/ (created; images already there are kept)")
 @click.option("--train-per-class", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--val-per-class", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--decoys", default=10, show_default=True, type=click.IntRange(min=0),
-              help="extra classes that are not in ImageNet100 (ImageNet-1K's other classes)")
+@click.option("--classes", default="imagenet100", show_default=True, type=click.Choice(["imagenet100", "imagenet1k"]),
+              help="imagenet100: CMC's 100 classes plus --decoys; imagenet1k: the 1,000 ILSVRC-2012 classes")
+@click.option("--decoys", default=None, type=click.IntRange(min=0),
+              help="extra classes that are not in ImageNet100 (ImageNet-1K's other classes; default: 10 with "
+              "--classes imagenet100, none with imagenet1k)")
+@click.option("--flat-val", is_flag=True,
+              help="validation images flat in val/ (ILSVRC2012_val_<n>.JPEG, as the official archive ships them) "
+              "with their labels in LOC_val_solution.csv, for ablate data imagenet1k")
+@click.option("--max-side", default=None, type=click.IntRange(min=8),
+              help="shrink every image to at most this many pixels a side (default: ImageNet's sizes); for "
+              "rehearsals of the data commands, which never decode the images")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-def data_fake_imagenet(out, train_per_class, val_per_class, decoys, seed):
-    """Generate an ImageNet-1K-shaped tree of JPEGs (the 100 ImageNet100 classes plus decoys, at
-    ImageNet's sizes and aspect ratios, a few grayscale and CMYK files) to rehearse the paper
-    path without ImageNet.
+def data_fake_imagenet(out, train_per_class, val_per_class, classes, decoys, flat_val, max_side, seed):
+    """Generate an ImageNet-1K-shaped tree of JPEGs (the 100 ImageNet100 classes plus decoys, or
+    all 1,000 classes, at ImageNet's sizes and aspect ratios, a few grayscale and CMYK files) to
+    rehearse the paper path without ImageNet.
 
     \b
     Example (a paper spec end to end on a CPU, in minutes):
@@ -458,11 +499,18 @@ def data_fake_imagenet(out, train_per_class, val_per_class, decoys, seed):
       ablate data imagenet100 --imagenet /tmp/fake-imagenet --out /tmp/in100
       IMAGENET100_ROOT=/tmp/in100 ablate run experiments/paper/shift-patterns.yaml \\
           --set model.width=64 --set model.depth=2 --set train.epochs=1 --set train.batch_size=32
+    \b
+    Example (the ImageNet-1K archive's layout, for ablate data imagenet1k):
+      ablate data fake-imagenet --out /tmp/fake-1k --classes imagenet1k --flat-val \\
+          --train-per-class 1 --val-per-class 1
+      ablate data imagenet1k --imagenet /tmp/fake-1k --out /tmp/in1k
     """
-    from ablate.data.fake_imagenet import make_fake_imagenet  # lazy: per command
+    from ablate.data.fake_imagenet import LABELS_FILE, make_fake_imagenet  # lazy: per command
     counts = make_fake_imagenet(out, train_per_class=train_per_class, val_per_class=val_per_class,
-                                decoys=decoys, seed=seed)
+                                decoys=decoys, seed=seed, classes=classes, flat_val=flat_val, max_side=max_side)
     click.echo(f"train: {counts['train']} images, val: {counts['val']} images -> {out}")
+    if flat_val:
+        click.echo(f"val labels: {out.rstrip('/')}/{LABELS_FILE}")
 
 
 @data.command("cache")
