@@ -33,7 +33,7 @@ from ablate import checkpoint, names
 from ablate.batching import BatchSplit, mixup_once_per_step
 from ablate.cell_group import CellGroup, group_broken, is_group_failure
 from ablate.config import CellConfig
-from ablate.data.seeding import derive_seed
+from ablate.data.seeding import derive_seed, global_rngs_untouched
 from ablate.devices import peak_flops
 from ablate.memory import SAFETY, MicroBatchMemory, probe_micro_batch, state_bytes
 from ablate.models.zoo import model_cost
@@ -56,6 +56,9 @@ class EpochStats:
     tflops: float           # achieved model TFLOP/s: 6 x MACs per training image (forward + backward)
     peak_memory_gb: float   # the most device memory allocated (CUDA), or the process's peak RSS (CPU)
     mfu: Optional[float] = None  # tflops / the device's dense peak, where the peak is known
+    # the fixed training subset evaluated like the validation split (train.eval_train_images; None when 0)
+    train_top1: Optional[float] = None
+    train_loss_eval: Optional[float] = None
 
     def metrics(self) -> dict[str, float]:
         """The epoch's MLflow metrics (without ``epoch``, the step they are logged at)."""
@@ -126,6 +129,23 @@ def evaluate(model, loader, device, amp: str, group: CellGroup = CellGroup()) ->
     loss_sum, correct1, correct5, n = group.sum(sums).tolist()
     n = max(n, 1)
     return loss_sum / n, 100.0 * correct1 / n, 100.0 * correct5 / n
+
+
+def evaluate_train_subset(model, loaders, device, amp: str, group: CellGroup = CellGroup()
+                          ) -> tuple[Optional[float], Optional[float]]:
+    """Mean cross-entropy and top-1 (percent) on the fixed subset of the training split
+    (``loaders.train_eval``), evaluated as :func:`evaluate` evaluates validation; ``(None, None)``
+    when measuring is off.
+
+    It changes nothing training does next: the global random generators are as they were, the
+    loaders' epochs are untouched, and the model is left in eval mode, as validation leaves it
+    (each epoch sets train mode at its start).
+    """
+    if loaders.train_eval is None:
+        return None, None
+    with global_rngs_untouched(device):
+        loss, top1, _ = evaluate(model, loaders.train_eval, device, amp, group)
+    return loss, top1
 
 
 #: optimizer steps between two reads of the loss on the host (the progress bar, the non-finite check)
@@ -222,7 +242,8 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
         log(f"precision: {used} (train.amp {t.amp} applies on CUDA only)")
     if on_start is not None and group.leader:
         on_start({names.DATA_LOADER: loaders.kind, names.N_TRAIN: loaders.n_train,
-                  names.N_VAL: loaders.n_val, names.DEVICE: str(device), names.PRECISION: used,
+                  names.N_VAL: loaders.n_val, names.N_TRAIN_EVAL: loaders.n_train_eval,
+                  names.DEVICE: str(device), names.PRECISION: used,
                   names.COST_SOURCE: "counted" if cost.counted else "analytic",
                   names.DEVICE_NAME: device_name(device),
                   names.MICRO_BATCH: micro, names.PROCESSES: group.size, names.ACCUM_STEPS: split.accum,
@@ -327,19 +348,24 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
         if not math.isfinite(val_loss) or not _weights_finite(model):
             raise CellFailed(f"diverged: non-finite {'weights' if math.isfinite(val_loss) else 'validation loss'} "
                              f"after epoch {epoch + 1} (step {step})")
+        peak_gb = peak_memory_gb(device)  # of training and validation, as before the training subset was measured
+        train_loss_eval, train_top1 = evaluate_train_subset(forward, loaders, device, t.amp, group)
         rate = seen / max(epoch_train_time, 1e-9)
         stats = EpochStats(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), val_loss=val_loss,
                            val_top1=top1, val_top5=top5, lr=optimizer.param_groups[0]["lr"],
                            images_per_second=rate, data_wait_share=waited / max(epoch_train_time, 1e-9),
-                           tflops=rate * train_flops / 1e12, peak_memory_gb=peak_memory_gb(device),
-                           mfu=rate * train_flops / (peak * group.size) if peak else None)
+                           tflops=rate * train_flops / 1e12, peak_memory_gb=peak_gb,
+                           mfu=rate * train_flops / (peak * group.size) if peak else None,
+                           train_top1=train_top1, train_loss_eval=train_loss_eval)
         history.append(asdict(stats))
         elapsed += time.perf_counter() - epoch_start
         train_images += seen
         train_time += epoch_train_time
         if group.leader:
             log(f"epoch {epoch + 1}/{t.epochs}  loss {stats.train_loss:.4f}  val_loss {val_loss:.4f}  "
-                f"top1 {top1:.2f}  top5 {top5:.2f}  lr {stats.lr:.2e}  {stats.images_per_second:.0f} img/s")
+                f"top1 {top1:.2f}  top5 {top5:.2f}  "
+                + (f"train_top1 {train_top1:.2f}  " if train_top1 is not None else "")
+                + f"lr {stats.lr:.2e}  {stats.images_per_second:.0f} img/s")
         # report before saving: a kill in between re-trains this epoch (and reports it again, with
         # the same values) rather than leaving it unreported. Only the leader writes; the others
         # learn whether it goes on.
@@ -374,7 +400,17 @@ def train_cell(cfg: CellConfig, *, device: torch.device, checkpoint_dir: Path,
     return {"val_top1": last["val_top1"], "val_top5": last["val_top5"], "val_loss": last["val_loss"],
             "train_loss": last["train_loss"], "params": cost.params, "params_paper": cost.params_paper,
             "macs": cost.macs, "flops": cost.flops, "train_seconds": elapsed, "images_per_second": rate,
-            "skipped_images": loaders.skipped(), "epochs": len(history), **run_cost}
+            "skipped_images": loaders.skipped(), "epochs": len(history), **run_cost, **overfitting(last)}
+
+
+def overfitting(last: dict) -> dict[str, float]:
+    """The last epoch's top-1 and loss on the training subset and the train - val gap in top-1
+    (percentage points); nothing where the subset was not measured (eval_train_images 0, or a
+    checkpoint's epoch from before it was)."""
+    if last.get(names.TRAIN_TOP1) is None:
+        return {}
+    return {names.TRAIN_TOP1: last[names.TRAIN_TOP1], names.TRAIN_LOSS_EVAL: last[names.TRAIN_LOSS_EVAL],
+            names.GAP_TOP1: last[names.TRAIN_TOP1] - last["val_top1"]}
 
 
 def _check_finite(bad: torch.Tensor, group: CellGroup, checked: int, step: int, epoch: int) -> int:

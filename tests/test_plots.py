@@ -192,6 +192,41 @@ def test_learning_curves_mean_and_band_over_seeds():
     assert len(fig.legends) == 1 and top1_ax.get_xlabel() == "epoch" and "loss" in loss_ax.get_ylabel()
 
 
+
+def test_training_top1_is_dashed_beside_validation_in_the_same_colour_where_measured():
+    curves = []
+    for shift, base in (("none", 60.0), ("four", 80.0), ("eight", 82.0)):
+        for patch, worse in (("2", 0.0), ("4", 3.0)):
+            base -= worse
+            history = {"val_top1": [{e: base - 30 / e + s for e in range(1, 7)} for s in range(2)],
+                       "train_loss": [{e: 2.3 / e for e in range(1, 7)} for _ in range(2)]}
+            if shift != "none":  # "none" was recorded before train_top1 was measured
+                history["train_top1"] = [{e: base + 5 - 30 / e + s for e in range(1, 7)} for s in range(2)]
+            curves.append(Curves({SHIFT: shift, PATCH: patch}, history))
+    enc = Encoding.choose([c.settings for c in curves], KEYS)
+    fig = learning_curves_figure(curves, enc, title="t", subtitle="s")
+    assert overlapping(fig) == []
+    top1_ax, loss_ax = fig.axes
+    lines = top1_ax.get_lines()
+    assert len(lines) == 6 + 4 and len(loss_ax.get_lines()) == 6
+    train = [line for line in lines if line.get_marker() in ("None", None, "")]
+    assert len(train) == 4
+    for curve in curves[2:]:
+        val = next(line for line in lines if line.get_marker() == enc.marker(curve.settings)
+                   and to_rgba(line.get_color()) == to_rgba(enc.colour(curve.settings)))
+        dashed = [line for line in train if to_rgba(line.get_color()) == to_rgba(val.get_color())
+                  and line.get_ydata()[-1] == pytest.approx(val.get_ydata()[-1] + 5)]
+        assert len(dashed) == 1 and dashed[0].get_linestyle() == "--"
+        assert list(dashed[0].get_xdata()) == list(val.get_xdata())
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "top-1, training subset (eval mode)" in labels and "top-1, validation" in labels
+    assert "training" in top1_ax.get_ylabel()
+    # runs without train_top1 draw as before: no dashed line, no legend entry for it
+    old = learning_curves_figure(curves[:2], enc, title="t", subtitle="s")
+    assert len(old.axes[0].get_lines()) == 2 and old.axes[0].get_ylabel() == "top-1 (%), validation"
+    assert not any("training subset" in t.get_text() for t in old.legends[0].get_texts())
+
+
 # ---------------------------------------------------------------- a search
 
 

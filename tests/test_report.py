@@ -536,3 +536,50 @@ def test_failures_are_counted_per_cell_not_per_run():
     children = [run(k, "FAIL", t) for t, k in enumerate(["a", "b", "c", "a", "b", "c"])]
     children += [run("d", "FAIL", 10), run("d", "COMPLETE", 11), run("e", "COMPLETE", 12), run("f", "RUNNING", 13)]
     assert outcome_counts(children) == {"finished": 2, "pruned": 0, "failed": 3, "running": 1}
+
+
+def test_the_gap_column_is_train_minus_val_top1_with_its_interval_and_empty_for_older_runs(store, tmp_path):
+    """Runs that measured train_top1 (ablate/train.py) give a gap column: mean and 95% t interval over
+    seeds; a row whose runs were recorded before it was measured shows "–" there; a report of such
+    runs alone has no gap column at all (the shift-grid report)."""
+    from scipy import stats
+
+    c = store.client
+    exp = c.create_experiment("gap-grid")
+    parent = c.create_run(exp, tags={"ablate.role": "parent", "ablate.kind": "grid"}).info.run_id
+    base = {"model.patch_size": 16, "model.width": 64, "data.name": "digits", "train.epochs": 3}
+    new = {"model.token_mixing": "shift", "train.eval_train_images": 10000}  # settings the older runs lack
+    for n, (shift, seed, top1, train_top1) in enumerate([("four", 0, 80.0, 90.0), ("four", 1, 82.0, 94.0),
+                                                         ("four", 2, 81.0, 88.0), ("none", 0, 60.0, None),
+                                                         ("up", 0, 70.0, None), ("up", 1, 72.0, 77.0)]):
+        metrics = _metrics(top1, 95.0, 1.0)
+        if train_top1 is not None:
+            metrics.update(train_top1=train_top1, train_loss_eval=0.5, gap_top1=train_top1 - top1)
+        _child(c, exp, parent, params={**base, "model.shift": shift, "train.seed": seed,
+                                       **(new if train_top1 is not None else {})},
+               metrics=metrics, trial=n, varied=["model.shift"], epochs=3)
+    report = write_report("gap-grid", out=tmp_path, log_artifacts=False)
+    assert [r.seeds for r in report.rows] == [3, 1, 2]  # an older run and a newer one of "up" are one row
+    gaps = [10.0, 12.0, 7.0]
+    ci = stats.t.interval(0.95, len(gaps) - 1, loc=sum(gaps) / 3, scale=stats.sem(gaps))
+    four = report.rows[0].gap
+    assert (four.mean, four.low, four.high) == (pytest.approx(29 / 3), pytest.approx(ci[0]), pytest.approx(ci[1]))
+    md = (tmp_path / "report.md").read_text()
+    assert "| top-5 (%) | gap (pp, 95% CI) | params (M) |" in md
+    assert f"| +9.67 [{ci[0]:+.2f}, {ci[1]:+.2f}] | 1 |" in md
+    assert "| none | 1 | 60.00 |" in md and "| 95.00 | – | 1 |" in md  # recorded before train_top1
+    assert "| 95.00 ± 0.00 | +5.00 | 1 |" in md  # up: the one run that measured it, no interval
+    assert "gap: train top-1 minus validation top-1" in md
+    rows = {r["model.shift"]: r for r in _read_csv(tmp_path / "report.csv")}
+    assert float(rows["four"]["gap_mean"]) == pytest.approx(29 / 3, abs=1e-4)
+    assert float(rows["four"]["gap_low"]) == pytest.approx(ci[0], abs=1e-4)
+    assert float(rows["four"]["train_top1_mean"]) == pytest.approx(272 / 3, abs=1e-4)
+    assert (rows["none"]["gap_mean"], rows["none"]["gap_low"], rows["none"]["train_top1_mean"]) == ("", "", "")
+    assert (float(rows["up"]["gap_mean"]), rows["up"]["gap_low"]) == (5.0, "")
+    assert report.rows[0].history["train_top1"] == [{3: 90.0}, {3: 94.0}, {3: 88.0}]  # for the learning curves
+    assert report.rows[1].history["train_top1"] == []
+
+    old = write_report("shift-grid", out=tmp_path / "old", log_artifacts=False)
+    assert all(r.gap is None for r in old.rows)
+    assert "gap" not in (tmp_path / "old" / "report.md").read_text()
+    assert "gap" not in (tmp_path / "old" / "report.csv").read_text().splitlines()[0]

@@ -190,7 +190,10 @@ class FolderBatches:
             sampler=self.sampler,
             num_workers=workers, collate_fn=collate_skipping, drop_last=train,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0,
-            worker_init_fn=_leave_stopping_to_the_trainer)
+            worker_init_fn=_leave_stopping_to_the_trainer,
+            # evaluation draws nothing from torch's global generator (an iterator's base seed comes
+            # from it unless the loader has its own): evaluating between epochs changes no training
+            generator=None if train else torch.Generator())
         self.skipped_paths: set[str] = set()
         for path, reason in split.skipped:
             self._skip(path, reason)

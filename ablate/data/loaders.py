@@ -13,12 +13,16 @@ exists for this size, ``cache`` requires it, ``folder`` never uses it. Both trai
 recipe; where the tensor path cannot (an AutoAugment or AugMix policy), ``auto`` says so and
 decodes image files, and ``cache`` refuses. A cache of an image tree that has changed since
 it was built (or in an older format) is refused with the command that rebuilds it.
+
+Every path also gives ``train_eval``: a fixed subset of the training split
+(:mod:`ablate.data.subset`, ``train.eval_train_images`` images) through the validation
+transform, in order, each image once over the ranks: what ``train_top1`` is measured on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -29,8 +33,9 @@ from ablate.data.cache import cache_exists, cache_root, default_cache_size, open
 from ablate.data.constants import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
 from ablate.data.digits import load_digits_split
 from ablate.data.folder import FolderBatches, usable_workers
-from ablate.data.scan import expand_root, scan_tree
-from ablate.data.synthetic import SyntheticBatches
+from ablate.data.scan import FolderSplit, expand_root, scan_tree
+from ablate.data.subset import fixed_subset
+from ablate.data.synthetic import SyntheticBatches, SyntheticTrainSubset
 from ablate.data.transforms import folder_transforms
 from ablate.errors import AblateError
 
@@ -42,6 +47,9 @@ class Loaders:
     ``train`` yields ``(images float32 (B, C, H, W) normalised, targets int64 (B,))`` and
     drops the last incomplete batch (batch Mixup needs full, even batches); ``val`` keeps
     every image. Batches may already be on the device (memory, cache and synthetic paths).
+    ``train_eval`` (``None`` when ``train.eval_train_images`` is 0) is the fixed subset of
+    the training split, ``n_train_eval`` images, batched like ``val`` and with its transform;
+    it has no epoch (the same images, the same pixels, every epoch).
     """
     train: Iterable[tuple[torch.Tensor, torch.Tensor]]
     val: Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -49,6 +57,8 @@ class Loaders:
     kind: str
     n_train: int
     n_val: int
+    train_eval: Optional[Iterable[tuple[torch.Tensor, torch.Tensor]]] = None
+    n_train_eval: int = 0
 
     def set_split(self, split) -> None:
         """Train batches as ``split`` (a :class:`ablate.batching.BatchSplit`) says: this rank's
@@ -63,7 +73,10 @@ class Loaders:
 
     def skipped(self) -> int:
         """Distinct unreadable or non-image files skipped so far (each one is logged once)."""
-        return len(self.train.skipped_paths) + len(self.val.skipped_paths)
+        train = set(self.train.skipped_paths)
+        if self.train_eval is not None:
+            train |= self.train_eval.skipped_paths  # the same split: a file counts once
+        return len(train) + len(self.val.skipped_paths)
 
 
 def build_loaders(cfg: CellConfig, device: torch.device, *, log: Callable[[str], None] = print,
@@ -93,13 +106,26 @@ def _eval_transform(cfg: CellConfig, mean, std, device: torch.device, crop_fract
                               crop_fraction=crop_fraction, backend=default_backend(device))
 
 
+def _train_subset(cfg: CellConfig, train: ArrayBatches, val: ArrayBatches, common: dict) -> dict:
+    """``train_eval`` of the array paths (memory, cache): the fixed subset of ``train``'s usable
+    rows, through ``val``'s transform; nothing when measuring is off."""
+    subset = fixed_subset(len(train.rows), cfg.train.eval_train_images)
+    if subset is None:
+        return {}
+    rows = train.rows[subset]
+    batches = ArrayBatches(train.images, train.labels, val.transform, train=False, rows=rows, **common)
+    batches.skipped_paths = train.skipped_paths  # the same split's files: each logged and counted once
+    return dict(train_eval=batches, n_train_eval=len(rows))
+
+
 def _digits(cfg: CellConfig, device: torch.device, share: dict) -> Loaders:
     d = load_digits_split()
     mean, std = (d.mean,), (d.std,)
     common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device, **share)
     train = ArrayBatches(d.train_images, d.train_labels, _train_transform(cfg, mean, std, device), train=True, **common)
     val = ArrayBatches(d.val_images, d.val_labels, _eval_transform(cfg, mean, std, device, 1.0), train=False, **common)
-    return Loaders(train, val, 10, "memory", len(d.train_labels), len(d.val_labels))
+    return Loaders(train, val, 10, "memory", len(d.train_labels), len(d.val_labels),
+                   **_train_subset(cfg, train, val, common))
 
 
 def _synthetic(cfg: CellConfig, device: torch.device, share: dict) -> Loaders:
@@ -108,7 +134,12 @@ def _synthetic(cfg: CellConfig, device: torch.device, share: dict) -> Loaders:
     common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, device=device, **share)
     train = SyntheticBatches(d.train_size, d.num_classes, shape, train=True, **common)
     val = SyntheticBatches(d.val_size, d.num_classes, shape, train=False, **common)
-    return Loaders(train, val, d.num_classes, "synthetic", d.train_size, d.val_size)
+    subset = {}
+    if cfg.train.eval_train_images:
+        train_eval = SyntheticTrainSubset(d.train_size, cfg.train.eval_train_images, d.num_classes, shape, **common)
+        if train_eval.n:
+            subset = dict(train_eval=train_eval, n_train_eval=train_eval.n)
+    return Loaders(train, val, d.num_classes, "synthetic", d.train_size, d.val_size, **subset)
 
 
 def _image_folder(cfg: CellConfig, device: torch.device, log: Callable[[str], None], share: dict) -> Loaders:
@@ -152,8 +183,16 @@ def _folder(cfg: CellConfig, root: Path, splits: dict, device: torch.device, log
     _check_classes(cfg, splits["train"].classes, root)
     log(f"data: folder loader on {root}: {len(splits['train'].samples)} train / {len(splits['val'].samples)} val "
         f"images, {len(splits['train'].classes)} classes, {workers} workers")
+    subset, whole = {}, splits["train"]
+    positions = fixed_subset(len(whole.samples), cfg.train.eval_train_images)
+    if positions is not None:
+        # the split's files that are not images were logged by the training loader: not again
+        part = FolderSplit(whole.root, whole.classes, [whole.samples[i] for i in positions.tolist()])
+        train_eval = FolderBatches(part, val_tf, train=False, **common)
+        train_eval.skipped_paths = train.skipped_paths  # an unreadable image is logged and counted once
+        subset = dict(train_eval=train_eval, n_train_eval=len(part.samples))
     return Loaders(train, val, len(splits["train"].classes), "folder",
-                   len(splits["train"].samples), len(splits["val"].samples))
+                   len(splits["train"].samples), len(splits["val"].samples), **subset)
 
 
 def _cache(cfg: CellConfig, splits: dict, paths: dict[str, Path], train_tf, device: torch.device,
@@ -178,7 +217,8 @@ def _cache(cfg: CellConfig, splits: dict, paths: dict[str, Path], train_tf, devi
     _check_classes(cfg, train_c.classes, paths["train"])
     log(f"data: uint8 cache {paths['train'].parent} (short side {train_c.size}): {len(train_c.rows)} train / "
         f"{len(val_c.rows)} val images, {len(train_c.classes)} classes, augmented on {device}")
-    return Loaders(train, val, len(train_c.classes), "cache", len(train_c.rows), len(val_c.rows))
+    return Loaders(train, val, len(train_c.classes), "cache", len(train_c.rows), len(val_c.rows),
+                   **_train_subset(cfg, train, val, common))
 
 
 def _check_classes(cfg: CellConfig, classes: list[str], where) -> None:

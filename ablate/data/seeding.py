@@ -53,3 +53,24 @@ def seeded_global_rngs(seed: int):
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def global_rngs_untouched(device: torch.device | str = "cpu"):
+    """Inside the block, draw from Python's, NumPy's and torch's global RNGs (and ``device``'s,
+    when it is a GPU) as much as you like: they are back where they were afterwards.
+
+    For work between two training epochs that must not change what training draws next, such
+    as evaluating the training subset (a DataLoader's iterator takes its base seed from torch's
+    global generator unless it has its own).
+    """
+    device = torch.device(device)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

@@ -7,16 +7,17 @@ writes ``reports/<name>/`` under the working directory (or ``out``):
 
 - ``report.md`` and ``report.csv``: one row per configuration with top-1 and top-5 as
   mean ± std over seeds, the difference in top-1 from the baseline with a 95% confidence
-  interval over seeds (:mod:`.stats`), params, MACs (the paper's "FLOPs", §3.4:
-  one multiply-add = 1) and training time; the paper's numbers beside ours where the spec
-  has a ``reference`` table;
+  interval over seeds (:mod:`.stats`), the train - val gap in top-1 with its 95% interval
+  over seeds (where the runs measured ``train_top1``: a column only then, "–" for a row whose
+  runs did not), params, MACs (the paper's "FLOPs", §3.4: one multiply-add = 1) and training
+  time; the paper's numbers beside ours where the spec has a ``reference`` table;
 - ``top1_vs_macs.png``/``.svg``: top-1 against MACs, colour and marker for the varied
   settings, the paper's rows hollow, our Pareto front dashed; with ``cost`` another axis
   (:mod:`ablate.cost_axis`: params, a latency measured by ``ablate latency``, GPU-hours), in
   ``top1_vs_<cost>``, and for a latency also ``macs_vs_latency_<target>`` with the rank
   correlation of the two;
-- ``learning_curves.png``/``.svg``: validation top-1 and training loss against epoch per
-  configuration, from MLflow's per-epoch metrics;
+- ``learning_curves.png``/``.svg``: validation top-1 (and, dashed, training top-1 where it was
+  measured) and training loss against epoch per configuration, from MLflow's per-epoch metrics;
 - for a search, also the Pareto front of the trials under the spec's objectives
   (``pareto.png``/``.svg`` for two objectives) and the optimization history (``history``).
 

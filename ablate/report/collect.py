@@ -11,22 +11,22 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ablate import names
-from ablate.config import MACHINE_LOCAL
+from ablate.config import KEYED_WHEN_SET, MACHINE_LOCAL
 from ablate.cost_axis import Correlation, CostAxis
 from ablate.errors import AblateError
 from ablate.latency import objective_metric
 from ablate.pareto import pareto_front
 from ablate.progress import CellState, states_from_runs
-from ablate.report.stats import Difference
+from ablate.report.stats import Difference, mean_interval
 from ablate.spec import SearchSpec, Spec, SpecArgs
 from ablate.text import param
-from ablate.tracking import all_runs, client, existing_experiment
+from ablate.tracking import all_runs, client, existing_experiment, param_text
 from ablate.units import macs_in, params_in
 from ablate.urls import display_url
 
 DEFAULT_OBJECTIVES = [(names.VAL_TOP1, "maximize")]
-#: the per-epoch metrics of the learning curves
-CURVE_METRICS = (names.VAL_TOP1, names.TRAIN_LOSS)
+#: the per-epoch metrics of the learning curves (runs from before train_top1 have none of it)
+CURVE_METRICS = (names.VAL_TOP1, names.TRAIN_LOSS, names.TRAIN_TOP1)
 
 
 @dataclass
@@ -64,8 +64,15 @@ class CellResult:
 
 
 def configuration(c: CellResult) -> dict[str, str]:
-    """What a run trained: its flat params but the seed and the machine-local paths."""
-    return {k: v for k, v in c.params.items() if k != names.SEED and k not in MACHINE_LOCAL}
+    """What a run trained: its flat params but the seed and the machine-local paths. A setting
+    added after the run was recorded reads as the value every earlier run had
+    (``config.KEYED_WHEN_SET``), as in its cell key: the run is a seed of the same configuration
+    as the runs recorded since."""
+    settings = {k: v for k, v in c.params.items() if k != names.SEED and k not in MACHINE_LOCAL}
+    if settings:  # a run that recorded no params at all stays empty
+        for k, v in KEYED_WHEN_SET.items():
+            settings.setdefault(k, param_text(v))
+    return settings
 
 
 @dataclass
@@ -109,6 +116,14 @@ class ConfigRow:
         """Sample standard deviation over seeds (n - 1); NaN with fewer than two seeds."""
         xs = [r.metric(metric) for r in self.runs if math.isfinite(r.metric(metric))]
         return statistics.stdev(xs) if len(xs) > 1 else math.nan
+
+    @property
+    def gap(self) -> Optional[Difference]:
+        """Train top-1 minus validation top-1 (percentage points) after the last epoch: the mean
+        and its 95% interval over the seeds whose runs measured train_top1; ``None`` where none did
+        (runs from before it was measured, or ``train.eval_train_images: 0``)."""
+        return mean_interval({seed: self.by_seed(names.TRAIN_TOP1)[seed] - top1
+                              for seed, top1 in self.by_seed(names.VAL_TOP1).items()})
 
     @property
     def params_m(self) -> float:

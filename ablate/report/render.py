@@ -17,7 +17,7 @@ from ablate import latency, names, plots
 from ablate.cost_axis import csv_columns, measured, table_columns
 from ablate.progress import CellState
 from ablate.report.collect import ConfigRow, Report
-from ablate.report.stats import LEGEND, NO_INTERVAL, format_difference
+from ablate.report.stats import LEGEND, NO_INTERVAL, format_difference, format_interval
 from ablate.text import fixed, markdown_table, mean_std, param, plural
 from ablate.units import count_unit
 
@@ -63,6 +63,19 @@ def _training_cost(report: Report) -> list[tuple[str, str, str]]:
     return [c for c in TRAINING_COST if any(math.isfinite(r.mean(c[0])) for r in report.rows)]
 
 
+#: a gap cell of a row whose runs did not measure train_top1 (recorded before it was, or turned off)
+NO_GAP = "–"
+GAP_LEGEND = ("gap: train top-1 minus validation top-1 after the last epoch, in percentage points, mean "
+              "with a 95% Student-t confidence interval over seeds; train top-1 is measured like the "
+              "validation split (eval mode, no augmentation) on a fixed subset of the training split "
+              f"(train.eval_train_images), and {NO_GAP} marks runs that did not measure it.")
+
+
+def _has_gap(report: Report) -> bool:
+    """Whether any row measured train_top1 (runs from before it was measured have no gap column)."""
+    return any(r.gap is not None for r in report.rows)
+
+
 def _cost_value(r: ConfigRow, metric: str, fmt: str) -> str:
     value = r.mean(metric)
     return fixed(100 * value if metric == names.MFU else value, fmt)
@@ -80,6 +93,9 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
     header += ["top-5 (%)"]
     if _has_reference(report):
         header += ["paper top-5"]
+    gap = _has_gap(report)
+    if gap:
+        header += ["gap (pp, 95% CI)"]
     p_prefix, p_div = count_unit([r.params_m * 1e6 for r in report.rows])
     m_prefix, m_div = count_unit([r.gmacs * 1e9 for r in report.rows])
     header += [f"params ({p_prefix})" if p_prefix else "params", f"{m_prefix}MACs", "train (s)"]
@@ -101,6 +117,8 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
         line += [mean_std(r.mean(names.VAL_TOP5), r.std(names.VAL_TOP5))]
         if _has_reference(report):
             line += [fixed(r.paper_top5, ".1f")]
+        if gap:
+            line += [format_interval(r.gap, NO_GAP)]
         line += [fixed(r.params_m * 1e6 / p_div, ".4g"), fixed(r.gmacs * 1e9 / m_div, ".4g"),
                  fixed(r.mean("train_seconds"), ".1f"), *[_cost_value(r, m, f) for m, _, f in cost]]
         body.append(line + measured_cells[len(body)])
@@ -202,7 +220,8 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
         "top-1 / top-5: validation accuracy (%) after the last epoch, mean ± sample std over "
         "seeds. params: paper convention (classifier and norm parameters excluded) when "
         "logged. MACs: multiply-accumulates per image, the paper's \"FLOPs\" (G = 1e9, "
-        "M = 1e6, k = 1e3). train: mean training seconds. " + LEGEND + no_interval,
+        "M = 1e6, k = 1e3). train: mean training seconds. " + LEGEND + no_interval
+        + (" " + GAP_LEGEND if _has_gap(report) else ""),
         "",
         markdown_table(*config_table(report)),
         "",
@@ -243,6 +262,9 @@ def render_csv(report: Report) -> str:
     header = report.columns + ["seeds", "top1_mean", "top1_std", "top5_mean", "top5_std"]
     if _has_reference(report):
         header += ["paper_top1", "paper_top5"]
+    gap = _has_gap(report)
+    if gap:
+        header += ["train_top1_mean", "gap_mean", "gap_low", "gap_high"]
     header += ["delta_top1", "delta_low", "delta_high", "delta_method", "delta_excludes_zero", "baseline"]
     measured_header, measured_cells = csv_columns(report.rows, report.cost)
     cost = _training_cost(report)
@@ -257,6 +279,10 @@ def render_csv(report: Report) -> str:
             fixed(r.mean(names.VAL_TOP5), ".4f"), fixed(r.std(names.VAL_TOP5), ".4f")]
         if _has_reference(report):
             line += [fixed(r.paper_top1, "g"), fixed(r.paper_top5, "g")]
+        if gap:
+            g = r.gap
+            line += [fixed(r.mean(names.TRAIN_TOP1), ".4f")] + (
+                [fixed(g.mean, ".4f"), fixed(g.low, ".4f"), fixed(g.high, ".4f")] if g is not None else ["", "", ""])
         d = r.delta
         if d is not None:
             line += [fixed(d.mean, ".4f"), fixed(d.low, ".4f"), fixed(d.high, ".4f"),

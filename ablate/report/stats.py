@@ -1,24 +1,29 @@
-"""The statistics of a report: a configuration's difference in top-1 from its baseline, with a
-95% confidence interval over seeds.
+"""The statistics of a report: a configuration's difference in top-1 from its baseline, and its
+train - val gap, each with a 95% confidence interval over seeds.
 
 Seeds are the replicates. Where the configuration and its baseline were trained with the same
 seeds, the differences are paired by seed (a seed fixes the initialisation and the data order of
 both, so pairing removes that shared noise) and the interval is the paired Student-t interval
 of their mean; otherwise it is Welch's t interval of the difference of the two means. One seed
 on either side leaves the spread unknown: the difference is given without an interval.
+
+The train - val gap (each run's top-1 on its fixed training subset minus its validation top-1)
+belongs to one configuration: its interval is the one-sample Student-t interval of the mean
+gap over seeds, and again one seed gives the mean alone.
 """
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 from scipy.stats import t  # scipy comes with scikit-learn
 
 LEVEL = 0.95
 PAIRED = "paired t"
 WELCH = "Welch t"
+ONE_SAMPLE = "t"
 NO_INTERVAL = "one seed: no interval"
 
 LEGEND = ("Δ top-1: mean top-1 minus the baseline's, in percentage points, with a 95% Student-t "
@@ -79,6 +84,27 @@ def difference(row: Mapping[int, float], base: Mapping[int, float], level: float
     df = (v1 + v2) ** 2 / (v1 ** 2 / (len(row) - 1) + v2 ** 2 / (len(base) - 1))
     half = t_quantile(df, level) * se
     return Difference(mean, mean - half, mean + half, WELCH, seeds)
+
+
+def mean_interval(values: Mapping[int, float], level: float = LEVEL) -> Optional[Difference]:
+    """The mean of ``values`` (seed -> metric) with its one-sample Student-t interval; ``None``
+    when no value is finite (the metric was not recorded)."""
+    xs = list(_finite(values).values())
+    if not xs:
+        return None
+    mean = statistics.fmean(xs)
+    if len(xs) < 2:
+        return Difference(mean, math.nan, math.nan, NO_INTERVAL, "1")
+    half = t_quantile(len(xs) - 1, level) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return Difference(mean, mean - half, mean + half, ONE_SAMPLE, str(len(xs)))
+
+
+def format_interval(d: Optional[Difference], missing: str = "") -> str:
+    """``+12.34 [+10.10, +14.58]``, or the mean alone where there is no interval; ``missing``
+    for no value at all."""
+    if d is None:
+        return missing
+    return f"{d.mean:+.2f}" + (f" [{d.low:+.2f}, {d.high:+.2f}]" if d.has_interval else "")
 
 
 def format_difference(d: Difference) -> str:
