@@ -349,16 +349,16 @@ def num_classes(data: DataConfig) -> int:
 OPERATOR_SETTINGS = {"shift": "shift", "border": "shift", "token_hidden": "mlp", "kernel_size": "dwconv"}
 
 
-def applies(dotted: str, cfg: CellConfig) -> bool:
-    """Whether a setting means anything for this cell's model: S²-MLP's own settings do not for a
-    timm model, nor ``model.timm_args`` for S²-MLP, nor one token mixer's settings for another
-    (each sits at its default there)."""
+def applies(dotted: str, timm: Optional[str], token_mixing: str) -> bool:
+    """Whether a setting means anything for a cell whose model is ``timm`` (or S²-MLP with
+    ``token_mixing``): S²-MLP's own settings do not for a timm model, nor ``model.timm_args`` for
+    S²-MLP, nor one token mixer's settings for another (each sits at its default there)."""
     section, _, name = dotted.partition(".")
     if section != "model":
         return True
-    if cfg.model.timm is not None:
+    if timm is not None:
         return name not in S2MLP_ONLY
-    return name != "timm_args" and OPERATOR_SETTINGS.get(name, cfg.model.token_mixing) == cfg.model.token_mixing
+    return name != "timm_args" and OPERATOR_SETTINGS.get(name, token_mixing) == token_mixing
 
 
 def flat_params(cfg: CellConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ablate import names
-from ablate.config import KEYED_WHEN_SET, MACHINE_LOCAL
+from ablate.config import KEYED_WHEN_SET, MACHINE_LOCAL, applies
 from ablate.cost_axis import Correlation, CostAxis
 from ablate.errors import AblateError
 from ablate.latency import objective_metric
@@ -20,11 +20,13 @@ from ablate.progress import CellState, states_from_runs
 from ablate.report.stats import Difference, mean_interval
 from ablate.spec import SearchSpec, Spec, SpecArgs
 from ablate.text import param
-from ablate.tracking import all_runs, client, existing_experiment, param_text
+from ablate.tracking import all_runs, client, existing_experiment, param_text, param_value
 from ablate.units import macs_in, params_in
 from ablate.urls import display_url
 
 DEFAULT_OBJECTIVES = [(names.VAL_TOP1, "maximize")]
+#: a row's value of a setting its model does not have (S²-MLP's width for a timm model)
+NOT_APPLICABLE = "-"
 #: the per-epoch metrics of the learning curves (runs from before train_top1 have none of it)
 CURVE_METRICS = (names.VAL_TOP1, names.TRAIN_LOSS, names.TRAIN_TOP1)
 
@@ -72,6 +74,8 @@ def configuration(c: CellResult) -> dict[str, str]:
     if settings:  # a run that recorded no params at all stays empty
         for k, v in KEYED_WHEN_SET.items():
             settings.setdefault(k, param_text(v))
+        timm, mixing = param_value(settings["model.timm"]), settings["model.token_mixing"]
+        settings = {k: v for k, v in settings.items() if applies(k, timm, mixing)}
     return settings
 
 
@@ -134,6 +138,11 @@ class ConfigRow:
     @property
     def gmacs(self) -> float:
         return macs_in(self.mean(names.MACS), "G")
+
+    @property
+    def counted(self) -> bool:
+        """Whether its params and MACs were counted on a forward pass (a timm model), not analytic."""
+        return any(r.tags.get(names.COST_SOURCE) == "counted" for r in self.runs)
 
     @property
     def is_baseline(self) -> bool:
@@ -279,10 +288,11 @@ def group_by_config(cells: Sequence[CellResult], varied: Sequence[str]) -> tuple
         key = tuple(sorted(settings.items()))
         rows.setdefault(key, ConfigRow({}, [], settings)).runs.append(c)
     every = sorted({k for r in rows.values() for k in r.settings})
+    # a setting a row's model does not have (S²-MLP's width for a timm model) tells no rows apart
     differing = [k for k in every if k not in varied
-                 and len({r.settings.get(k, "") for r in rows.values()}) > 1]
+                 and len({r.settings[k] for r in rows.values() if k in r.settings}) > 1]
     for r in rows.values():
-        r.values = {k: r.settings.get(k, "") for k in list(varied) + differing}
+        r.values = {k: r.settings.get(k, NOT_APPLICABLE) for k in list(varied) + differing}
     return list(rows.values()), differing
 
 

@@ -65,6 +65,10 @@ def _training_cost(report: Report) -> list[tuple[str, str, str]]:
 
 #: a gap cell of a row whose runs did not measure train_top1 (recorded before it was, or turned off)
 NO_GAP = "–"
+#: after a row's params and MACs: counted on a forward pass of a timm model, not the paper's formula
+COUNTED_MARK = " c"
+COUNTED_LEGEND = ("; c: counted on a forward pass of the timm model (torch.utils.flop_counter; params without the "
+                  "classifier, norms included), the other rows analytic (paper §3.4)")
 GAP_LEGEND = ("gap: train top-1 minus validation top-1 after the last epoch, in percentage points, mean "
               "with a 95% Student-t confidence interval over seeds; train top-1 is measured like the "
               "validation split (eval mode, no augmentation) on a fixed subset of the training split "
@@ -119,7 +123,8 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
             line += [fixed(r.paper_top5, ".1f")]
         if gap:
             line += [format_interval(r.gap, NO_GAP)]
-        line += [fixed(r.params_m * 1e6 / p_div, ".4g"), fixed(r.gmacs * 1e9 / m_div, ".4g"),
+        counted = COUNTED_MARK if r.counted else ""
+        line += [fixed(r.params_m * 1e6 / p_div, ".4g") + counted, fixed(r.gmacs * 1e9 / m_div, ".4g") + counted,
                  fixed(r.mean("train_seconds"), ".1f"), *[_cost_value(r, m, f) for m, _, f in cost]]
         body.append(line + measured_cells[len(body)])
     return header, body
@@ -220,7 +225,8 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
         "top-1 / top-5: validation accuracy (%) after the last epoch, mean ± sample std over "
         "seeds. params: paper convention (classifier and norm parameters excluded) when "
         "logged. MACs: multiply-accumulates per image, the paper's \"FLOPs\" (G = 1e9, "
-        "M = 1e6, k = 1e3). train: mean training seconds. " + LEGEND + no_interval
+        "M = 1e6, k = 1e3)" + (COUNTED_LEGEND if any(r.counted for r in report.rows) else "")
+        + ". train: mean training seconds. " + LEGEND + no_interval
         + (" " + GAP_LEGEND if _has_gap(report) else ""),
         "",
         markdown_table(*config_table(report)),

@@ -554,7 +554,8 @@ class SpecBuilder:
             for combo, config in resolved:
                 config = config.model_copy(update={"train": config.train.model_copy(update={"seed": seed})})
                 flat = flat_params(config)
-                values = {k: flat[k] if applies(k, config) else None for k in varied}
+                m = config.model
+                values = {k: flat[k] if applies(k, m.timm, m.token_mixing) else None for k in varied}
                 cells.append(Cell(config=config, key=cell_key(config), values=values, seed=seed))
         return cells
 
