@@ -22,7 +22,9 @@ from ablate.cli import cli
 from ablate.spec import SpecArgs
 from conftest import ROOT, run_ablate
 
-PAPER = sorted((ROOT / "experiments" / "paper").glob("*.yaml"))
+#: the ImageNet100 specs (imagenet1k.yaml, the ImageNet-1K table, is rehearsed on its own tree below)
+PAPER = sorted(p for p in (ROOT / "experiments" / "paper").glob("*.yaml") if p.name != "imagenet1k.yaml")
+IMAGENET1K = ROOT / "experiments" / "paper" / "imagenet1k.yaml"
 SHRINK = {"model.width": "64", "model.depth": "2", "train.epochs": "1", "train.batch_size": "32"}
 #: what the shrunk runs must still train with: base-wide.yaml's recipe
 RECIPE = {"train.randaugment": "rand-m9-mstd0.5-inc1", "train.mixup": "0.8", "train.cutmix": "1.0",
@@ -98,3 +100,42 @@ def test_every_paper_spec_trains_end_to_end(imagenet100, tmp_path, loader, monke
             assert patches == [16, 32]
         else:
             assert sizes == [224] and patches == [16]
+
+
+def test_the_imagenet1k_table_rehearses_on_a_generated_1000_class_tree(tmp_path, monkeypatch):
+    """The archive's layout (flat val/ and its labels file) -> ``ablate data imagenet1k`` -> every
+    row of the table trained: S²-MLP shrunk in width and depth, timm's Mixer-B/16 and ResMLP-36 at
+    their own size (timm fixes it) on 32 px images, so that the rehearsal takes a minute or two."""
+    from mlflow.tracking import MlflowClient
+
+    fake, root = tmp_path / "fake-1k", tmp_path / "imagenet1k"
+    _ok(run_ablate("data", "fake-imagenet", "--out", str(fake), "--classes", "imagenet1k", "--flat-val",
+                   "--train-per-class", "1", "--val-per-class", "1", "--max-side", "40", cwd=tmp_path))
+    out = _ok(run_ablate("data", "imagenet1k", "--imagenet", str(fake), "--out", str(root), cwd=tmp_path))
+    assert "1000 classes, 1000 train images, 1000 val images" in out
+    env = {"IMAGENET1K_ROOT": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "ABLATE_STORAGE": f"sqlite:///{tmp_path / 'ledger.db'}", "ABLATE_CHECKPOINTS": str(tmp_path / "ckpt"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.chdir(tmp_path)
+    sets = ["model.width=64", "model.depth=2", "train.epochs=1", "train.batch_size=200", "data.workers=0",
+            "model.image_size=32", "train.eval_train_images=200"]
+    args = [w for s in sets for w in ("--set", s)]
+    result = CliRunner().invoke(cli, ["run", str(IMAGENET1K), *args, "--name", "rehearsal-imagenet1k"])
+    assert result.exit_code == 0, result.output[-4000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("rehearsal-imagenet1k").experiment_id],
+                              filter_string="tags.`ablate.role` = 'cell'")
+    assert len(runs) == 5 and all(r.info.status == "FINISHED" for r in runs)
+    by_model = {r.data.params["model.timm"]: r for r in runs}
+    assert set(by_model) == {"None", "mixer_b16_224", "resmlp_36_224"}
+    for run in runs:
+        p, m, tags = run.data.params, run.data.metrics, run.data.tags
+        assert p["data.name"] == "imagenet1k" and tags["ablate.n_train"] == "1000"
+        assert {k: p[k] for k in RECIPE} == RECIPE
+        assert "train_top1" in m and tags["ablate.cost_source"] == ("analytic" if p["model.timm"] == "None"
+                                                                    else "counted")
+    assert by_model["mixer_b16_224"].data.metrics["params"] > 50e6  # timm's own Mixer-B/16, at full width
+    report = CliRunner().invoke(cli, ["report", str(IMAGENET1K), *args, "--name", "rehearsal-imagenet1k"])
+    assert report.exit_code == 0, report.output[-4000:]

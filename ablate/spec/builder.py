@@ -331,6 +331,13 @@ class SpecBuilder:
         grid = raw.get("grid")
         if not isinstance(grid, dict) or not any(k in SECTIONS for k in grid):
             return raw
+        zips = raw.get("zip")
+        if isinstance(zips, dict):  # one group becomes the first of a list: its lines move with it
+            for p, where in [(p, w) for p, w in self.origins.items() if p[:1] == ("zip",) and len(p) > 1]:
+                self.origins[("zip", 0) + p[1:]] = where
+            zips = [zips]
+        elif zips is None:
+            zips = []
         groups = []
         for section in [k for k in grid if k in SECTIONS]:
             entries, path = grid[section], ("grid", section)
@@ -347,11 +354,10 @@ class SpecBuilder:
                 continue
             for i, entry in enumerate(entries):
                 self._check_model_kind(section, entry, path + (i,))
-            default = {n: SECTIONS[section].model_fields[n].get_default(call_default_factory=True) for n in names_}
-            group = {f"{section}.{n}": [e.get(n, base[section].get(n, default[n])) if isinstance(base[section], dict)
-                                        else e.get(n, default[n]) for e in entries] for n in names_}
-            index = len(groups) + (len(raw["zip"]) if isinstance(raw.get("zip"), list) else
-                                   1 if isinstance(raw.get("zip"), dict) else 0)
+            fields = SECTIONS[section].model_fields
+            inherited = {n: base[section].get(n, fields[n].get_default(call_default_factory=True)) for n in names_}
+            group = {f"{section}.{n}": [e.get(n, inherited[n]) for e in entries] for n in names_}
+            index = (len(zips) if isinstance(zips, list) else 0) + len(groups)
             for n in names_:
                 for i in range(len(entries)):
                     self.origins[("zip", index, f"{section}.{n}", i)] = self.where(*path, i, n) \
@@ -359,8 +365,6 @@ class SpecBuilder:
                 self.origins[("zip", index, f"{section}.{n}")] = self.where(*path)
             self.origins.setdefault(("zip", index), self.where(*path))
             groups.append(group)
-        zips = raw.get("zip")
-        zips = [] if zips is None else [zips] if isinstance(zips, dict) else zips
         rest = {k: v for k, v in grid.items() if k not in SECTIONS}
         out = {**raw, "zip": (zips + groups) if isinstance(zips, list) else zips}
         if rest:
