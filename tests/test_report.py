@@ -432,6 +432,30 @@ def test_grouping_is_by_the_whole_configuration_but_the_seed():
     assert rows[1].values == {"model.shift": "four", "train.epochs": "3"}
 
 
+def test_each_mixer_is_compared_with_no_mixing_at_its_own_patch_size():
+    """Rows whose models have different settings (the shift's pattern, the token MLP's hidden size)
+    are matched on the settings both have: mlp at patch 4 against none at patch 4, not at patch 2."""
+    from ablate.report import CellResult, group_by_config
+    from ablate.report.compare import compare_with_baseline
+
+    def run(i, top1, **params):
+        return CellResult(f"r{i}", {k.replace("_", ".", 1): str(v) for k, v in params.items()},
+                          {"val_top1": top1}, {}, i)
+    cells = [run(0, 95.0, model_token_mixing="shift", model_shift="four", model_patch_size=2),
+             run(1, 50.0, model_token_mixing="none", model_patch_size=2),
+             run(2, 97.0, model_token_mixing="mlp", model_patch_size=2),
+             run(3, 96.0, model_token_mixing="mlp", model_patch_size=4),
+             run(4, 70.0, model_token_mixing="none", model_patch_size=4)]
+    rows, _ = group_by_config(cells, ["model.patch_size", "model.token_mixing", "model.shift"])
+    compare_with_baseline(rows, {"model.token_mixing": "none"})
+    base = {(r.values["model.patch_size"], r.values["model.token_mixing"]): r.baseline.values["model.patch_size"]
+            for r in rows}
+    assert base == {("2", "shift"): "2", ("2", "none"): "2", ("2", "mlp"): "2", ("4", "mlp"): "4", ("4", "none"): "4"}
+    assert next(r for r in rows if r.values["model.patch_size"] == "4" and r.values["model.token_mixing"] == "mlp"
+                ).delta.mean == pytest.approx(26.0)
+    assert rows[1].values["model.shift"] == "-"  # none has no shift pattern
+
+
 def test_paired_and_welch_intervals_match_scipy():
     from scipy import stats
 

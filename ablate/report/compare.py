@@ -54,10 +54,16 @@ def compare_with_baseline(rows: Sequence[ConfigRow], baseline: Optional[dict[str
 
 
 def _pick(rows: Sequence[ConfigRow], matching: list[ConfigRow], baseline: dict[str, Any]) -> list[ConfigRow]:
-    """For each row, the matching configuration that shares its other settings, else the first."""
+    """For each row, the matching configuration that shares its other settings, else the first.
+    Settings only one of the two has (a token mixer's own, a timm model's arguments) are not
+    compared: the baseline of an ``mlp`` row without a shift is ``none`` at the row's patch size."""
     def others(r: ConfigRow) -> dict[str, str]:
         return {k: v for k, v in r.settings.items() if k not in baseline}
-    return [next((m for m in matching if others(m) == others(r)), matching[0]) for r in rows]
+
+    def shares(m: ConfigRow, r: ConfigRow) -> bool:
+        mine, theirs = others(m), others(r)
+        return all(mine[k] == theirs[k] for k in mine.keys() & theirs.keys())
+    return [next((m for m in matching if shares(m, r)), matching[0]) for r in rows]
 
 
 def attach_reference(rows: Sequence[ConfigRow], reference: Reference) -> None:
