@@ -59,7 +59,8 @@ class Encoding:
     """Which setting each point's colour and marker show, and the value -> colour/marker maps.
 
     Chosen from the settings that tell configurations apart: the model (``model.timm``) first,
-    then categorical settings (a shift pattern) before numbers, fewer values before more; a setting with more values than there
+    settings some configurations lack last, categorical settings (a shift pattern) before
+    numbers, fewer values before more; a setting with more values than there
     are colours (or markers) is not encoded, and is named in ``unencoded``.
     """
     colour_key: Optional[str] = None
@@ -74,9 +75,10 @@ class Encoding:
         candidates = [k for k in keys if len(distinct[k]) > 1]
 
         def rank(k: str):
-            # which model (a timm baseline or S²-MLP) comes first: the other settings refine it
+            # which model (a timm baseline or S²-MLP) comes first, and a setting some rows do not
+            # have ("-": a shift pattern beside other token mixers) after those every row has
             numeric = all(_number(v) is not None for v in distinct[k])
-            return (k != "model.timm", numeric, len(distinct[k]), list(keys).index(k))
+            return (k != "model.timm", "-" in distinct[k], numeric, len(distinct[k]), list(keys).index(k))
 
         enc = cls()
         for k in sorted(candidates, key=rank):
