@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 from ablate import latency, names
 from ablate.errors import AblateError
 from ablate.plots.style import macs_label
+from ablate.tracking import configuration_key
 from ablate.units import count_unit
 
 CHOICES = ("macs", "params", "gpu_hours", "latency:<target>")
@@ -112,7 +113,7 @@ def attach_measured(rows: Sequence[Any], latency_runs: Sequence[Any]) -> None:
     for run in sorted(latency_runs, key=lambda r: r.info.start_time or 0):
         by_key[run.data.tags.get(names.CONFIG_KEY, "")] = run
     for row in rows:
-        run = by_key.get(latency.configuration_key(row.settings))
+        run = by_key.get(configuration_key(row.settings))
         if run is not None:
             row.measured = {k: v for k, v in run.data.metrics.items() if k.split(".", 1)[0] in latency.METRICS}
             row.machines = {k: v for k, v in run.data.tags.items() if k.startswith(names.LATENCY_PREFIX)}

@@ -39,7 +39,6 @@ report`` and :mod:`ablate.cost_axis` import it for the metric names.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -54,7 +53,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from mlflow.entities import Param
 
 from ablate import names, tracking
-from ablate.config import MACHINE_LOCAL, flat_params
+from ablate.config import flat_params
 from ablate.errors import AblateError
 from ablate.locks import retry_busy
 from ablate.spec import SpecArgs
@@ -321,19 +320,6 @@ def measure_config(cfg, device, *, batch: int = 1, precision: str = "fp32", seco
 # ---------------------------------------------------------------- configurations
 
 
-def configuration_params(params: Mapping[str, str]) -> dict[str, str]:
-    """A run's params without the seed and the machine-local settings: what ``ablate report``
-    groups runs by (one row per configuration)."""
-    return {k: v for k, v in params.items() if k != names.SEED and k not in MACHINE_LOCAL}
-
-
-def configuration_key(params: Mapping[str, str]) -> str:
-    """Stable identity of a configuration from the params as MLflow holds them (seed and
-    machine-local settings left out): equal for every seed of one configuration."""
-    canonical = json.dumps(configuration_params(params), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
 def logged_params(cfg) -> dict[str, str]:
     """``cfg``'s flat params as a cell run logs them (the same text, so that keys agree)."""
     return {k: param_text(v) for k, v in flat_params(cfg).items()}
@@ -365,19 +351,19 @@ def configurations(spec, experiment_id: Optional[str]) -> list[Configuration]:
     if spec.search is None:
         for cell in spec.cells():
             params = logged_params(cell.config)
-            key = configuration_key(params)
+            key = tracking.configuration_key(params)
             if key not in found:
-                found[key] = Configuration(key, cell.config, configuration_params(params),
+                found[key] = Configuration(key, cell.config, tracking.run_configuration(params),
                                            _label(params, spec.varied))
     else:
         for run in sorted(cells, key=lambda r: int(r.data.tags.get(names.TRIAL_NUMBER) or 0)):
             params = dict(run.data.params)
-            key = configuration_key(params)
+            key = tracking.configuration_key(params)
             if key not in found:
-                found[key] = Configuration(key, tracking.config_from_params(params), configuration_params(params),
+                found[key] = Configuration(key, tracking.config_from_params(params), tracking.run_configuration(params),
                                            _label(params, spec.varied))
     for run in cells:
-        conf = found.get(configuration_key(run.data.params))
+        conf = found.get(tracking.configuration_key(run.data.params))
         if conf is not None:
             conf.cell_runs.append(run.info.run_id)
     for run in runs:

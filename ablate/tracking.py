@@ -8,6 +8,7 @@ found again (MLflow has no get-or-create of runs). Cost is logged as metrics (``
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ablate import liveness, names
-from ablate.config import SECTIONS, CellConfig, flat_params
+from ablate.config import KEYED_WHEN_SET, MACHINE_LOCAL, SECTIONS, CellConfig, applies, flat_params
 from ablate.locks import is_lost, retry_busy, sqlite_path, store_lock
 from ablate.stores import check_tracking_store
 from ablate.urls import database_url
@@ -269,6 +270,29 @@ def param_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def run_configuration(params: dict[str, str]) -> dict[str, str]:
+    """What a run trained, as ``ablate report`` groups and shows it: its params but the seed and
+    the machine-local paths, a setting added after the run was recorded read at the value every
+    earlier run had (``config.KEYED_WHEN_SET``, as in its cell key), and without the settings its
+    model does not have (S²-MLP's width for a timm model, a shift pattern beside another mixer)."""
+    settings = {k: v for k, v in params.items() if k != names.SEED and k not in MACHINE_LOCAL}
+    if not settings:  # a run that recorded no params at all stays empty
+        return settings
+    for k, v in KEYED_WHEN_SET.items():
+        settings.setdefault(k, param_text(v))
+    timm, mixing = param_value(settings["model.timm"]), settings["model.token_mixing"]
+    return {k: v for k, v in settings.items() if applies(k, timm, mixing)}
+
+
+def configuration_key(params: dict[str, str]) -> str:
+    """Stable identity of a run's configuration (:func:`run_configuration`), equal for every seed
+    and for runs recorded before a later setting existed (left out at its old value)."""
+    settings = {k: v for k, v in run_configuration(params).items()
+                if not (k in KEYED_WHEN_SET and v == param_text(KEYED_WHEN_SET[k]))}
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def config_from_params(params: dict[str, str], *, without_data: bool = False) -> CellConfig:

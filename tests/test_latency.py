@@ -17,10 +17,11 @@ from ablate import names
 from ablate.cli import cli
 from ablate.cost_axis import CostAxis, parse_cost
 from ablate.errors import AblateError
-from ablate.latency import (LATENCY, LATENCY_P25, LATENCY_P75, THROUGHPUT, Machine, Measurement, configuration_key,
+from ablate.latency import (LATENCY, LATENCY_P25, LATENCY_P75, THROUGHPUT, Machine, Measurement,
                             logged_params, machine_tag, measure_objectives, measure_spec, metric, objective_metric,
                             slug)
 from ablate.spec import Objective, load_spec
+from ablate.tracking import configuration_key
 from conftest import write_spec
 
 GRID = """\

@@ -194,9 +194,9 @@ def test_no_host_reads_per_step(tmp_path, monkeypatch):
         train.train_cell(_cfg(batch_size=batch, epochs=2), device=CPU, checkpoint_dir=tmp_path / str(batch),
                          log=lambda m: None)
         steps = 2 * (1437 // batch)
-        # per epoch: the loss check, the loss sums, evaluation's sums, the weights check; and one
-        # check of the loss every LOG_EVERY steps, never one per step
-        assert len(reads) == 2 * 4 + steps // train.LOG_EVERY, (batch, reads)
+        # per epoch: the loss check, the loss sums, evaluation's sums (validation, then the training
+        # subset), the weights check; and one check of the loss every LOG_EVERY steps, never one per step
+        assert len(reads) == 2 * 5 + steps // train.LOG_EVERY, (batch, reads)
 
 
 def test_activation_checkpointing_trains_the_same_cell(tmp_path, monkeypatch):
@@ -211,6 +211,7 @@ def test_activation_checkpointing_trains_the_same_cell(tmp_path, monkeypatch):
     train.train_cell(_cfg(epochs=1, grad_checkpointing=True, micro_batch=16), device=CPU, checkpoint_dir=ckpt,
                      log=lines.append)
     assert any("activation checkpointing" in line for line in lines)
-    assert len(calls) == 2 * (1437 // 32) + -(-360 // 32)  # every training pass (2 a step) and evaluation batch
+    # every training pass (2 a step), validation batch and batch of the training subset (the whole split here)
+    assert len(calls) == 2 * (1437 // 32) + -(-360 // 32) + -(-1437 // 32)
     for name, value in _weights(plain).items():
         torch.testing.assert_close(_weights(ckpt)[name], value, atol=WEIGHT_TOLERANCE, rtol=0)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ablate import names
-from ablate.config import KEYED_WHEN_SET, MACHINE_LOCAL, applies
+from ablate.config import MACHINE_LOCAL
 from ablate.cost_axis import Correlation, CostAxis
 from ablate.errors import AblateError
 from ablate.latency import objective_metric
@@ -20,7 +20,7 @@ from ablate.progress import CellState, states_from_runs
 from ablate.report.stats import Difference, mean_interval
 from ablate.spec import SearchSpec, Spec, SpecArgs
 from ablate.text import param
-from ablate.tracking import all_runs, client, existing_experiment, param_text, param_value
+from ablate.tracking import all_runs, client, existing_experiment, run_configuration
 from ablate.units import macs_in, params_in
 from ablate.urls import display_url
 
@@ -63,20 +63,6 @@ class CellResult:
 
     def metric(self, name: str) -> float:
         return self.metrics.get(name, math.nan)
-
-
-def configuration(c: CellResult) -> dict[str, str]:
-    """What a run trained: its flat params but the seed and the machine-local paths. A setting
-    added after the run was recorded reads as the value every earlier run had
-    (``config.KEYED_WHEN_SET``), as in its cell key: the run is a seed of the same configuration
-    as the runs recorded since."""
-    settings = {k: v for k, v in c.params.items() if k != names.SEED and k not in MACHINE_LOCAL}
-    if settings:  # a run that recorded no params at all stays empty
-        for k, v in KEYED_WHEN_SET.items():
-            settings.setdefault(k, param_text(v))
-        timm, mixing = param_value(settings["model.timm"]), settings["model.token_mixing"]
-        settings = {k: v for k, v in settings.items() if applies(k, timm, mixing)}
-    return settings
 
 
 @dataclass
@@ -284,7 +270,7 @@ def group_by_config(cells: Sequence[CellResult], varied: Sequence[str]) -> tuple
 
     rows: dict[tuple, ConfigRow] = {}
     for c in sorted(cells, key=order):
-        settings = configuration(c)
+        settings = run_configuration(c.params)
         key = tuple(sorted(settings.items()))
         rows.setdefault(key, ConfigRow({}, [], settings)).runs.append(c)
     every = sorted({k for r in rows.values() for k in r.settings})
