@@ -119,7 +119,7 @@ class ModelConfig(_Section):
     def _timm_name(cls, v):
         if v is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
             raise ValueError(f"{v!r} is not a timm model name (allowed: a registered name such as mixer_b16_224; "
-                             "`ablate models --timm` lists them)")
+                             "timm.list_models() lists them)")
         return v
 
     @field_validator("timm_args")
