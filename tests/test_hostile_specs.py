@@ -3,6 +3,7 @@ elsewhere. Each is refused in one line before anything is built or written, or (
 inside the folders derived from it. The small ones live in tests/specs_bad/ with their messages."""
 from __future__ import annotations
 
+import os
 import random
 import string
 from pathlib import Path
@@ -14,7 +15,7 @@ from ablate import execute, train
 from ablate.cli import cli
 from ablate.errors import SpecError
 from ablate.runner import run_grid
-from ablate.spec import load_spec, path_slug
+from ablate.spec import load_spec, name_problem, path_slug
 from ablate.spec.files import MAX_EXTENDS
 from ablate.spec.yaml_source import MAX_FILE_BYTES, MAX_VALUES
 from conftest import write_spec
@@ -79,6 +80,66 @@ def test_slugs_of_safe_names_are_the_names_and_other_names_never_collide():
     rng = random.Random(0)
     names = {"".join(rng.choice(string.ascii_letters + "/. -") for _ in range(8)) for _ in range(2000)}
     assert len({path_slug(n) for n in names}) == len(names)
+
+
+def test_a_name_shaped_like_a_hashed_slug_is_hashed_too():
+    """``a/b`` is hashed to ``a-b-c14cddc0``; the name ``a-b-c14cddc0`` must not be that folder too."""
+    assert path_slug("a/b") == "a-b-c14cddc0"
+    assert path_slug("a-b-c14cddc0") not in ("a-b-c14cddc0", path_slug("a/b"))
+    # ordinary names keep the slugs their checkpoints and reports were written under
+    for name in ("quickstart", "s2mlp-imagenet100-width", "mixing-digits+1a2b3c4d", "tiny", "a-b-c14cddc",
+                 "run-2024", "x-C14CDDC0", "x-c14cddc0z"):
+        assert path_slug(name) == name
+
+
+def test_no_two_names_share_a_slug_even_names_made_from_slugs():
+    """Property: over many generated names, and every slug and slug-like variant of them taken as a
+    name in its turn, distinct names give distinct slugs."""
+    rng = random.Random(1)
+    alphabet = string.ascii_letters + string.digits + "/. -_+:"
+    names = {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(3000)}
+    names |= {"a/b", "a-b-c14cddc0", "quickstart", "quickstart-00000000", "x" * 200, "x" * 199 + "/"}
+    for _ in range(2):  # a slug is a name someone may pick: "a-b-c14cddc0", then its own slug, ...
+        names |= {path_slug(n) for n in names} | {path_slug(n) + "/" for n in list(names)[:500]}
+    names |= {f"{n}-{rng.getrandbits(32):08x}" for n in list(names)[:1000]}
+    names = {n for n in names if name_problem(n) is None}
+    slugs = {}
+    for name in names:
+        slug = path_slug(name)
+        assert slugs.setdefault(slug, name) == name, f"{name!r} and {slugs[slug]!r} share {slug}"
+    assert len(names) > 5000
+
+
+@pytest.mark.parametrize("target", ["fifo", "/dev/zero", "folder"])
+def test_a_spec_that_is_not_a_regular_file_is_named_for_what_it_is(target, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if target == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+    if target == "folder":
+        (tmp_path / "folder").mkdir()
+    what = {"fifo": "is not a regular file but a FIFO (allowed: a path to a YAML spec file)",
+            "/dev/zero": "is not a regular file but a character device (allowed: a path to a YAML spec file)",
+            "folder": "is a folder, not a spec file (allowed: a path to a YAML spec)"}[target]
+    with pytest.raises(SpecError) as e:
+        load_spec(target)
+    assert e.value.problems == [f"{target}: {what}"]
+    if target != "folder":  # the command line refuses a folder itself
+        assert refused(Path(target)) == f"error: {target}: {what}\n"
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_a_control_character_in_the_name_option_says_allowed_once(tmp_path):
+    spec = write_spec(tmp_path / "s.yaml")
+    line = refused(spec, "--name", "two\tparts")
+    assert line == "error: --name: contains control characters (allowed: printable text, e.g. --name my-ablation)\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('name: "two\\tparts"\ndata: {name: digits}\n')
+    assert refused(bad) == (f"error: {bad}:1: name: contains control characters (allowed: printable text, e.g. "
+                            "name: my-ablation)\n")
+    for name in ("two\nlines", "", "../..", "\ud800"):
+        for problem in (name_problem(name), name_problem(name, example="--name x")):
+            assert problem.count("(allowed:") == 1, problem
 
 
 @pytest.mark.slow

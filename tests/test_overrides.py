@@ -15,6 +15,7 @@ from ablate.cli import cli
 from ablate.config import cell_key
 from ablate.errors import SpecError
 from ablate.ledger import Ledger, storage_url
+from ablate.runner import run_grid
 from ablate.spec import MAX_CELLS, SpecArgs, load_spec
 from conftest import ROOT, write_spec
 
@@ -133,6 +134,27 @@ def test_overrides_get_their_own_experiment_unless_named():
     assert cell_key(a.cells()[0].config) == a.cells()[0].key != load_spec(QUICKSTART).cells()[0].key
 
 
+@pytest.mark.parametrize("local", ["train.micro_batch=16", "train.grad_checkpointing=true", "data.workers=2",
+                                   "data.root=/elsewhere", "data.loader=folder"])
+def test_machine_local_overrides_change_no_experiment_and_no_key(local, tmp_path):
+    """Where the data is and how a batch is split are not part of a cell: a --set of them alone
+    records into the spec's own experiment, and beside a real override hashes like that one alone."""
+    spec = load_spec(QUICKSTART)
+    alone = load_spec(QUICKSTART, overrides=[local])
+    assert alone.name == "quickstart" and alone.slug == spec.slug
+    assert [c.key for c in alone.cells()] == [c.key for c in spec.cells()]
+    assert alone.origin() == f"--set {local} is machine-local: recorded into the spec's own experiment quickstart"
+    real = load_spec(QUICKSTART, overrides=["train.epochs=1"])
+    mixed = load_spec(QUICKSTART, overrides=["train.epochs=1", local])
+    assert mixed.name == real.name != "quickstart" and [c.key for c in mixed.cells()] == [c.key for c in real.cells()]
+    assert mixed.origin() == f"spec quickstart, --set train.epochs=1; machine-local: --set {local}"
+    assert load_spec(QUICKSTART, overrides=[local, "train.epochs=1"]).name == real.name  # either order
+    # plan says where the runs go, in one line
+    text = CliRunner().invoke(cli, ["plan", str(write(tmp_path / "s.yaml", SMALL)), "--set", local]).output
+    assert (f"experiment: small (--set {local} is machine-local: recorded into the spec's own experiment small; "
+            "--name to choose another)") in text
+
+
 def test_override_in_zip_exclude_and_search(tmp_path):
     zipped = load_spec(write(tmp_path / "z.yaml", SMALL + textwrap.dedent("""
         zip: {model.image_size: [16, 32], train.batch_size: [64, 16]}
@@ -232,6 +254,26 @@ def test_run_with_overrides_is_recorded_and_kept_apart(workdir):
     assert named.exit_code == 0 and "rehearsal (spec tiny," in named.output
     runs = client.search_runs([client.get_experiment_by_name("rehearsal").experiment_id])
     assert {r.data.tags[names.SPEC_NAME] for r in runs} == {"tiny"}
+
+
+@pytest.mark.slow
+def test_a_machine_local_override_after_a_finished_run_trains_nothing(workdir, capsys):
+    spec = write_spec(workdir / "t.yaml", name="tiny", epochs=1)
+    assert run_grid(str(spec), device="cpu", progress=False).ok
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    before = sorted(r.info.run_id for r in client.search_runs([experiment]))
+    url = storage_url(None)
+    trials = len(Ledger(url, "tiny").trials())
+    capsys.readouterr()
+    again = run_grid(str(spec), device="cpu", progress=False, spec_args=SpecArgs(("train.micro_batch=16",)))
+    assert again.ok and again.spec.name == "tiny"
+    assert sorted(r.info.run_id for r in client.search_runs([experiment])) == before  # no run trained or opened
+    assert len(Ledger(url, "tiny").trials()) == trials
+    assert {e.name for e in client.search_experiments()} == {"tiny", "Default"}  # no tiny+<hash>
+    out = capsys.readouterr().out
+    assert ("tiny (--set train.micro_batch=16 is machine-local: recorded into the spec's own experiment tiny): "
+            "1 cells, 1 already finished, 0 queued") in out
 
 
 # ---- the paper specs' rehearsal commands ---------------------------------------------------------

@@ -23,7 +23,7 @@ from ablate.config import (MACHINE_LOCAL, MAX_SEED, S2MLP_ONLY, SECTIONS, CellCo
 from ablate.data.cache_check import cache_problem
 from ablate.errors import SpecError
 from ablate.models import timm_baselines
-from ablate.spec.files import DESIGN_KEYS, SPEC_KEYS, SpecFiles
+from ablate.spec.files import DESIGN_KEYS, SPEC_KEYS, SpecFiles, spec_file_problem
 from ablate.spec.overrides import Override, experiment_suffix, parse_overrides
 from ablate.spec.problems import (Problems, Where, did_you_mean, format_value, format_values, location,
                                       option_where, setting_hint, validate_cell)
@@ -76,22 +76,23 @@ def load_spec(path: str | Path, *, overrides: Sequence[str] = (), name: Optional
                        max_cells=max_cells).build()
 
 
-def name_problem(name: Any, given: bool = True) -> Optional[str]:
-    """Why ``name`` cannot name an experiment, or ``None``. Any printable text of up to
-    :data:`MAX_NAME` characters with a letter or digit will do: the folders named after it use
-    its :attr:`~ablate.spec.Spec.slug`, which stays inside them whatever the name."""
-    example = "(allowed: e.g. name: my-ablation)"
+def name_problem(name: Any, given: bool = True, example: str = "name: my-ablation") -> Optional[str]:
+    """Why ``name`` cannot name an experiment, or ``None``: one ``problem (allowed: ...)``, whose
+    ``example`` is written as the spec (``name: my-ablation``) or the option (``--name my-ablation``)
+    gives it. Any printable text of up to :data:`MAX_NAME` characters with a letter or digit will
+    do: the folders named after it use its :attr:`~ablate.spec.Spec.slug`, which stays inside them
+    whatever the name."""
     if not isinstance(name, str) or not name.strip():
         got = format_value(name) if given else "nothing"
-        return f"expected a non-empty string (the MLflow experiment name), got {got} {example}"
+        return f"expected a non-empty string (the MLflow experiment name), got {got} (allowed: e.g. {example})"
     if len(name) > MAX_NAME:
         return f"{len(name)} characters (allowed: at most {MAX_NAME})"
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return f"contains control characters (allowed: printable text) {example}"
+        return f"contains control characters (allowed: printable text, e.g. {example})"
     if has_surrogate(name):
-        return f"holds a lone surrogate (bytes that are not UTF-8 text) {example}"
+        return f"holds a lone surrogate (bytes that are not UTF-8 text) (allowed: valid Unicode text, e.g. {example})"
     if not re.search(r"[A-Za-z0-9]", name):
-        return f"{name!r} has no letter or digit {example}"
+        return f"{name!r} has no letter or digit (allowed: e.g. {example})"
     return None
 
 
@@ -115,6 +116,7 @@ class SpecBuilder:
         self.spec_values: dict[str, Any] = {}   # what the spec itself said for each of them (or the default)
         self.varied_by_spec: set[str] = set()   # of them, those the spec's grid, zip or search varied
         self.unset_data: list[tuple[tuple, str]] = []   # (path, variable) of an unset ${VAR} in a data path
+        self.ambiguous = False                  # a ${VAR} gave an integer with a leading zero
         self.data_problems: list[str] = []
 
     # -- where a value was written --
@@ -134,28 +136,34 @@ class SpecBuilder:
     # -- the whole spec --
 
     def build(self) -> Spec:
-        if not self.path.is_file():
-            raise SpecError([f"{self.shown}: no such spec file (allowed: a path to a YAML spec)"])
+        problem = spec_file_problem(self.path)
+        if problem:
+            raise SpecError([f"{self.shown}: {problem}"])
         overrides = parse_overrides(self.override_items, self.problems)
         raw = self.files.read(self.path, self.shown)
         if self.files.unreadable:  # a file that could not be parsed or extended: the rest would mislead
             self.problems.raise_if_any()
-        raw = expand_env(raw, (), self._unset_variable)
+        raw = expand_env(raw, (), self._unset_variable, self._ambiguous_variable)
+        if self.ambiguous:  # as for an ambiguous number written in the file: the values would mislead
+            self.problems.raise_if_any()
         self._apply(overrides, raw)
 
         for key in raw:
             if key not in SPEC_KEYS:
                 self.add((key,), f"unknown key{did_you_mean(key, SPEC_KEYS)} (allowed: {', '.join(SPEC_KEYS)})")
         spec_name = raw.get("name")
+        spec_name = str(spec_name) if isinstance(spec_name, str) else spec_name  # not a Substituted ${VAR}
         problem = name_problem(spec_name, given="name" in raw)
         if problem:
             self.add(("name",), problem, "name")
-        if self.name_option is not None and name_problem(self.name_option):
-            self.problems.add(option_where("--name"), None, name_problem(self.name_option))
+        if self.name_option is not None and name_problem(self.name_option, example="--name my-ablation"):
+            self.problems.add(option_where("--name"), None, name_problem(self.name_option,
+                                                                         example="--name my-ablation"))
         description = raw.get("description") or ""
         if not isinstance(description, str):
             self.add(("description",), "expected a string (allowed: one line of text)")
             description = ""
+        description = str(description)
 
         for key in DESIGN_KEYS:
             if key in raw and raw[key] is None:
@@ -210,6 +218,10 @@ class SpecBuilder:
         self.add(path, f"environment variable {variable} is not set (allowed: set it, or write "
                  f"${{{variable}:-default}})")
 
+    def _ambiguous_variable(self, path: tuple, problem: str) -> None:
+        self.add(path, problem)
+        self.ambiguous = True
+
     def _apply(self, overrides: list[Override], raw: dict) -> None:
         """Write each override into the merged spec, as if the spec said so, located at its option."""
         for o in overrides:
@@ -234,10 +246,14 @@ class SpecBuilder:
 
     def _effective(self, overrides: list[Override], config: CellConfig, seeds: list[int]) -> dict[str, Any]:
         """The overrides that change what the spec trains, with their resolved values: a setting
-        the spec varied, or whose value differs from the spec's (or its default); the seeds."""
+        the spec varied, or whose value differs from the spec's (or its default); the seeds. A
+        machine-local setting (``ablate.config.MACHINE_LOCAL``: where the data is, how a batch is
+        split) never does: it is not part of a cell's key, so its runs are the spec's own."""
         flat = flat_params(config)
         out: dict[str, Any] = {}
         for o in overrides:
+            if o.key in MACHINE_LOCAL:
+                continue
             if o.key == "seeds":
                 if self.spec_values["seeds"] != seeds:
                     out["seeds"] = seeds

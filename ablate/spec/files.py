@@ -102,6 +102,31 @@ class SpecFiles:
             del self.origins[p]
 
 
+def spec_file_problem(path: Path) -> str | None:
+    """Why the spec a command names cannot be read, or None: it does not exist, or it is a
+    folder, a device, a FIFO or a socket (``/dev/zero`` would be read without end, a FIFO block)."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such spec file (allowed: a path to a YAML spec)"
+    except OSError as e:
+        return f"cannot be read ({e.strerror}) (allowed: a spec file you can read)"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a spec file (allowed: a path to a YAML spec)"
+    if not stat.S_ISREG(st.st_mode):
+        return f"is not a regular file but {file_kind(st.st_mode)} (allowed: a path to a YAML spec file)"
+    return None
+
+
+def file_kind(mode: int) -> str:
+    """``a FIFO``, ``a character device``, ...: what a path that is not a regular file is."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "another kind of file"
+
+
 def unsafe_file(path: Path) -> str | None:
     """Why a spec that ``extends`` names must not be read, or None. A device or a FIFO would be
     read without end (``/dev/zero``) or block; a file that another user owns, or that any user

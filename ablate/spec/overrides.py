@@ -8,7 +8,8 @@ An override replaces what the spec writes for that setting, in the base configur
 the design alike: a setting the grid (or a zip group, or the search space) varies is fixed at
 the override's value, which removes it from what varies (``--set model.width=64`` on a width
 grid leaves one cell per seed). :func:`experiment_suffix` names the experiment such a run records
-into, so that it never mixes with the spec's own runs.
+into, so that it never mixes with the spec's own runs; an override of a machine-local setting
+(where the data is, how a batch is split) alone records into the spec's own.
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def parse_overrides(items: Iterable[str], problems: Problems, *, settings: Itera
 
 def experiment_suffix(effective: dict[str, Any]) -> str:
     """``+`` and 8 hex digits of a hash of the overrides that change the spec (dotted -> resolved
-    value): the same overrides always give the same experiment, different ones never share one."""
+    value; machine-local settings never do): the same overrides always give the same experiment,
+    different ones never share one."""
     if not effective:
         return ""
     canonical = json.dumps(effective, sort_keys=True, separators=(",", ":"))

@@ -120,14 +120,44 @@ def _annotation_label(ann) -> str:
     return getattr(ann, "__name__", str(ann))
 
 
+class Substituted(str):
+    """A string that ``${VAR}`` substitution made (:func:`ablate.spec.yaml_source.expand_env`),
+    with the text the spec wrote (``written``) and how: ``quoted`` (one ``"${VAR}"`` in quotes),
+    ``inside`` (within other text) or ``bare`` (one unquoted ``${VAR}`` whose text YAML reads as
+    a string): a type error then says where the string came from, not that quotes were written."""
+
+    written: str
+    how: str
+
+    def __new__(cls, text: str, written: str, how: str):
+        self = super().__new__(cls, text)
+        self.written, self.how = written, how
+        return self
+
+    def __reduce__(self):
+        return (Substituted, (str(self), self.written, self.how))
+
+
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 _LOOKS_TYPED = re.compile(r"^[-+]?(\d[\d_]*(\.\d*)?([eE][-+]?\d+)?|\.inf|\.nan|true|false|null)$", re.IGNORECASE)
 
 
 def _got(value: Any) -> str:
     """The value a type error got; a string that reads as a number is shown quoted: a grid
-    value "3" is the string 3, which the spec must write without quotes to mean the number."""
-    if isinstance(value, str) and _LOOKS_TYPED.match(value.strip()):
+    value "3" is the string 3, which the spec must write without quotes to mean the number.
+    A string made by ``${VAR}`` substitution says so, and how to get the number instead."""
+    looks_typed = isinstance(value, str) and _LOOKS_TYPED.match(value.strip())
+    if isinstance(value, Substituted):
+        if not looks_typed:
+            return f"{format_value(str(value))} (from {value.written})"
+        if value.how == "quoted":
+            return (f'the string "{value}" from "{value.written}": a substitution in quotes gives a string '
+                    f"(write {value.written} without quotes for YAML to read it)")
+        if value.how == "inside":
+            return (f'the string "{value}" from {value.written}: a substitution inside other text gives a '
+                    "string (write one bare ${VAR} as the whole value for YAML to read it)")
+        return f'the string "{value}" from {value.written}, which YAML reads as a string'
+    if looks_typed:
         return f'the string "{value}" (write it without quotes)'
     return format_value(value)
 

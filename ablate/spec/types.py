@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from ablate import names
-from ablate.config import SECTIONS, CellConfig
+from ablate.config import MACHINE_LOCAL, SECTIONS, CellConfig
 from ablate.errors import AblateError
 from ablate.spec.problems import format_value, format_values, section_dicts, setting_hint, validate_cell
 
@@ -127,13 +127,26 @@ class Spec:
         """
         return list(self._cells)
 
+    @property
+    def machine_local(self) -> dict[str, Any]:
+        """The ``overrides`` of machine-local settings (``ablate.config.MACHINE_LOCAL``: where the
+        data is, how a step's batch is split): they change no cell key and no experiment name."""
+        return {k: v for k, v in self.overrides.items() if k in MACHINE_LOCAL}
+
     def origin(self) -> str:
         """Where the experiment name comes from, when it is not the spec's own:
-        ``spec quickstart, --set train.epochs=1 --set model.width=32``; else ``""``."""
+        ``spec quickstart, --set train.epochs=1 --set model.width=32``; for machine-local
+        overrides alone, that they record into the spec's own experiment; else ``""``."""
         if self.name == self.spec_name and not self.overrides:
             return ""
-        sets = " ".join(f"--set {k}={format_value(v)}" for k, v in self.overrides.items())
-        return f"spec {self.spec_name}" + (f", {sets}" if sets else "")
+        local = self.machine_local
+        local_sets = " ".join(f"--set {k}={format_value(v)}" for k, v in local.items())
+        if self.name == self.spec_name and len(local) == len(self.overrides):
+            return (f"{local_sets} {'is' if len(local) == 1 else 'are'} machine-local: recorded into the spec's "
+                    f"own experiment {self.spec_name}")
+        sets = " ".join(f"--set {k}={format_value(v)}" for k, v in self.overrides.items() if k not in local)
+        note = f"; machine-local: {local_sets}" if local else ""
+        return f"spec {self.spec_name}" + (f", {sets}" if sets else "") + note
 
     def resolve(self, values: dict[str, Any]) -> CellConfig:
         """The base configuration with dotted ``values`` applied and validated.
@@ -153,16 +166,21 @@ class Spec:
 
 
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+#: how every hashed slug ends; a name that ends so is hashed too, so it cannot be another name's slug
+_HASHED = re.compile(r".*-[0-9a-f]{8}")
 
 
 def path_slug(name: str) -> str:
     """``name`` as one path component that stays inside the folder it is joined to.
 
     A name of letters, digits, ``.``, ``_``, ``+`` and ``-`` (not starting with ``.`` or ``-``)
-    is its own slug. Any other name is reduced to those characters and given 8 hex digits of
-    its hash, so that two names never share a folder (``../../x`` -> ``x-9cdf6a50``).
+    is its own slug, unless it ends in ``-`` and 8 hex digits. Any other name is reduced to
+    those characters and given ``-`` and 8 hex digits of its hash (``../../x`` -> ``x-9cdf6a50``,
+    ``a-b-c14cddc0`` -> ``a-b-c14cddc0-ed4701d6``). A slug that is a name cannot end like a
+    hashed one, so two names never share a folder (short of two hashes of the same
+    characters agreeing in 32 bits).
     """
-    if _SAFE.fullmatch(name) and len(name) <= 200:
+    if _SAFE.fullmatch(name) and len(name) <= 200 and not _HASHED.fullmatch(name):
         return name
     cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip(".-")[:150] or "unnamed"
     return f"{cleaned}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"

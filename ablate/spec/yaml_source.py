@@ -6,6 +6,9 @@ written file, so sizes are bounded before anything large is built: the file's si
 it nests, and how many values it holds once YAML aliases are expanded (an "alias bomb" of a
 few hundred bytes names 10^9 values: ``yaml.safe_load`` shares them, but a spec's values are
 checked one by one).
+
+Plain scalars are read as YAML 1.2's core schema reads them (:class:`_Loader`), so that no
+number is silently another than the one written (YAML 1.1 reads ``010`` as 8 and ``1:30`` as 90).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ablate.spec.problems import Problems, Where
+from ablate.spec.problems import Problems, Substituted, Where
 
 #: the largest spec file read, in bytes (the paper's specs are about 2 KB)
 MAX_FILE_BYTES = 1 << 20
@@ -30,20 +33,69 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with two YAML 1.2 core rules where YAML 1.1 sets classic traps: ``1e-3`` is a
-    float (YAML 1.1 wants ``1.0e-3``), and only true/false are booleans (YAML 1.1 also reads
-    yes/no/on/off, so ``amp: off`` would be ``false``, not the setting's value ``off``)."""
+    """SafeLoader reading plain scalars as YAML 1.2's core schema does, where YAML 1.1 sets traps.
+
+    Booleans are only true/false (YAML 1.1 also reads yes/no/on/off, so ``amp: off`` would be
+    ``false``, not the setting's value ``off``). Numbers: decimal integers, ``0x`` hex and ``0o``
+    octal; floats with a dot or an exponent (``1e-3``: YAML 1.1 wants ``1.0e-3``), ``.inf``,
+    ``.nan``; ``_`` may group the digits of a decimal number (``1_000``). No base 60 (YAML 1.1
+    reads ``1:30`` as 90: here it is a string), no ``0b`` binary, no timestamps (``2024-01-01``
+    is a string). An integer with a leading zero (``010``: octal 8 in YAML 1.1, decimal 10 in
+    YAML 1.2) is refused as ambiguous (:data:`LEADING_ZERO`)."""
 
 
-_BOOL = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {  # SafeLoader's resolvers without its YAML 1.1 booleans
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+#: the tag of an integer written with a leading zero: refused where it is read, never constructed
+LEADING_ZERO = "tag:ablate,2024:leading-zero-int"
+#: the tags a scalar may have, implicit or written (``!!str 010``)
+_SCALAR_TAGS = {"tag:yaml.org,2002:str", _INT, _FLOAT, _BOOL, "tag:yaml.org,2002:null"}
+_KEPT = ("tag:yaml.org,2002:null", "tag:yaml.org,2002:merge")  # as in SafeLoader (and YAML 1.2)
+_Loader.yaml_implicit_resolvers = {  # SafeLoader's null and merge-key resolvers, nothing of YAML 1.1's others
+    first: [(tag, regexp) for tag, regexp in resolvers if tag in _KEPT]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+    _INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F]+|0o[0-7]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(LEADING_ZERO, re.compile(r"^[-+]?0[0-9_]+$"), list("-+0"))
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+                   |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    """A YAML 1.2 integer: decimal (``_`` groups digits), ``0x`` hex, ``0o`` octal; signed or not."""
+    text = loader.construct_scalar(node).replace("_", "")
+    sign = -1 if text[0] == "-" else 1
+    digits = text.lstrip("+-")
+    if digits[:2] in ("0x", "0o"):
+        return sign * int(digits[2:], 16 if digits[1] == "x" else 8)
+    return sign * int(digits, 10)
+
+
+_Loader.add_constructor(_INT, _construct_int)
+
+
+def leading_zero_problem(text: str) -> str:
+    """Why an integer written with a leading zero is refused, and what to write instead."""
+    digits = text.replace("_", "")
+    sign = "-" if digits[0] == "-" else ""
+    digits = digits.lstrip("+-").lstrip("0") or "0"
+    if len(digits) > 30:  # no one means such a number; nor can Python print one of 4,300 digits
+        return f"{shown(text)}: an integer with a leading zero (allowed: an integer without one)"
+    if set(digits) <= set("01234567") and int(digits, 8) != int(digits, 10):
+        return (f"{text}: a leading zero makes it octal {sign}{int(digits, 8)} in YAML 1.1 and decimal "
+                f"{sign}{digits} in YAML 1.2 (allowed: {sign}{digits}, or {sign}0o{digits} for octal)")
+    return (f"{text}: an integer with a leading zero is read differently by YAML 1.1 and YAML 1.2 "
+            f"(allowed: {sign}{digits})")
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """``text``, cut to ``limit`` characters for a message."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class _NotText(Exception):
@@ -75,6 +127,9 @@ def read_yaml_file(path: Path, shown: str, problems: Problems) -> tuple[Any, dic
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         problems.add((shown, 1), "file", f"not UTF-8 text ({e.reason}) (allowed: a UTF-8 YAML file)")
+        return None, {}
+    except OSError as e:  # no permission to read it
+        problems.add((shown, 1), "file", f"cannot be read ({e.strerror}) (allowed: a spec file you can read)")
         return None, {}
     return read_yaml_text(text, shown, problems, line_of=lambda line: (shown, line),
                           empty=("spec", "the file is empty (allowed: a mapping with name, data, model, train and "
@@ -117,7 +172,10 @@ def read_yaml_text(text: str, shown: str, problems: Problems, line_of: Callable[
         lines: dict[tuple, int] = {}
         builder = _Builder(loader, shown, problems, line_of)
         try:
-            return builder.construct(node, (), lines), lines
+            value = builder.construct(node, (), lines)
+            if builder.unusable:  # its values are not what the author may have meant: none is used
+                return None, {}
+            return value, lines
         except _TooLarge as e:  # reported at the top-level key whose value grew too large
             top = e.path[:1]
             problems.add(line_of(lines.get(top, 1)), str(top[0]) if top else "yaml", str(e))
@@ -155,6 +213,7 @@ class _Builder:
     def __init__(self, loader: _Loader, shown: str, problems: Problems, line_of: Callable[[int], Where]):
         self.loader, self.shown, self.problems, self.line_of = loader, shown, problems, line_of
         self.count = 0
+        self.unusable = False    # a value was refused as written (a tag, a leading zero): none is used
 
     def construct(self, node: yaml.Node, path: tuple, lines: dict) -> Any:
         line = node.start_mark.line + 1
@@ -170,6 +229,7 @@ class _Builder:
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
             self.problems.add(self.line_of(line), dotted, f"YAML tag {node.tag} is not allowed (allowed: plain "
                               "mappings, lists, strings, numbers, booleans)")
+            self.unusable = True
             return None
         if isinstance(node, yaml.MappingNode):
             try:
@@ -192,18 +252,39 @@ class _Builder:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.construct(item, path + (i,), lines) for i, item in enumerate(node.value)]
-        try:
-            value = self.loader.construct_object(node)
-        except yaml.constructor.ConstructorError:
+        if node.tag == LEADING_ZERO:  # ambiguous between YAML 1.1 and 1.2: the document is not used
+            is_key = path[-1:] == ("<key>",)
+            self.problems.add(self.line_of(line), (".".join(str(p) for p in path[:-1]) or "spec") if is_key
+                              else dotted, leading_zero_problem(node.value))
+            self.unusable = True
+            return node.value
+        if node.tag not in _SCALAR_TAGS:  # !!timestamp, !!binary, !!python/...: nothing a setting takes
             self.problems.add(self.line_of(line), dotted, f"YAML tag {node.tag} is not allowed (allowed: plain "
                               "strings, numbers, booleans, null)")
+            self.unusable = True
+            return None
+        try:
+            value = self.loader.construct_object(node)
+        except (yaml.constructor.ConstructorError, ValueError):  # !!int abc; more digits than Python reads
+            self.problems.add(self.line_of(line), dotted, f"{shown(node.value)!r} cannot be read as "
+                              f"!!{node.tag.rpartition(':')[2]} (allowed: a value its YAML tag can read, or no tag)"
+                              if len(node.value) < 4000 else f"{shown(node.value)!r}: {len(node.value):,} "
+                              "characters (allowed: a number of at most 4,000 digits)")
+            self.unusable = True
             return None
         if isinstance(value, str) and has_surrogate(value):
             is_key = path[-1:] == ("<key>",)
             raise _NotText(line, (".".join(str(p) for p in path[:-1]) or "spec") if is_key else dotted,
                            f"{'a key' if is_key else 'the string'} holds a lone surrogate ({_first_surrogate(value)}), "
                            "which is not text (allowed: valid Unicode text)")
+        if node.style is None and isinstance(value, str) and _ENV.fullmatch(value):
+            return BareVariable(value)  # read as YAML reads the text it stands for (expand_env)
         return value
+
+
+class BareVariable(str):
+    """A plain (unquoted) scalar that is one ``${VAR}`` or ``${VAR:-default}`` and nothing else:
+    :func:`expand_env` reads what it stands for as YAML reads a plain scalar (``3`` an integer)."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -222,25 +303,67 @@ def _first_surrogate(text: str) -> str:
 
 # ---- environment variables -------------------------------------------------------------------
 
-def expand_env(value: Any, path: tuple, unset: Callable[[tuple, str], None]) -> Any:
+def expand_env(value: Any, path: tuple, unset: Callable[[tuple, str], None],
+               problem: Callable[[tuple, str], None]) -> Any:
     """``${VAR}`` and ``${VAR:-default}`` in every string, as in the shell (an empty variable
     takes the default too). ``unset(path, name)`` is told of each variable that is unset and
-    has no default; its ``${VAR}`` is left in the string."""
+    has no default; its ``${VAR}`` is left in the string.
+
+    A value written as one bare ``${VAR}`` (unquoted, nothing around it: a :class:`BareVariable`)
+    is read as YAML reads the text it stands for written there: ``epochs: ${EP:-3}`` is the
+    integer 3, ``randaugment: ${RA:-null}`` none, ``${NAME}`` a string unless it reads as a
+    number, true/false or null. Quoted (``"${EP}"``) or inside other text (``x-${EP}``), a
+    substitution gives a string, a :class:`~ablate.spec.problems.Substituted` that remembers what
+    was written so that a type error can say so. ``problem(path, text)`` is told of a variable
+    whose text is an integer with a leading zero (refused as in a spec)."""
     if isinstance(value, dict):
-        return {k: expand_env(v, path + (k,), unset) for k, v in value.items()}
+        return {k: expand_env(v, path + (k,), unset, problem) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, path + (i,), unset) for i, v in enumerate(value)]
+        return [expand_env(v, path + (i,), unset, problem) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
+    found, missing = [], []
 
     def substitute(m: re.Match) -> str:
         name, default = m.group(1), m.group(2)
+        found.append(name)
         got = os.environ.get(name)
         if got:
             return got
         if default is not None:
             return default
         unset(path, name)
+        missing.append(name)
         return m.group(0)
 
-    return _ENV.sub(substitute, value)
+    text = _ENV.sub(substitute, value)
+    if missing or not found:
+        return str(text)
+    if isinstance(value, BareVariable):
+        tag, read = plain_scalar(text)
+        if tag == LEADING_ZERO:
+            problem(path, f"{value} gives {leading_zero_problem(text)}")
+            return read
+        if tag != "tag:yaml.org,2002:str":
+            return read
+        return Substituted(text, str(value), "bare")
+    return Substituted(text, value, "quoted" if _ENV.fullmatch(value) else "inside")
+
+
+def plain_scalar(text: str) -> tuple[str, Any]:
+    """``(tag, value)`` of ``text`` read as a plain YAML scalar with this loader's rules: ``3`` an
+    integer, ``1e-3`` a float, ``true`` a boolean, ``null`` (or nothing) none, else the string.
+    Only a scalar: ``[1, 2]`` or ``a: b`` stays the text. An integer with a leading zero is
+    ``(LEADING_ZERO, its decimal value)``."""
+    loader = _Loader("")
+    try:
+        tag = loader.resolve(yaml.ScalarNode, text, (True, False))
+        if tag == LEADING_ZERO:
+            return tag, int(text.replace("_", ""), 10)
+        if tag not in (_BOOL, _INT, _FLOAT, "tag:yaml.org,2002:null"):
+            return "tag:yaml.org,2002:str", text
+        return tag, loader.construct_object(yaml.ScalarNode(tag, text))
+    except ValueError:  # more digits than Python converts (4,300): the text, which a setting refuses
+        return "tag:yaml.org,2002:str", text
+    finally:
+        loader.dispose()
