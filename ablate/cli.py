@@ -232,15 +232,21 @@ def _with_worker_options(f):
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @_with_worker_options
+@click.option("--close-orphans", is_flag=True, help="close the cells no longer in the spec that were left "
+              "unfinished: their MLflow runs marked KILLED, their ledger trials failed, their checkpoints removed "
+              "(a terminal is asked, default no)")
 @spec_options
 @_with_launcher_options
-def run(spec, workers, storage, device, devices, gpus_per_cell, checkpoints, spec_args, launcher, slurm, slurm_profile,
-        follow):
+def run(spec, workers, storage, device, devices, gpus_per_cell, checkpoints, close_orphans, spec_args, launcher, slurm,
+        slurm_profile, follow):
     """Train every cell of SPEC's grid once; re-running resumes and skips finished cells.
 
     With --launcher slurm the workers are the tasks of one Slurm job array (--workers N tasks)
     and the command returns once it is submitted (or, with --follow, once every cell is done).
     """
+    if close_orphans and launcher == "slurm":
+        raise AblateError("--close-orphans: closes cells no longer in the spec before a local run (allowed: "
+                          f"without --launcher slurm: `ablate run {spec} --close-orphans` once, then the launch)")
     if _launcher(launcher, slurm, slurm_profile, follow, devices):
         _launch_slurm(spec, names.GRID, workers=workers, storage=storage, device=device, checkpoints=checkpoints,
                       slurm=slurm, slurm_profile=slurm_profile, follow=follow, spec_args=spec_args,
@@ -249,8 +255,11 @@ def run(spec, workers, storage, device, devices, gpus_per_cell, checkpoints, spe
     from ablate.runner import run_grid  # lazy: per command
     from ablate.summary import print_summary  # lazy: per command
     with _resumable(names.GRID):
+        terminal = sys.stdin.isatty() and sys.stdout.isatty()  # elsewhere one line says how, never a question
         outcome = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
-                           checkpoints=checkpoints, spec_args=spec_args, gpus_per_cell=gpus_per_cell)
+                           checkpoints=checkpoints, spec_args=spec_args, gpus_per_cell=gpus_per_cell,
+                           close_orphans=close_orphans,
+                           ask=functools.partial(click.confirm, default=False) if terminal else None)
     print_summary(outcome, spec, spec_args)
     sys.exit(0 if outcome.ok else 1)
 

@@ -5,13 +5,19 @@ queues the grid's cells in the ledger (longest first), opens the invocation's ML
 run, and runs the workers (:mod:`ablate.processes`, :mod:`ablate.workers`), which train and
 record each cell (:mod:`ablate.execute`). It ends by asking :mod:`ablate.progress` where every
 cell stands.
+
+Before it trains, ``ablate run`` looks for orphans: cells of the experiment that the spec no
+longer produces and that were left unfinished (a value dropped from the grid while its cell was
+interrupted). No worker of this spec trains them. It closes them where asked to
+(``--close-orphans``, or yes at the question a terminal gets): :func:`close_orphaned`. Otherwise
+it says in one line how, and goes on.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from optuna.trial import TrialState
 
@@ -26,13 +32,13 @@ from ablate.lifecycle import sigterm_as_interrupt
 from ablate.models.zoo import model_cost
 from ablate.preflight import check_batches, check_kind, check_trials, worker_count
 from ablate.processes import run_workers
-from ablate.progress import Progress, survey
+from ablate.progress import CLOSED_REASON, CellProgress, CellState, Progress, survey
 from ablate.quiet import quiet_known_noise
 from ablate.spec.builder import SpecArgs
 from ablate.spec.types import Spec
 from ablate.stores import check_stores
 from ablate.tracking import spec_tags
-from ablate.urls import display_url
+from ablate.urls import display_url, storage_option
 from ablate.workers import grid_worker, search_worker
 
 
@@ -119,10 +125,91 @@ def _prepare(spec_path: str, spec_args: SpecArgs, kind: str, device: str, device
     return spec, devices, workers, url
 
 
+# ---- cells no longer in the spec ---------------------------------------------------------------------
+
+CLOSING = "its MLflow run marked KILLED, its ledger trial failed, its checkpoint removed"
+
+
+def _orphans_text(orphans: Sequence[CellProgress]) -> str:
+    """``1 cell no longer in the spec was left unfinished (orphaned: model.shift=four: interrupted, ...)``."""
+    described = "; ".join(f"{c.describe()}: {c.reason}" for c in orphans[:5]) + (
+        f"; and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+    many = len(orphans) != 1
+    return (f"{len(orphans)} cell{'s' * many} no longer in the spec {'were' if many else 'was'} left unfinished "
+            f"(orphaned: {described})")
+
+
+def close_orphaned(spec, ledger: Ledger, orphans: Sequence[CellProgress], experiment_id: str,
+                  checkpoints: str) -> tuple[list[CellProgress], list[CellProgress]]:
+    """Close cells no longer in the spec that were left unfinished (:attr:`Progress.orphaned`), so that
+    no worker, of this spec or of the spec as it was, trains them again. Returns (closed, left).
+
+    For each: its ledger trials are failed (a waiting one is claimed first, then told FAIL, with
+    :data:`ablate.progress.CLOSED_REASON`), its RUNNING MLflow runs marked KILLED and tagged with
+    the reason (``ablate.state`` FAIL, ``ablate.failure``), and its checkpoint folder removed as a
+    finished cell's is (:func:`ablate.checkpoint.remove`: the spec's folder too once empty; the root
+    is left to the end of the run, under the run's own rule). A cell that a live worker is
+    training (a worker of the spec as it was) is left alone: it comes back as left."""
+    closed, left = [], []
+    root = Path(checkpoints)
+    for c in orphans:
+        if c.was == CellState.RUNNING:  # its worker is alive: it would go on writing whatever we mark
+            left.append(c)
+            continue
+        ledger.release_gone(lambda t, key=c.key: t.user_attrs.get(names.CELL_KEY) == key)  # interrupted: waits
+        while (trial := ledger.claim([c.key])) is not None:
+            ledger.tell(trial, TrialState.FAIL, reason=CLOSED_REASON)
+        if any(t.user_attrs.get(names.CELL_KEY) == c.key and names.DUPLICATE not in t.user_attrs
+               for t in ledger.trials(states=(TrialState.RUNNING,))):
+            left.append(c)  # claimed meanwhile by a worker of the spec as it was
+            continue
+        for run in tracking.find_cell_runs(experiment_id, c.key):
+            if run.info.status == "RUNNING":
+                tracking.CellRun(run.info.run_id, resumed=True).set_tags(
+                    {names.STATE: "FAIL", names.FAILURE: CLOSED_REASON})
+                tracking.finish_run(run.info.run_id, "KILLED")
+        checkpoint.remove(root / spec.slug / c.key, root, remove_root=False)
+        closed.append(c)
+    return closed, left
+
+
+def _handle_orphans(spec, spec_path: str, spec_args: SpecArgs, ledger: Ledger, experiment_id: str, root: str,
+                    close: bool, ask: Optional[Callable[[str], bool]], storage: Optional[str],
+                    checkpoints: Optional[str]) -> None:
+    """Say what was left unfinished of cells no longer in the spec, and close them where asked to."""
+    orphans = survey(spec, ledger).orphaned
+    if not orphans:
+        return
+    said = _orphans_text(orphans)
+    if not close and ask is not None:
+        print(said, flush=True)
+        close = ask(f"close {'them' if len(orphans) > 1 else 'it'} now ({CLOSING})?")
+        said = ""
+    if not close:
+        how = spec_args.command("run", spec_path, "--close-orphans", *storage_option(storage),
+                                *(("--checkpoints", checkpoints) if checkpoints else ()))
+        print(f"{said + '; ' if said else ''}no worker of this spec trains "
+              f"{'them' if len(orphans) > 1 else 'it'}; to close {'them' if len(orphans) > 1 else 'it'} "
+              f"({CLOSING}): {how}", flush=True)
+        return
+    closed, left = close_orphaned(spec, ledger, orphans, experiment_id, root)
+    if closed:
+        print(f"closed {len(closed)} cell{'s' * (len(closed) != 1)} no longer in the spec "
+              f"({', '.join(c.describe() for c in closed)}): {CLOSING}", flush=True)
+    for c in left:
+        print(f"left alone: {c.describe()} (no longer in the spec) is held by a live worker, {c.worker}; "
+              "close it once that worker has stopped", flush=True)
+
+
 def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None, device: str = "auto",
              devices: Optional[list[str]] = None, checkpoints: Optional[str] = None,
-             progress: Optional[bool] = None, spec_args: SpecArgs = SpecArgs(), gpus_per_cell: int = 1) -> Outcome:
-    """``ablate run``: every cell of the spec's grid trained once, recorded in MLflow."""
+             progress: Optional[bool] = None, spec_args: SpecArgs = SpecArgs(), gpus_per_cell: int = 1,
+             close_orphans: bool = False, ask: Optional[Callable[[str], bool]] = None) -> Outcome:
+    """``ablate run``: every cell of the spec's grid trained once, recorded in MLflow.
+
+    Cells no longer in the spec that were left unfinished are closed (:func:`close_orphaned`) with
+    ``close_orphans``, or where ``ask(question)`` (a terminal's yes/no, default no) says yes; else
+    one line says how."""
     spec, devices, workers, url = _prepare(spec_path, spec_args, names.GRID, device, devices, workers, storage,
                                            gpus_per_cell, checkpoints)
     cells = spec.cells()
@@ -140,6 +227,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
     root = checkpoint_root(checkpoints)
     with_root = _checkpoints_ours(checkpoints) or not Path(root).exists()
+    _handle_orphans(spec, spec_path, spec_args, ledger, experiment_id, root, close_orphans, ask, storage, checkpoints)
     if not counts["WAITING"] and not counts["RUNNING"]:  # nothing to train: no parent run for it
         _remove_empty_checkpoints(root, spec, with_root)
         return Outcome(spec, survey(spec, ledger), ledger)

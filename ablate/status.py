@@ -2,8 +2,11 @@
 
 Every cell's state (waiting / running with host, worker and epoch reached / interrupted /
 finished with top-1 / failed with its reason), counts, elapsed time and an ETA, and for Slurm
-launches each task's state as Slurm gives it (with Slurm's reason). It reads the ledger, the
-MLflow store and Slurm and writes nothing: a store that does not exist is not created, no lock
+launches each task's state as Slurm gives it (with Slurm's reason). Cells no longer in the spec
+(:mod:`ablate.progress`: a value dropped from the grid, a setting changed) are never counted as
+cells of the grid: a section of their own lists those left unfinished (orphaned, with the
+command that closes them) and counts the rest. It reads the ledger, the MLflow store and Slurm
+and writes nothing: a store that does not exist is not created, no lock
 is taken, no run is started. It imports neither torch nor timm.
 """
 from __future__ import annotations
@@ -43,6 +46,8 @@ class Status:
     launches: list[Launch] = field(default_factory=list)
     tasks: list[TaskState] = field(default_factory=list)
     slurm_error: str = ""
+    orphans: list[CellProgress] = field(default_factory=list)  # cells no longer in the spec (progress.survey)
+    close_command: str = ""          # the command that closes the orphaned ones
 
     @property
     def done(self) -> bool:
@@ -57,9 +62,11 @@ class Status:
 
     def summary(self) -> str:
         what = "cells" if self.kind == names.GRID else "trials"
-        parts = [f"{self.counts[s]} {s}" for s in CellState
-                 if self.counts[s] or s in (CellState.FINISHED, CellState.RUNNING)]
+        parts = [f"{self.counts[s]} {s}" for s in CellState if s != CellState.ORPHANED
+                 and (self.counts[s] or s in (CellState.FINISHED, CellState.RUNNING))]
         line = f"{self.name}: {self.kind} of {self.total} {what}: {', '.join(parts)}"
+        if self.counts.get(CellState.ORPHANED):
+            line += f"; {self.counts[CellState.ORPHANED]} orphaned (no longer in the spec)"
         if self.elapsed is not None:
             line += f"; elapsed {text.duration(self.elapsed)}"
         if not self.done:
@@ -79,6 +86,8 @@ class Status:
             lines += ["  " + line for line in text.aligned(header, body, left=len(header))]
         if self.kind == names.SEARCH and self.counts[CellState.NEW]:
             lines.append(f"  ... and {self.counts['new']} trial(s) not sampled yet")
+        if self.orphans:
+            lines += ["", *self._orphans_text()]
         for launch in self.launches:
             lines += ["", f"Slurm job {launch.job} ({launch.kind}, {launch.tasks} task(s), submitted "
                           f"{text.clock(launch.submitted)}; logs {launch.logs})"]
@@ -92,6 +101,29 @@ class Status:
         if self.slurm_error:
             lines.append(f"Slurm: {self.slurm_error}")
         return "\n".join(lines)
+
+
+    def _orphans_text(self) -> list[str]:
+        """The cells no longer in the spec: a row for each one left unfinished, a count of the others."""
+        orphaned = [r for r in self.orphans if r.state == CellState.ORPHANED]
+        ended: dict[str, int] = {}
+        for r in self.orphans:
+            if r.state != CellState.ORPHANED:
+                word = "closed" if r.closed else str(r.state)
+                ended[word] = ended.get(word, 0) + 1
+        parts = [f"{len(orphaned)} orphaned (left unfinished, no worker of this spec trains "
+                 f"{'them' if len(orphaned) > 1 else 'it'}; `{self.close_command}` closes "
+                 f"{'them' if len(orphaned) > 1 else 'it'})"] if orphaned else []
+        parts += [f"{n} {word}" for word, n in ended.items()]
+        lines = [f"no longer in the spec: {', '.join(parts)}"
+                 + ("; their runs stay in MLflow, and `ablate report` lists finished ones apart" if ended else "")]
+        varied = list(dict.fromkeys(k for r in orphaned for k in r.values))
+        header = ["state", *[k.split(".")[-1] for k in varied], "epoch", "top-1", "where / why"]
+        body = [[str(r.state), *[text.value(r.values.get(k)) for k in varied], _epoch_text(r),
+                 text.fixed(r.top1, ".2f"), _where_or_why(r)] for r in orphaned]
+        if body:
+            lines += ["  " + line for line in text.aligned(header, body, left=len(header))]
+        return lines
 
 
 def collect(spec_path: str, storage: Optional[str] = None, *, spec_args=None) -> Status:
@@ -115,7 +147,9 @@ def collect(spec_path: str, storage: Optional[str] = None, *, spec_args=None) ->
     status = Status(spec=str(spec_path), name=spec.name, kind=spec.kind, total=where.total, rows=where.cells,
                     counts={str(s): n for s, n in where.counts.items()}, elapsed=None, eta=None,
                     ledger=display_url(url), mlflow=display_url(tracking.tracking_uri()), launched=launched,
-                    launches=records, tasks=tasks, slurm_error=slurm_error)
+                    launches=records, tasks=tasks, slurm_error=slurm_error, orphans=where.orphans,
+                    close_command=(spec_args or SpecArgs()).command("run", spec_path, "--close-orphans",
+                                                                    *storage_option(storage)))
     status.elapsed = _elapsed(where.trials, records, status.done)
     status.eta = _eta(status, where.trials, tasks)
     return status
@@ -179,7 +213,7 @@ def _epoch_text(r: CellProgress) -> str:
         return ""
     if r.state == CellState.FINISHED:
         return f"{r.epochs}/{r.epochs}"
-    if r.state in (CellState.RUNNING, CellState.INTERRUPTED):
+    if r.state in (CellState.RUNNING, CellState.INTERRUPTED, CellState.ORPHANED):
         return f"{r.epoch or 0}/{r.epochs}"
     return f"{r.epoch}/{r.epochs}" if r.epoch else ""  # waiting to resume, or not started
 

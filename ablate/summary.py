@@ -2,6 +2,8 @@
 
 A grid ends with the table of its cells (configuration, top-1, MACs, state), a search with its
 Pareto set or best trial; both then print the ``ablate report`` command with the same options.
+Cells no longer in the spec are not cells of the grid: the count line names those left
+unfinished (orphaned) apart.
 """
 from __future__ import annotations
 
@@ -128,8 +130,12 @@ def print_summary(outcome: Outcome, spec_path: str, spec_args: SpecArgs = SpecAr
     print(f"\n{spec.name}{overrides_note(spec)}: {len(rows)} cells", file=out)
     _print_rows(format_results(rows, [names.VAL_TOP1, names.MACS]), len(rows), "cells", out)
     finished, failed = where.with_state(CellState.FINISHED), where.with_state(CellState.FAILED)
+    orphaned = where.orphaned  # cells no longer in the spec, left unfinished: said apart, never "not finished"
     print(f"{len(finished)}/{where.total} cells finished, {len(failed)} failed"
-          + (f", {where.pending} not finished" if where.pending else ""), file=out)
+          + (f", {where.pending} not finished" if where.pending else "")
+          + (f"; {len(orphaned)} orphaned (no longer in the spec, left unfinished: "
+             f"{spec_args.command('run', spec_path, '--close-orphans')} closes "
+             f"{'them' if len(orphaned) > 1 else 'it'})" if orphaned else ""), file=out)
     for c in failed:
         print(f"  FAILED {c.describe()}: {c.reason}", file=out)
     if finished:  # a report needs a finished run

@@ -17,7 +17,7 @@ from PIL import Image
 from ablate.cli import cli
 from ablate.pareto import dominates, pareto_front
 from ablate.report import report_experiment, write_report
-from ablate.spec import Objective, same_value
+from ablate.spec import Objective, load_spec, same_value
 from ablate.spec.types import Reference, ReferenceRow
 from ablate.tracking import param_value
 
@@ -113,7 +113,12 @@ def _metrics(top1, top5, gmacs, seconds=10.0, params_m=1.0):
             "params_paper": params_m * 1e6, "params": params_m * 1e6 + 5000, "train_seconds": seconds}
 
 
-def _grid(c: MlflowClient) -> str:
+def _grid(c: MlflowClient, folder: Path) -> str:
+    """The runs of GRID_SPEC's cells (tagged with their real keys, as a worker tags them), one failed
+    cell of a value it does not have."""
+    (folder / "grid.yaml").write_text(GRID_SPEC)
+    keys = {(cell.values["model.shift"], cell.values["model.patch_size"], cell.seed): cell.key
+            for cell in load_spec(folder / "grid.yaml", check_paths=False).cells()}
     exp = c.create_experiment("shift-grid")
     old = c.create_run(exp, tags={"ablate.role": "parent", "ablate.kind": "grid"})
     c.set_terminated(old.info.run_id)
@@ -129,7 +134,7 @@ def _grid(c: MlflowClient) -> str:
     for n, (shift, patch, seed, t1, t5, g, s) in enumerate(cells):
         _child(c, exp, parent, params={"model.shift": shift, "model.patch_size": patch, "train.seed": seed,
                                        "model.width": 64, "data.name": "digits", "train.epochs": 3},
-               metrics=_metrics(t1, t5, g, s), trial=n, epochs=3)
+               metrics=_metrics(t1, t5, g, s), trial=n, epochs=3, key=keys[(shift, patch, seed)])
     # a failed cell with a (bogus) accuracy: must not appear anywhere
     _child(c, exp, parent, params={"model.shift": "eight", "model.patch_size": 16, "train.seed": 0,
                                    "model.width": 64, "data.name": "digits", "train.epochs": 3},
@@ -179,7 +184,7 @@ def store(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     c = MlflowClient(uri)
-    grid_parent = _grid(c)
+    grid_parent = _grid(c, root)
     search_parent, _ = _search(c)
     c.create_experiment("nothing-finished")
     _edited(c)
@@ -381,6 +386,9 @@ def test_report_of_a_spec_file_with_a_reference(store, tmp_path, monkeypatch):
     assert "| none | 16 | 1 | 60.00 | 56.7 | -11.50 | one seed: no interval can be given |" in md
     assert "| four | 32 | 1 | 75.00 |  | +3.50 | one seed: no interval can be given |" in md
     assert "Paper numbers: S2-MLP paper, Table 7 (ImageNet100)." in md
+    # the failed cell's value is not in the spec: set apart, not counted as a failure of its grid
+    assert "- runs: 6 complete in 4 configurations\n" in md
+    assert "Ended without a result, not shown: model.shift=eight, model.patch_size=16 (failed)." in md
 
 
 def test_search_objectives_from_the_spec_file_or_the_parent_tag(store, tmp_path, monkeypatch):

@@ -82,7 +82,7 @@ def test_status_shows_every_state_and_writes_nothing(workdir):
     assert rows["eight"].epoch == 1 and "is gone; resumes from its checkpoint" in rows["eight"].reason
     assert rows["up"].reason == "non-finite loss (nan) at epoch 1, step 3"
     assert status.counts == {"finished": 1, "running": 1, "interrupted": 1, "waiting": 1, "new": 0, "failed": 1,
-                             "pruned": 0}
+                             "pruned": 0, "orphaned": 0}
     assert not status.done and status.elapsed >= 0 and status.eta is not None and status.eta > 0
     text = status.to_text()
     assert text.startswith("st-grid: grid of 5 cells: 1 finished, 1 running, 1 interrupted, 1 waiting, 1 failed; "

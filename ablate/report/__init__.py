@@ -41,7 +41,7 @@ from ablate import names
 from ablate.cost_axis import CostAxis, attach_measured, check_axis, correlation, parse_cost
 from ablate.errors import AblateError
 from ablate.progress import CellState
-from ablate.report.collect import (CellResult, ConfigRow, Report, group_by_config, is_search, latest_per_cell,
+from ablate.report.collect import (CellResult, ConfigRow, Report, apart, group_by_config, is_search, latest_per_cell,
                                    outcome_counts, read_experiment, read_histories, read_spec, search_objectives,
                                    summarize_search, varied_from_runs)
 from ablate.report.compare import attach_reference, compare_with_baseline
@@ -89,7 +89,7 @@ def report_experiment(name: str, *, spec: Optional[Spec] = None, spec_path: Opti
     gives the varied settings, the baseline, the search objectives and the paper's reference table)."""
     axis = cost if isinstance(cost, CostAxis) else parse_cost(cost)
     uri = existing_tracking_store()  # no store here: one line, and no empty mlflow.db left behind
-    recorded = read_experiment(name, uri)
+    recorded = read_experiment(name, uri, spec)  # a grid's spec sets apart the cells it no longer has
     children, parent = recorded.cells, recorded.parent
     counts = outcome_counts(children)
     complete = [c for c in children if c.state == "COMPLETE"]
@@ -115,7 +115,8 @@ def report_experiment(name: str, *, spec: Optional[Spec] = None, spec_path: Opti
         reference_source=(reference.source or "reference") if reference is not None else None,
         differing=differing, store=shown_store(uri), overridden=sorted(spec.overrides) if spec is not None else [],
         repeats=len(complete) - len(latest), cost=axis,
-        correlation=correlation(rows, axis) if axis.is_latency else None)
+        correlation=correlation(rows, axis) if axis.is_latency else None,
+        apart=apart(recorded.orphans, rows, varied))
     report.baseline_note = compare_with_baseline(rows, (spec.baseline or None) if spec is not None else None)
     read_histories(curve_rows(report))
     command = command or f"ablate report {name}" + (f" --out {out}" if out is not None else "")

@@ -1,6 +1,12 @@
 """What a report measured: an experiment's MLflow runs read into :class:`CellResult` s, one per
 cell (the newest run of each), grouped into :class:`ConfigRow` s (the whole configuration but
-the seed), with their learning curves and, for a search, its trials and their front."""
+the seed), with their learning curves and, for a search, its trials and their front.
+
+A report of a grid's spec file reads the spec as it is: runs of cells whose key the spec no longer
+produces (nor another spec file recorded in the same experiment, :func:`ablate.progress.other_specs_keys`)
+are set apart (:class:`Apart`): never a row of the table, a point of a figure, a baseline or an
+unfinished cell of the counts. A report of an experiment name has no spec to hold them against:
+every run counts."""
 from __future__ import annotations
 
 import json
@@ -16,7 +22,7 @@ from ablate.cost_axis import Correlation, CostAxis
 from ablate.errors import AblateError
 from ablate.latency import objective_metric
 from ablate.pareto import pareto_front
-from ablate.progress import CellState, states_from_runs
+from ablate.progress import CLOSED_REASON, CellState, other_specs_keys, states_from_runs
 from ablate.report.stats import Difference, mean_interval
 from ablate.spec import SearchSpec, Spec, SpecArgs
 from ablate.text import param
@@ -170,6 +176,7 @@ class Report:
     repeats: int = 0  # complete runs of a cell recorded again (a search's repeated proposal): counted once
     cost: CostAxis = CostAxis("macs")  # the x axis of the top-1 figure (--cost)
     correlation: Optional[Correlation] = None  # a latency axis: how far MACs predict it
+    apart: Optional["Apart"] = None  # runs of cells no longer in the spec (a report of a spec file)
 
     @property
     def columns(self) -> list[str]:
@@ -191,15 +198,29 @@ def read_spec(path: str, spec_args: Optional[SpecArgs] = None) -> Spec:
 
 @dataclass
 class Recorded:
-    """An experiment's runs by role: its newest parent run, its cell runs, its latency runs."""
+    """An experiment's runs by role: its newest parent run, its cell runs, its latency runs, and
+    (a report of a grid's spec file) the cell runs of cells the spec no longer produces."""
     parent: Any
     cells: list[CellResult]
     latency_runs: list
+    orphans: list[CellResult] = field(default_factory=list)
 
 
-def read_experiment(name: str, uri: str) -> Recorded:
+def spec_keys(spec: Optional[Spec], parents: list) -> Optional[set[str]]:
+    """The cell keys a report of ``spec`` holds runs against: its grid's cells and those of the other
+    spec files recorded in the experiment; None where there is nothing to hold them against (no
+    spec, a search, or an object without cells)."""
+    if spec is None or spec.search is not None or not hasattr(spec, "cells"):
+        return None
+    keys = {c.key for c in spec.cells()}
+    return (keys | other_specs_keys(spec, parents)) if keys else None
+
+
+def read_experiment(name: str, uri: str, spec: Optional[Spec] = None) -> Recorded:
     """Every run of the experiment ``name`` in the store at ``uri``; an :class:`AblateError`
-    naming the experiments there when it has none of that name."""
+    naming the experiments there when it has none of that name. With a grid's ``spec``, the runs
+    of cells it no longer produces are set apart (``orphans``); an :class:`AblateError` when only
+    those finished."""
     exp = existing_experiment(name)
     if exp is None:
         existing = sorted(e.name for e in client().search_experiments(max_results=50))
@@ -208,9 +229,18 @@ def read_experiment(name: str, uri: str) -> Recorded:
     runs = all_runs(exp.experiment_id)
     parents = sorted((r for r in runs if r.data.tags.get(names.ROLE) == "parent"),
                      key=lambda r: r.info.start_time or 0)
-    return Recorded(parents[-1] if parents else None,
-                    [_cell(r) for r in runs if r.data.tags.get(names.ROLE) == "cell"],
-                    [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_LATENCY])
+    cells = [_cell(r) for r in runs if r.data.tags.get(names.ROLE) == "cell"]
+    keys = spec_keys(spec, parents)
+    orphans = [c for c in cells if keys is not None and names.CELL_KEY in c.tags and c.cell not in keys]
+    if orphans:
+        cells = [c for c in cells if c not in orphans]
+        finished = sum(c.state == "COMPLETE" for c in orphans)
+        if finished and not any(c.state == "COMPLETE" for c in cells):
+            raise AblateError(f"experiment {name!r} in {display_url(uri)}: no finished run of a cell the spec has; "
+                              f"{finished} finished run(s) of cells no longer in it (allowed: `ablate report "
+                              f"{name}` reports every run of the experiment)")
+    return Recorded(parents[-1] if parents else None, cells,
+                    [r for r in runs if r.data.tags.get(names.ROLE) == names.ROLE_LATENCY], orphans)
 
 
 def _cell(run) -> CellResult:
@@ -229,6 +259,51 @@ def outcome_counts(children: list[CellResult]) -> dict[CellState, int]:
         if state != CellState.FINISHED:
             counts[state if state in counts else CellState.RUNNING] += 1
     return counts
+
+
+@dataclass
+class Apart:
+    """Runs of cells no longer in the spec: the finished ones as configurations (``rows``, shown in
+    ``columns``, never compared with a baseline), the others by how their cell ended."""
+    rows: list[ConfigRow]
+    columns: list[str]
+    unfinished: list[tuple[str, str]]  # (the cell as its settings name it, unfinished | failed | pruned | closed)
+
+    @property
+    def cells(self) -> int:
+        return sum(r.seeds for r in self.rows) + len(self.unfinished)
+
+
+def apart(orphans: Sequence[CellResult], rows: Sequence[ConfigRow], varied: Sequence[str]) -> Optional[Apart]:
+    """The runs of cells no longer in the spec (:attr:`Recorded.orphans`) as a report shows them apart
+    from ``rows`` (the spec's): each configuration whose cells finished, in the spec's ``varied``
+    settings and in those where it differs from every row of the spec (``train.epochs`` 2 where
+    the spec now says 3), and the cells that did not finish (unfinished, failed, pruned, or
+    closed by ``ablate run --close-orphans``), named by their settings. None where there are none."""
+    if not orphans:
+        return None
+    found, _ = group_by_config(latest_per_cell([c for c in orphans if c.state == "COMPLETE"]), varied)
+    ours: dict[str, set[str]] = {}
+    for r in rows:
+        for k, v in r.settings.items():
+            ours.setdefault(k, set()).add(v)
+    every = list(dict.fromkeys(k for r in found for k in r.settings))
+    columns = list(varied) + [k for k in every if k not in varied
+                              and any(r.settings.get(k) not in ours.get(k, set()) for r in found)]
+    for r in found:
+        r.values = {k: r.settings.get(k, NOT_APPLICABLE) for k in columns}
+    ordered = sorted(orphans, key=lambda c: c.start_time)
+    latest = {c.cell: c for c in ordered}
+    unfinished = []
+    for key, state in states_from_runs((c.cell, c.state) for c in ordered).items():
+        if state == CellState.FINISHED:
+            continue
+        run = latest[key]
+        named = ", ".join(f"{k}={param(run.params[k])}" for k in columns if k in run.params) or key
+        word = ("closed" if run.tags.get(names.FAILURE, "").startswith(CLOSED_REASON) else
+                str(state) if state in (CellState.FAILED, CellState.PRUNED) else "unfinished")
+        unfinished.append((named, word))
+    return Apart(found, columns, unfinished)
 
 
 def latest_per_cell(cells: list[CellResult]) -> list[CellResult]:

@@ -16,7 +16,7 @@ from typing import Optional
 from ablate import latency, names, plots
 from ablate.cost_axis import csv_columns, measured, table_columns
 from ablate.progress import CellState
-from ablate.report.collect import ConfigRow, Report
+from ablate.report.collect import Apart, ConfigRow, Report
 from ablate.report.stats import LEGEND, NO_INTERVAL, format_difference, format_interval
 from ablate.text import fixed, markdown_table, mean_std, param, plural
 from ablate.units import count_unit
@@ -207,6 +207,7 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
         + (f" ({report.repeats} of them {'a repeat' if report.repeats == 1 else 'repeats'} of a configuration "
            "already trained, counted once)" if report.repeats else "")
         + (f"; {not_shown} (not in the tables)" if not_shown else ""),
+        *([f"- no longer in the spec: {_apart_summary(report.apart)}"] if report.apart else []),
         f"- MLflow tracking URI: `{report.store}`"
         + (f" (parent run `{report.parent_run_id}`)" if report.parent_run_id else ""),
         f"- {context(report)}",
@@ -260,8 +261,47 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
         for stem in ("pareto", "history"):
             if stem in figures:
                 lines += [f"![{figures[stem]}]({stem}.png)", ""]
+    if report.apart:
+        lines += _apart_section(report.apart, spec_path)
     lines += ["Every figure is also written as SVG beside its PNG.", ""]
     return "\n".join(lines)
+
+
+def _apart_summary(a: Apart) -> str:
+    """``1 cell (1 unfinished: model.shift=four); listed apart below, ...``, for the report's header."""
+    parts = [f"{sum(r.seeds for r in a.rows)} finished"] if a.rows else []
+    for word in dict.fromkeys(word for _, word in a.unfinished):
+        named = [n for n, w in a.unfinished if w == word]
+        parts.append(f"{len(named)} {word}: {'; '.join(named)}")
+    return (f"{plural(a.cells, 'cell')} ({', '.join(parts)}); listed apart below, never in the table, the figures "
+            "or the baseline")
+
+
+def _apart_section(a: Apart, spec_path: Optional[str]) -> list[str]:
+    """The runs of cells the spec no longer has: their finished configurations, and those that did not finish."""
+    lines = ["## No longer in the spec", "",
+             "Cells these runs trained are no longer cells of the spec (a value dropped from the grid, a setting "
+             "changed): the table above, its figures and its baseline are the spec's as it is. The finished ones "
+             "are still results, here as they were recorded (their Δ is not computed)."
+             + (" The CSV holds the spec's rows only." if a.rows else ""), ""]
+    if a.rows:
+        header = a.columns + ["seeds", "top-1 (%)", "top-5 (%)", "GMACs", "runs"]
+        body = [[param(r.values[k]) for k in a.columns] + [
+            str(r.seeds), mean_std(r.mean(names.VAL_TOP1), r.std(names.VAL_TOP1)),
+            mean_std(r.mean(names.VAL_TOP5), r.std(names.VAL_TOP5)), fixed(r.gmacs, ".4g"),
+            ", ".join(f"`{x.run_id}`" for x in r.runs)] for r in a.rows]
+        lines += [markdown_table(header, body), ""]
+    unfinished = [(n, w) for n, w in a.unfinished if w == "unfinished"]
+    if unfinished:
+        close = f"`ablate run {spec_path} --close-orphans`" if spec_path else "`ablate run SPEC --close-orphans`"
+        it = "them" if len(unfinished) > 1 else "it"
+        lines += [f"Left unfinished (orphaned), not shown: {'; '.join(n for n, _ in unfinished)}. No worker of the "
+                  f"spec trains {it}; {close} closes {it} (MLflow run KILLED, ledger trial failed, checkpoint "
+                  "removed).", ""]
+    ended = [(n, w) for n, w in a.unfinished if w != "unfinished"]
+    if ended:
+        lines += ["Ended without a result, not shown: " + "; ".join(f"{n} ({w})" for n, w in ended) + ".", ""]
+    return lines
 
 
 def render_csv(report: Report) -> str:
