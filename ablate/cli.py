@@ -363,17 +363,20 @@ def models(assignments, base, classes):
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N: where to measure")
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
-              help="images per forward pass (latency is per image: a pass's time / batch)")
-@click.option("--threads", default=None, type=click.IntRange(min=1),
-              help="torch CPU threads (default: torch's, usually one per physical core)")
+@click.option("--batch", default=1, show_default=True, type=int,
+              help="images per forward pass (latency is per image: a pass's time / batch); at most 65536 "
+              "and what the device's memory holds for the spec's models")
+@click.option("--threads", default=None, type=int,
+              help="torch CPU threads, at most the CPUs this process may use (default: torch's, usually one "
+              "per physical core)")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
               help="bf16: through autocast, as training computes")
 @click.option("--target", default=None, metavar="NAME",
               help="record under this target name instead of the one derived from the machine "
               "(cpu-<cpu>-t<threads>, cuda-<gpu>, with -b<batch> and -bf16 where set)")
-@click.option("--seconds", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="time each configuration for at least this long (and at least 10 passes), after a warm-up")
+@click.option("--seconds", default=1.0, show_default=True, type=float,
+              help="time each configuration for at least this long (and at least 10 passes), after a warm-up; "
+              "above 0, at most 3600")
 @spec_options
 def latency(spec, device, batch, threads, precision, target, seconds, spec_args):
     """Measure the inference latency of every configuration of SPEC (a search: of its finished

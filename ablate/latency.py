@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -52,10 +53,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from mlflow.entities import Param
 
-from ablate import names, tracking
+from ablate import memory, names, tracking
 from ablate.config import flat_params
+from ablate.devices import usable_cpus
 from ablate.errors import AblateError
 from ablate.locks import retry_busy
+from ablate.models import zoo
 from ablate.spec import SpecArgs
 from ablate.tracking import CellRun, param_text
 from ablate.urls import display_url
@@ -82,6 +85,12 @@ NOISY = 2.0
 DEFAULT_SECONDS = 1.0
 #: ... and for a search objective, measured before each trial trains
 OBJECTIVE_SECONDS = 0.5
+
+#: the most ``--seconds`` of timed passes per configuration (an hour; the passes stop at MAX_REPEATS anyway)
+MAX_SECONDS = 3600.0
+#: the largest ``--batch`` whatever the memory: per-image throughput saturates long before (a GPU is
+#: busy from a few hundred images), and 2**16 images of 224 px are 39 GB of input alone
+MAX_BATCH = 65536
 
 _TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -128,6 +137,91 @@ def slug(text: str) -> str:
     words = [w for w in re.split(r"[^a-z0-9]+", text)
              if w and w not in ("cpu", "processor", "nvidia", "graphics", "core", "with", "radeon")]
     return "-".join(words)[:40].strip("-") or "unknown"
+
+
+# ---------------------------------------------------------------- the options
+
+
+def check_options(*, batch: int = 1, threads: Optional[int] = None, seconds: float = DEFAULT_SECONDS,
+                  precision: str = "fp32", target: Optional[str] = None) -> None:
+    """Refuse (one-line :class:`AblateError`) a ``--batch``, ``--threads``, ``--seconds``,
+    ``--precision`` or ``--target`` that cannot be measured, before torch is imported or a thread
+    started: a batch beyond :data:`MAX_BATCH`, more threads than the CPUs this process may use, a
+    time that is not a finite number of seconds in (0, :data:`MAX_SECONDS`]."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+        raise AblateError(f"--batch: {batch!r} (allowed: an integer from 1 to {MAX_BATCH}, and what the "
+                          "device's memory holds)")
+    if threads is not None:
+        cpus = usable_cpus()
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+            raise AblateError(f"--threads: {threads!r} (allowed: an integer from 1 to {cpus}, the CPUs this "
+                              "process may use)")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+            or not 0 < seconds <= MAX_SECONDS:
+        raise AblateError(f"--seconds: {seconds!r} (allowed: a number of seconds above 0 and at most "
+                          f"{MAX_SECONDS:g})")
+    if precision not in PRECISIONS:
+        raise AblateError(f"--precision: {precision!r} (allowed: {', '.join(PRECISIONS)})")
+    if target is not None:
+        check_target(target)
+
+
+def forward_bytes(model_cfg, num_classes: int, precision: str = "fp32", device_type: str = "cpu") -> tuple[int, int]:
+    """(bytes per image, fixed bytes) that one inference pass of a model needs at most: per image
+    its input (fp32) and, for S²-MLP, what autograd would keep of the patch embedding, ONE block and
+    the head in training (an inference pass holds one block's tensors at a time, and no more than
+    training keeps of them); for a timm model, all that training keeps (counted: an upper bound);
+    fixed, the weights in fp32."""
+    m = model_cfg
+    image = 4 * m.in_chans * m.image_size ** 2
+    if m.timm is None:
+        one_block = m.model_copy(update={"depth": 1})
+        per_image = memory.activation_bytes(one_block, precision, device_type=device_type)
+    else:
+        per_image = zoo.activation_bytes(m, num_classes, precision)
+    return image + per_image, 4 * zoo.model_cost(m, num_classes).params
+
+
+def device_memory(device) -> tuple[int, str]:
+    """(bytes, what they are) of the memory a measurement on ``device`` (a torch device) may use:
+    the GPU's, or this machine's (its cgroup's limit where lower)."""
+    if device.type == "cuda":
+        import torch  # lazy: torch; ablate report imports this module for the metric names
+        name = torch.cuda.get_device_name(device)
+        return torch.cuda.get_device_properties(device).total_memory, f"the memory of {name}"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < total:
+            return int(limit), "this process's memory limit"
+    return total, "this machine's memory"
+
+
+def check_batch_memory(configs: Sequence[Any], batch: int, precision: str, device) -> None:
+    """Refuse a ``--batch`` whose forward pass (:func:`forward_bytes`) would not fit the memory of
+    ``device`` for one of ``configs`` (resolved cell configurations), before any is built."""
+    total, where = device_memory(device)
+    worst, seen = None, set()
+    for cfg in configs:
+        model = (cfg.model.model_dump_json(), cfg.num_classes or 1000)
+        if model in seen:  # seeds and training settings share a model
+            continue
+        seen.add(model)
+        per_image, fixed = forward_bytes(cfg.model, cfg.num_classes or 1000, precision, device.type)
+        fits = max(0, (total - fixed) // per_image)
+        if worst is None or fits < worst[0]:
+            worst = (fits, per_image, fixed, cfg)
+    if worst is None or batch <= worst[0]:
+        return
+    fits, per_image, fixed, cfg = worst
+    shape = f"{cfg.model.timm} at {cfg.model.image_size} px" if cfg.model.timm else (
+        f"width {cfg.model.width}, {cfg.model.image_size} px, patch {cfg.model.patch_size}")
+    raise AblateError(f"--batch: {batch} needs about {(fixed + batch * per_image) / 1e9:.3g} GB for one forward "
+                      f"pass ({shape}: {per_image / 1e6:.3g} MB per image, estimated) and {where} is "
+                      f"{total / 1e9:.3g} GB (allowed: at most {fits} for this spec on {device})")
 
 
 # ---------------------------------------------------------------- the machine
@@ -427,15 +521,12 @@ def measure_spec(spec_path: str, *, device: str = "cpu", batch: int = 1, threads
     """``ablate latency``: measure every configuration of a spec (a search: of its finished trials)
     on ``device`` and record the numbers in the spec's MLflow experiment under ``target`` (default:
     derived from this machine)."""
-    import torch  # lazy: torch; ablate report imports this module for the metric names
-    if batch < 1:
-        raise AblateError(f"--batch: {batch} (allowed: an integer >= 1)")
-    if precision not in PRECISIONS:
-        raise AblateError(f"--precision: {precision!r} (allowed: {', '.join(PRECISIONS)})")
-    if target is not None:
-        check_target(target)
+    check_options(batch=batch, threads=threads, seconds=seconds, precision=precision, target=target)
     spec = (spec_args or SpecArgs()).load(spec_path, check_paths=False)  # no data is read
+    import torch  # lazy: torch; ablate report imports this module for the metric names
     dev = resolve_device(device)
+    if spec.search is None:  # a grid's configurations are known before anything is written
+        check_batch_memory([cell.config for cell in spec.cells()], batch, precision, dev)
     if threads is not None:
         torch.set_num_threads(threads)
     machine = this_machine(dev, batch, precision)
@@ -447,6 +538,8 @@ def measure_spec(spec_path: str, *, device: str = "cpu", batch: int = 1, threads
     if not confs:
         raise AblateError(f"{spec_path}: search {spec.name!r} has no finished trials in "
                           f"{display_url(tracking.tracking_uri())} yet (allowed: measure after `ablate search`)")
+    if spec.search is not None:  # a search's, once its finished trials are read
+        check_batch_memory([c.config for c in confs], batch, precision, dev)
     echo(f"{spec.name}: {len(confs)} configuration{'s' * (len(confs) != 1)} on target {target} "
          f"({machine.description})")
     created = 0

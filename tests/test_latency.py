@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -17,9 +20,10 @@ from ablate import names
 from ablate.cli import cli
 from ablate.cost_axis import CostAxis, parse_cost
 from ablate.errors import AblateError
-from ablate.latency import (LATENCY, LATENCY_P25, LATENCY_P75, THROUGHPUT, Machine, Measurement,
-                            logged_params, machine_tag, measure_objectives, measure_spec, metric, objective_metric,
-                            slug)
+from ablate.devices import usable_cpus
+from ablate.latency import (LATENCY, LATENCY_P25, LATENCY_P75, MAX_BATCH, THROUGHPUT, Machine, Measurement,
+                            device_memory, forward_bytes, logged_params, machine_tag, measure_objectives,
+                            measure_spec, metric, objective_metric, slug)
 from ablate.spec import Objective, load_spec
 from ablate.tracking import configuration_key
 from conftest import write_spec
@@ -287,3 +291,65 @@ def test_a_search_minimises_cpu_latency_and_reports_its_front(workdir):
     assert (workdir / "reports" / "search-latency-digits" / "pareto.png").exists()
     on_cost = run_ablate("report", str(spec), "--cost", "latency:cpu", cwd=workdir, timeout=300)
     assert on_cost.returncode == 0 and "Spearman rank correlation of MACs and latency on cpu" in on_cost.stdout
+
+
+# ---------------------------------------------------------------- bounded options
+
+_REFUSE = """\
+import contextlib, io, json, sys
+from ablate.cli import cli
+results = []
+for args in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.main(args, standalone_mode=False)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    results.append([code, err.getvalue()])
+print(json.dumps({"results": results, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_latency_options_out_of_bounds_are_refused_before_torch_is_imported(workdir):
+    """--batch 1000000000 allocated terabytes, --threads 100000 failed importing timm, --seconds nan
+    was taken: each is one line and exit status 2, with nothing imported heavily or written."""
+    spec = _grid_spec(workdir)
+    cpus = usable_cpus()
+    cases = {  # arguments -> the option the line must name
+        ("--batch", "1000000000"): "--batch", ("--batch", "0"): "--batch", ("--batch", str(MAX_BATCH + 1)): "--batch",
+        ("--threads", "100000"): "--threads", ("--threads", str(cpus + 1)): "--threads", ("--threads", "0"): "--threads",
+        ("--seconds", "nan"): "--seconds", ("--seconds", "inf"): "--seconds", ("--seconds", "0"): "--seconds",
+        ("--seconds", "-1"): "--seconds", ("--seconds", "1e9"): "--seconds",
+    }
+    argv = [["latency", str(spec), *args] for args in cases]
+    out = subprocess.run([sys.executable, "-c", _REFUSE, json.dumps(argv)], cwd=workdir, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    for (args, option), (code, err) in zip(cases.items(), found["results"]):
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, (args, code, err)
+        assert lines[0].startswith(f"error: {option}: ") and "(allowed: " in lines[0], (args, err)
+    assert f"from 1 to {cpus}" in found["results"][3][1]  # the CPUs this process may use
+    assert not found["torch"], "torch imported before the options were checked"
+    assert sorted(p.name for p in workdir.iterdir()) == ["lat.yaml"]  # no MLflow store, nothing written
+
+
+def test_latency_batch_beyond_the_memory_is_refused(workdir):
+    """A batch whose forward pass does not fit the device's memory (the models' activations
+    estimated per image) is one line naming the largest batch that does, before anything is built."""
+    spec = write_spec(workdir / "big.yaml", name="big")
+    overrides = ["--set", "model.image_size=224", "--set", "model.patch_size=16", "--set", "model.width=768",
+                 "--set", "model.depth=12"]
+    cfg = load_spec(spec, overrides=[o for o in overrides if o != "--set"]).cells()[0].config
+    per_image, fixed = forward_bytes(cfg.model, cfg.num_classes, "fp32", "cpu")
+    total, _ = device_memory(torch.device("cpu"))
+    fits = (total - fixed) // per_image
+    assert 1 <= fits < MAX_BATCH and per_image > 4 * 3 * 224 * 224  # the input and the activations
+    result = CliRunner().invoke(cli, ["latency", str(spec), *overrides, "--batch", str(fits + 1)])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"error: --batch: {fits + 1} needs about ") and f"(allowed: at most {fits} " in line, line
+    assert not (workdir / "mlflow.db").exists()
