@@ -408,7 +408,8 @@ def latency(spec, device, batch, threads, precision, target, seconds, spec_args)
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="interface to listen on (0.0.0.0 exposes the UI to the network)")
+              help="interface to listen on (0.0.0.0 exposes the UI to the network: it then answers requests "
+              "addressed to this machine's names and addresses, and to --allowed-hosts)")
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535), help="MLflow UI port")
 @click.option("--optuna", is_flag=True, help="also start optuna-dashboard on the ledger (needs the dashboard "
               "extra: pip install -e '.[dashboard]')")
@@ -416,10 +417,14 @@ def latency(spec, device, batch, threads, precision, target, seconds, spec_args)
               help="optuna-dashboard port (default: --port + 1)")
 @click.option("--storage", default=None, help="ledger storage URL for --optuna (default: $ABLATE_STORAGE "
               "or sqlite:///ablate-ledger.db)")
-def ui(host, port, optuna, optuna_port, storage):
+@click.option("--allowed-hosts", "allowed_hosts", multiple=True, metavar="HOST[,HOST...]",
+              help="more Host headers the MLflow UI answers, e.g. a name it is reached by through a proxy "
+              "(mlflow.lab.org, *.lab.org; '*' for any); repeatable")
+def ui(host, port, optuna, optuna_port, storage, allowed_hosts):
     """Browse the runs: the MLflow UI on the store the runs use, until Ctrl-C."""
     from ablate.ui import serve  # lazy: per command
-    serve(host, port, optuna=optuna, storage=storage, optuna_port=optuna_port, echo=click.echo)
+    serve(host, port, optuna=optuna, storage=storage, optuna_port=optuna_port, echo=click.echo,
+          allowed_hosts=allowed_hosts)
 
 
 # ---- data ------------------------------------------------------------------------------------

@@ -8,12 +8,16 @@ file only we can read (optuna-dashboard), never as arguments.
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -26,6 +30,7 @@ from typing import Callable, Optional
 from urllib.parse import urlencode
 
 import mlflow
+from mlflow.server.security_utils import get_default_allowed_hosts
 
 from ablate import names
 from ablate.errors import AblateError
@@ -36,6 +41,14 @@ from ablate.urls import absolute_sqlite, mask_url
 INSTALL_DASHBOARD = "pip install optuna-dashboard (in a clone of ablate: pip install -e '.[dashboard]')"
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+# MLflow 3's server refuses a request whose Host header it does not allow ("Invalid Host header",
+# against DNS rebinding) and a state-changing API call from an origin it does not allow (CORS):
+# `mlflow server --allowed-hosts` / `--cors-allowed-origins` (MLFLOW_SERVER_ALLOWED_HOSTS,
+# MLFLOW_SERVER_CORS_ALLOWED_ORIGINS). Its default allows localhost and private addresses only.
+ALLOWED_HOSTS_ENV = "MLFLOW_SERVER_ALLOWED_HOSTS"
+ALLOWED_ORIGINS_ENV = "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"
+_HOST_PATTERN = re.compile(r"^(?:\*|[A-Za-z0-9*_.-]+|\[[0-9A-Fa-f:.*]+\])(?::(?:\d{1,5}|\*))?$")
+SIOCGIFADDR = 0x8915  # Linux: an interface's IPv4 address
 
 
 def absolute_store_uri(uri: str, cwd: Optional[Path] = None) -> str:
@@ -73,9 +86,142 @@ def mlflow_env(backend_store_uri: str) -> dict[str, str]:
     return env
 
 
-def mlflow_command(host: str, port: int) -> list[str]:
+def mlflow_command(host: str, port: int, access: Optional["Access"] = None) -> list[str]:
     # One worker: a UI for one person needs no more, and each worker is a full Python process.
-    return [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
+    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
+    if access is not None:
+        command += ["--allowed-hosts", ",".join(access.hosts), "--cors-allowed-origins", ",".join(access.origins)]
+    return command
+
+
+# ---- who may reach the UI over the network ---------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to ``host`` is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def machine_addresses() -> list[str]:
+    """The names and addresses other machines may reach this one by: its host name and canonical
+    name, what they resolve to, and the addresses of its network interfaces (Linux); no loopback
+    and no link-local address (a browser cannot use those in a URL without a zone)."""
+    found: list[str] = []
+    name = socket.gethostname()
+    found.append(name)
+    try:
+        infos = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)
+    except OSError:
+        infos = []
+    found += [i[3] for i in infos if i[3]] + [i[4][0] for i in infos]
+    try:
+        interfaces = [n for _, n in socket.if_nameindex()]
+    except OSError:
+        interfaces = []
+    for interface in interfaces:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", interface[:15].encode()))
+            except OSError:  # no IPv4 address, or not Linux
+                continue
+            found.append(socket.inet_ntoa(packed[20:24]))
+    try:  # IPv6: address, index, prefix length, scope (00: global), flags, interface
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        lines = []
+    found += [str(ipaddress.ip_address(int(f[0], 16))) for f in (line.split() for line in lines)
+              if len(f) >= 6 and f[3] == "00"]
+    kept = []
+    for address in found:
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+            if ip.is_loopback or ip.is_link_local:
+                continue
+        except ValueError:
+            if address.lower() == "localhost":
+                continue
+        if address not in kept:
+            kept.append(address)
+    return kept
+
+
+@dataclass
+class Access:
+    """What MLflow's server is told to answer: Host headers (``--allowed-hosts``) and origins of
+    the UI's own API calls (``--cors-allowed-origins``), and how to say it."""
+    hosts: list[str]
+    origins: list[str]
+    names: list[str]      # this machine's names and addresses it answers (with the port)
+    extra: list[str]      # --allowed-hosts
+
+    def line(self, port: int) -> str:
+        if "*" in self.extra:
+            return ("MLflow UI answers any Host header and API calls from any web page (--allowed-hosts '*'): "
+                    "any page a browser on this network opens may read and change the runs")
+        links = [f"http://{n}:{port}/" for n in self.names[:6]]
+        more = f" and {len(self.names) - 6} more address(es)" if len(self.names) > 6 else ""
+        where = f"MLflow UI from the network: {', '.join(links)}{more} (" if links else "MLflow UI ("
+        extra = f"{', '.join(self.extra)}, " if self.extra else ""
+        return (f"{where}also answers {extra}localhost and private addresses; any other Host header is refused: "
+                "--allowed-hosts NAME adds one)")
+
+
+def _host_items(values) -> list[str]:
+    items = []
+    for value in values or ():
+        for item in str(value).split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if not _HOST_PATTERN.match(item):
+                raise AblateError(f"--allowed-hosts: {item!r} (allowed: host names or addresses, each with an "
+                                  "optional :PORT and * wildcards, e.g. mlflow.lab.org,*.lab.org,203.0.113.5; "
+                                  "no scheme, no path)")
+            items.append(item)
+    return items
+
+
+def _with_port(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _has_port(item: str) -> bool:
+    return item.rsplit("]", 1)[-1].count(":") == 1 if item.startswith("[") else ":" in item
+
+
+def network_access(host: str, port: int, allowed_hosts=()) -> Optional[Access]:
+    """What the MLflow server bound to ``host``:``port`` must allow so that it answers where it
+    listens: None on loopback without ``--allowed-hosts`` (MLflow's default is right there); else
+    MLflow's default hosts, this machine's names and addresses (a wildcard bind) or ``host``,
+    ``allowed_hosts`` (each also with the port) and what MLFLOW_SERVER_ALLOWED_HOSTS already
+    allows; and the matching ``http://NAME:PORT`` origins."""
+    extra = _host_items(allowed_hosts)
+    if is_loopback(host) and not extra:
+        return None
+    names = [] if is_loopback(host) else (machine_addresses() if host in WILDCARD_HOSTS else [host])
+    if "*" in extra:
+        return Access(["*"], ["*"], names, extra)
+    hosts = list(get_default_allowed_hosts())
+    hosts += [h for h in (os.environ.get(ALLOWED_HOSTS_ENV) or "").split(",") if h.strip()]
+    origins = [o for o in (os.environ.get(ALLOWED_ORIGINS_ENV) or "").split(",") if o.strip()]
+    for name in names:
+        shown = _with_port(name)
+        hosts += [shown, f"{shown}:{port}"]
+        origins.append(f"http://{shown}:{port}")
+    for item in extra:
+        hosts.append(item)
+        if not _has_port(item):
+            hosts.append(f"{item}:{port}" if "*" not in item else f"{item}:*")
+            origins += [f"http://{item}:{port}", f"http://{item}", f"https://{item}"]
+        else:
+            origins.append(f"http://{item}")
+    dedup = lambda xs: list(dict.fromkeys(x.strip() for x in xs))  # noqa: E731
+    return Access(dedup(hosts), dedup(origins), [f"{_with_port(n)}" for n in names], extra)
 
 
 def dashboard_executable() -> Optional[str]:
@@ -192,6 +338,7 @@ class Server:
     store: str
     env: Optional[dict[str, str]] = None
     links: Optional[Callable[[], list[str]]] = None  # lines said with the address, once it answers
+    note: Optional[str] = None  # a line said when it starts (who it answers)
     process: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
@@ -233,21 +380,24 @@ def _raise_stop(signum, frame):
 
 def serve(host: str = "127.0.0.1", port: int = 5000, *, optuna: bool = False,
           storage: Optional[str] = None, optuna_port: Optional[int] = None,
-          echo: Callable[[str], None] = print, ready_timeout: float = 180.0) -> None:
+          echo: Callable[[str], None] = print, ready_timeout: float = 180.0, allowed_hosts=()) -> None:
     """Run the MLflow UI on the tracking store (and optuna-dashboard on the ledger with
     ``optuna``) until Ctrl-C or SIGTERM, then stop them. Returns after a clean stop; raises
-    :class:`AblateError` for a missing extra, a busy port or a server that dies."""
+    :class:`AblateError` for a missing extra, a busy port, a bad ``allowed_hosts`` or a server
+    that dies. Bound beyond loopback, the MLflow UI answers this machine's names and addresses
+    and ``allowed_hosts`` (:func:`network_access`), and says so."""
     if optuna and not dashboard_installed():
         raise AblateError(f"--optuna needs optuna-dashboard, which is not installed: {INSTALL_DASHBOARD}")
     with tempfile.TemporaryDirectory(prefix="ablate-ui-") as private:  # mode 0700
-        servers = _servers(host, port, optuna, storage, optuna_port, Path(private), echo)
+        servers = _servers(host, port, optuna, storage, optuna_port, Path(private), echo, allowed_hosts)
         if servers:
             _run(servers, echo, ready_timeout)
 
 
 def _servers(host: str, port: int, optuna: bool, storage: Optional[str], optuna_port: Optional[int],
-             private: Path, echo: Callable[[str], None]) -> list[Server]:
+             private: Path, echo: Callable[[str], None], allowed_hosts=()) -> list[Server]:
     servers: list[Server] = []
+    access = network_access(host, port, allowed_hosts)
     store = tracking_store_uri()
     if store.startswith(REMOTE_SCHEMES):
         echo(f"runs are tracked on {mask_url(store)}: open it there (no local MLflow UI to start)")
@@ -257,8 +407,8 @@ def _servers(host: str, port: int, optuna: bool, storage: Optional[str], optuna_
     else:
         check_port_free(host, port)
         address = url(host, port)
-        servers.append(Server("MLflow UI", mlflow_command(host, port), address, store, mlflow_env(store),
-                              links=lambda: experiment_links(address)))
+        servers.append(Server("MLflow UI", mlflow_command(host, port, access), address, store, mlflow_env(store),
+                              links=lambda: experiment_links(address), note=access.line(port) if access else None))
     if optuna:
         ledger = ledger_store_url(storage)
         if sqlite_path(ledger) is not None and not Path(sqlite_path(ledger)).is_file():
@@ -277,6 +427,8 @@ def _run(servers: list[Server], echo: Callable[[str], None], ready_timeout: floa
         for s in servers:
             s.start()
             echo(f"starting {s.name} on {mask_url(s.store)}")
+            if s.note:
+                echo(s.note)
         _wait_ready(servers, echo, ready_timeout)
         echo("Ctrl-C stops " + ("it" if len(servers) == 1 else "them"))
         while True:

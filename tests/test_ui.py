@@ -1,6 +1,7 @@
 """``ablate ui``: the MLflow UI on the runs' store, on loopback, stopped cleanly by SIGTERM."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from ablate.cli import cli
-from ablate.ui import _servers, absolute_store_uri, check_port_free, dashboard_installed, url
+from ablate.ui import _servers, absolute_store_uri, check_port_free, dashboard_installed, network_access, url
 
 ABLATE = [sys.executable, "-c", "from ablate.cli import main; main()"]
 
@@ -233,6 +234,86 @@ def test_ui_on_password_protected_stores_shows_the_password_nowhere(tmp_path, pg
         output = (tmp_path / "ui.log").read_text()
         assert password not in output, output
         assert ":***@" in output
+    finally:
+        _end(proc, children)
+        log.close()
+
+
+# ---- beyond loopback: MLflow's Host-header check must let the network in ---------------------------
+
+
+def test_allowed_hosts_for_a_network_bind(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert network_access("127.0.0.1", 5000) is None  # loopback: MLflow's own default is right
+    port = _free_port()
+    said = []
+    [server] = _servers("0.0.0.0", port, False, None, None, tmp_path, said.append, ("mlflow.lab.example,*.lab.org",))
+    command = server.command
+    hosts = command[command.index("--allowed-hosts") + 1].split(",")
+    origins = command[command.index("--cors-allowed-origins") + 1].split(",")
+    name = socket.gethostname()
+    assert {f"{name}:{port}", f"mlflow.lab.example:{port}", "*.lab.org", "localhost:*", "10.*"} <= set(hosts)
+    assert {f"http://{name}:{port}", f"http://mlflow.lab.example:{port}"} <= set(origins)
+    assert "*" not in hosts and "*" not in origins
+    assert server.note and f"http://{name}:{port}/" in server.note and "mlflow.lab.example" in server.note
+    bad = CliRunner().invoke(cli, ["ui", "--host", "0.0.0.0", "--port", str(port), "--allowed-hosts", "http://x/y"])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1, bad.output
+    assert "--allowed-hosts: 'http://x/y'" in bad.output and "allowed:" in bad.output
+
+
+def _request(port: int, host: str, path: str, method: str = "GET", body: bytes | None = None,
+             headers: dict | None = None) -> tuple[int, str]:
+    """An HTTP request to 127.0.0.1:``port`` (only there) with the Host header ``host``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_ui_on_all_interfaces_answers_requests_from_the_network(tmp_path):
+    """`ablate ui --host 0.0.0.0`: a browser elsewhere sends this machine's name (or an allowed one)
+    as Host, and the UI's own API calls carry that origin; MLflow must answer them, and still
+    refuse a name nobody allowed."""
+    from mlflow.tracking import MlflowClient
+    MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").create_experiment("reached-from-afar")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    port = _free_port()
+    log = open(tmp_path / "ui.log", "w")
+    proc = subprocess.Popen(ABLATE + ["ui", "--host", "0.0.0.0", "--port", str(port),
+                                      "--allowed-hosts", "mlflow.lab.example"],
+                            cwd=tmp_path, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    children: set[int] = set()
+    try:
+        for _ in range(360):
+            assert proc.poll() is None, (tmp_path / "ui.log").read_text()
+            if f"MLflow UI: http://127.0.0.1:{port}/" in (tmp_path / "ui.log").read_text():
+                break
+            time.sleep(0.5)
+        output = (tmp_path / "ui.log").read_text()
+        assert f"MLflow UI: http://127.0.0.1:{port}/" in output, output
+        name = socket.gethostname()
+        assert f"MLflow UI from the network: http://{name}:{port}/" in output and "mlflow.lab.example" in output
+        get = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=reached-from-afar"
+        for host in (f"{name}:{port}", f"10.1.2.3:{port}", f"mlflow.lab.example:{port}", "mlflow.lab.example"):
+            status, body = _request(port, host, get)
+            assert status == 200 and "reached-from-afar" in body, (host, status, body)
+            status, page = _request(port, host, "/")
+            assert status == 200, (host, status, page)
+        # the UI's own API calls (POST) from the page opened at this machine's name carry that origin
+        search = json.dumps({"max_results": 10}).encode()
+        status, body = _request(port, f"{name}:{port}", "/ajax-api/2.0/mlflow/experiments/search", "POST", search,
+                                {"Origin": f"http://{name}:{port}", "Content-Type": "application/json"})
+        assert status == 200 and "reached-from-afar" in body, (status, body)
+        # the protection stays on for what nobody allowed
+        status, body = _request(port, f"attacker.example:{port}", get)
+        assert status == 403 and "Invalid Host header" in body, (status, body)
+        children = _descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     finally:
         _end(proc, children)
         log.close()
