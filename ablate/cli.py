@@ -60,10 +60,11 @@ def spec_options(command):
                      help="override a setting of the spec, e.g. --set model.width=64 --set train.epochs=1 "
                      "(repeatable; any data.*, model.*, train.* setting or seeds; YAML values: "
                      "\"model.shift=[[0,1],[0,-1]]\", train.randaugment=null). Runs with overrides record "
-                     "into their own experiment, <name>+<hash of the overrides>"),
+                     "into their own experiment, <name>+<hash of the overrides>; machine-local settings "
+                     "(data.root, data.workers, train.micro_batch, ...) change no experiment and no cell"),
         click.option("--name", "experiment_name", default=None,
                      help="MLflow experiment (and ledger study) to record into instead of the spec's name "
-                     "(or of <name>+<hash> with --set)"),
+                     "(or of <name>+<hash> with --set of settings that are not machine-local)"),
         click.option("--max-cells", type=click.IntRange(min=1), default=None,
                      help="refuse a grid of more cells than this (default 10,000), counted before any is built"),
     ]):
