@@ -1,6 +1,7 @@
 """Shared fixtures: every test gets its own working directory with its own MLflow and ledger stores."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -63,18 +64,16 @@ def run_ablate(*args: str, cwd: Path, timeout: float = 300, env: dict | None = N
     return subprocess.run(ablate_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-@pytest.fixture
-def pg_secret_stores():
-    """A PostgreSQL role with a password and two databases it owns (ledger, MLflow), dropped afterwards.
-
-    Yields (ledger_url, mlflow_url, password); the URLs carry the password, as a user's would.
-    Skips where no server runs (CI promises one: there it fails instead).
-    """
+@contextlib.contextmanager
+def pg_role_stores(password: str, written: str | None = None):
+    """A PostgreSQL role with ``password`` and two databases it owns (ledger, MLflow), dropped
+    afterwards. Yields their URLs, the password written in them as ``written`` (default: as is).
+    Skips where no server runs (CI promises one: there it fails instead)."""
     import uuid
     from test_postgres import ADMIN_URL, _admin
     conn = _admin()
     tag = uuid.uuid4().hex[:10]
-    role, password = f"ablate_pw_{tag}", f"Pw{tag}Secret"
+    role = f"ablate_pw_{tag}"
     dbs = [f"ablate_test_{tag}_{kind}" for kind in ("ledger", "mlflow")]
     with conn.cursor() as cur:
         cur.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
@@ -82,10 +81,22 @@ def pg_secret_stores():
             cur.execute(f'CREATE DATABASE "{db}" OWNER {role}')
     host = ADMIN_URL.split("@", 1)[1].rsplit("/", 1)[0]
     try:
-        yield [f"postgresql://{role}:{password}@{host}/{db}" for db in dbs] + [password]
+        yield [f"postgresql://{role}:{written or password}@{host}/{db}" for db in dbs]
     finally:
         with conn.cursor() as cur:
             for db in dbs:
                 cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
             cur.execute(f"DROP ROLE IF EXISTS {role}")
         conn.close()
+
+
+@pytest.fixture
+def pg_secret_stores():
+    """A PostgreSQL role with a password and two databases it owns (ledger, MLflow), dropped afterwards.
+
+    Yields (ledger_url, mlflow_url, password); the URLs carry the password, as a user's would.
+    """
+    import uuid
+    password = f"Pw{uuid.uuid4().hex[:10]}Secret"
+    with pg_role_stores(password) as urls:
+        yield urls + [password]

@@ -6,7 +6,7 @@ from urllib.parse import quote, unquote
 import pytest
 
 from ablate.urls import MASK, display_url, mask_text, mask_url, split_credentials
-from conftest import run_ablate, write_spec
+from conftest import pg_role_stores, run_ablate, write_spec
 
 
 @pytest.mark.parametrize("url, shown", [
@@ -138,25 +138,10 @@ def pg_hostile_password():
     """A PostgreSQL role whose password holds "?" and "@", with a ledger and an MLflow database it
     owns (as tests/conftest.py's pg_secret_stores); yields (ledger_url, mlflow_url, password, pieces).
     The URLs carry "?" as is and "@" percent-encoded: SQLAlchemy ends a password at its first "@"."""
-    from test_postgres import ADMIN_URL, _admin
-    conn = _admin()
-    tag, secret = uuid.uuid4().hex[:10], "k" + uuid.uuid4().hex[:9]
-    role, password = f"ablate_pw_{tag}", f"Pw?{secret}@Qz{secret}"
-    dbs = [f"ablate_test_{tag}_{kind}" for kind in ("ledger", "mlflow")]
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
-        for db in dbs:
-            cur.execute(f'CREATE DATABASE "{db}" OWNER {role}')
-    host = ADMIN_URL.split("@", 1)[1].rsplit("/", 1)[0]
-    written = password.replace("@", "%40")
-    try:
-        yield [f"postgresql://{role}:{written}@{host}/{db}" for db in dbs] + [password, (secret, f"Qz{secret}")]
-    finally:
-        with conn.cursor() as cur:
-            for db in dbs:
-                cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-            cur.execute(f"DROP ROLE IF EXISTS {role}")
-        conn.close()
+    secret = "k" + uuid.uuid4().hex[:9]
+    password = f"Pw?{secret}@Qz{secret}"
+    with pg_role_stores(password, written=password.replace("@", "%40")) as urls:
+        yield urls + [password, (secret, f"Qz{secret}")]
 
 
 def test_status_on_a_password_with_question_mark_and_at_prints_no_piece_of_it(tmp_path, pg_hostile_password):
