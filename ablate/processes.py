@@ -19,7 +19,7 @@ from ablate.cell_group import CellGroup, GroupBroken, free_port
 from ablate.context import CHECKPOINT_STOP_EXIT, ERROR_STOP_EXIT, GROUP_BROKEN_EXIT, Context
 from ablate.devices import usable_cpus
 from ablate.errors import AblateError
-from ablate.lifecycle import die_with_parent
+from ablate.lifecycle import die_with_parent, install_stop_handler
 from ablate.train import resolve_device
 from ablate.workers import follow_cells
 
@@ -95,8 +95,9 @@ def _worker_process(target: Callable[[Context], None], ctx: Context, parent_pid:
     # interrupt gives one message instead of a traceback from every worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # the parent stops a worker with SIGTERM: leave through Python's exit (its cell stays RUNNING
-    # to resume), so that what the process holds is released rather than reported leaked
-    signal.signal(signal.SIGTERM, _leave)
+    # to resume), so that what the process holds is released rather than reported leaked; taken
+    # between two database statements (lifecycle.interruptible), never lost in a finalizer
+    install_stop_handler(_leave)
     try:
         _work(target, ctx)
     except AblateError as e:  # a store lost for good, a setting refused: said once here, once by the parent
@@ -129,8 +130,8 @@ def run_in_group(target: Callable[[Context], None], ctx: Context, size: int, add
         ctx.group.leave()
 
 
-def _leave(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+def _leave(signum: int) -> SystemExit:
+    return SystemExit(128 + signum)
 
 
 def _stop_workers(procs, grace: float = 10.0) -> None:

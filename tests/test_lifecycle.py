@@ -112,6 +112,94 @@ def test_workers_die_with_a_sigkilled_parent_whose_run_the_next_invocation_close
     assert statuses[parent.info.run_id] == "KILLED" and sorted(statuses.values()) == ["FINISHED", "KILLED"]
 
 
+#: put before the command's own modules (PYTHONPATH), in each of its processes: every ORM object a
+#: store read made takes 2 ms to let go of (SQLAlchemy's weakref finalizer), as on a large ledger,
+#: so that a stop signal lands in the middle of store reads and of their clean-up
+SLOW_READS = """\
+import time
+from sqlalchemy.orm import state
+
+_cleanup = state.InstanceState._cleanup
+
+
+def _slow_cleanup(self, ref):
+    time.sleep(0.002)
+    _cleanup(self, ref)
+
+
+state.InstanceState._cleanup = _slow_cleanup
+"""
+STOPPED = ("stopped (SIGTERM): unfinished cells stay in the ledger; run the same command again to resume them "
+           "from their last checkpoints")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_during_store_reads_says_one_line_and_exits_143(workdir, workers):
+    """A stop signal that lands inside a store read (or the clean-up after one) is taken once the read is
+    over: exit 143 and the one line, never a traceback, an "Exception ignored", a closed-database error
+    logged by SQLAlchemy, nor a signal lost so that the run goes on."""
+    site = workdir / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_READS)
+    spec = write_spec(workdir / "reads.yaml", name="reads", epochs=1,
+                      extra="grid:\n  model.shift: [none, four, up, down, left, right]\nseeds: [0, 1, 2, 3]\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
+    for delay in (0.0, 0.4, 1.2):
+        proc = subprocess.Popen(ablate_cmd("run", str(spec), "--workers", workers), cwd=workdir, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            header = proc.stdout.readline()  # the ledger has been read, and is read from now on
+            assert header.startswith("reads: 24 cells"), header + proc.stderr.read()
+            time.sleep(delay)
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 143, f"after {delay} s: exit {proc.returncode}\n{out}{err}"
+        assert err.strip() == STOPPED, f"after {delay} s:\n{err}"
+
+
+def test_sigterm_inside_a_database_library_is_taken_once_it_returns():
+    # a function of "sqlalchemy" (by its file name, which is what is looked at) that is signalled midway
+    source = "import os, signal, time\ndef query(done):\n    os.kill(os.getpid(), signal.SIGTERM)\n" \
+             "    time.sleep(0.3)\n    done.append('statement finished')\n"
+    library = {}
+    exec(compile(source, os.path.join(os.sep, "site-packages", "sqlalchemy", "engine", "fake.py"), "exec"), library)
+    done = []
+    started = time.monotonic()
+    with pytest.raises(Stopped):
+        with sigterm_as_interrupt():
+            library["query"](done)
+            done.append("returned")
+            time.sleep(5)  # the stop comes here, within a re-check
+    assert done == ["statement finished", "returned"] and time.monotonic() - started < 2
+
+
+def test_sigterm_inside_a_finalizer_is_not_lost(capsys):
+    import weakref
+
+    class Row:
+        pass
+
+    def let_go():  # e.g. SQLAlchemy's InstanceState._cleanup, a weakref callback
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+
+    row = Row()
+    weakref.finalize(row, let_go)
+    started = time.monotonic()
+    with pytest.raises(Stopped):
+        with sigterm_as_interrupt():
+            del row  # the callback runs now; Python would print the stop raised in it and forget it
+            time.sleep(5)
+    assert time.monotonic() - started < 2
+    assert "Exception ignored" not in capsys.readouterr().err
+
+
 def test_sigterm_is_a_keyboard_interrupt_with_its_exit_status():
     with pytest.raises(KeyboardInterrupt) as caught:
         with sigterm_as_interrupt():
