@@ -23,8 +23,8 @@ from ablate.checkpoint import DEFAULT_ROOT
 from ablate.config import flat_params
 from ablate.context import CHECKPOINT_STOP_EXIT, GROUP_BROKEN_EXIT, Context
 from ablate.latency import measure_objectives, objective_metric
-from ablate.ledger import TakenOver
-from ablate.locks import StoreLost
+from ablate.ledger import LEDGER, TakenOver
+from ablate.locks import StoreLost, StoreUnwritable
 from ablate.train import CellFailed, describe_failure, is_out_of_memory, resolve_device, train_cell
 from ablate.tracking import spec_tags
 
@@ -43,6 +43,25 @@ def execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = F
     except TakenOver as e:  # the cell is the new owner's: its run and checkpoint are left to it
         ctx.log(f"cell {key}: left to another worker: {e}")
         return "TAKEN_OVER"
+    except StoreUnwritable as e:
+        hand_back(e, key, trial, ledger, ctx)
+        raise
+
+
+def hand_back(e: StoreUnwritable, key: str, trial, ledger, ctx: Context) -> None:
+    """A store refused a write for good (a full disk, a read-only file): not this cell's fault, and
+    every next write would meet it too, so the worker stops. Nothing more is written to the store
+    that refused (no failure recorded there, no retry); the cell goes back to the ledger's queue
+    where the ledger can still be written, else the next run finds this worker gone and queues it
+    again. Its MLflow run stays RUNNING and its checkpoint in place: the cell resumes from it, and
+    each epoch already logged is not logged again."""
+    if e.what != LEDGER:
+        try:
+            ledger.release_gone(lambda t: t.number == trial.number)
+        except StoreUnwritable:
+            pass  # the ledger is on the same full disk
+    ctx.log(f"cell {key}: stopped: {e}")
+    e.said = True
 
 
 def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = False) -> str:
@@ -68,9 +87,14 @@ def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = 
     ctx.log(f"cell {key} ({run_name(spec, cfg, trial.number)}): "
             f"{'resuming' if run.resumed else 'training'} on {device}")
 
+    last_epoch = []  # the last epoch's metrics, logged with the run's own (one value per metric and step)
+
     def on_epoch(stats):
         step = stats.epoch
-        run.log_metrics(stats.metrics(), step=step)
+        if step < cfg.train.epochs:
+            run.log_metrics(stats.metrics(), step=step)
+        else:
+            last_epoch.append(stats.metrics())
         if prune:
             trial.report(stats.val_top1, step)
             if trial.should_prune():
@@ -89,12 +113,15 @@ def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = 
         record(run, ledger, trial, "PRUNED", reason=str(e))
         ctx.log(f"cell {key}: {e}")
         return "PRUNED"
-    except (KeyboardInterrupt, SystemExit, TakenOver, StoreLost):
+    except (KeyboardInterrupt, SystemExit, TakenOver, StoreLost, StoreUnwritable):
         raise  # leave the cell RUNNING: the next run notices the dead worker and resumes it
     except checkpoint.CheckpointWriteFailed as e:
         # not this cell's fault and every next cell would meet it too: stop, and hand the cell
         # back to the queue (its MLflow run stays RUNNING) to resume once the disk has room
-        ledger.release_gone(lambda t: t.number == trial.number)
+        try:
+            ledger.release_gone(lambda t: t.number == trial.number)
+        except StoreUnwritable:
+            pass  # the ledger is on the same full disk: the next run finds this worker gone
         ctx.log(f"cell {key}: stopped: {e}")
         if mp.parent_process() is not None:
             raise SystemExit(CHECKPOINT_STOP_EXIT) from None  # a spawned worker: its parent says the rest
@@ -116,10 +143,11 @@ def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = 
             # the other ranks may be waiting in a collective this rank never reaches: end the group
             raise SystemExit(GROUP_BROKEN_EXIT) from None
         return "FAIL"
-    # val_top1/val_top5/losses are already the last per-epoch values; log the run-level ones
-    per_epoch = ("epochs", names.TRAIN_LOSS, "val_loss", names.VAL_TOP1, names.VAL_TOP5)
+    # the last epoch's metrics and the run's own at that step, in one batch: a metric of both (the
+    # throughput, the peak memory) holds the run's value there, and no step is logged twice
     ledger.check_owner(trial)
-    run.log_metrics({k: v for k, v in metrics.items() if k not in per_epoch}, step=metrics["epochs"])
+    run.log_metrics({**(last_epoch[-1] if last_epoch else {}), **{k: v for k, v in metrics.items() if k != "epochs"}},
+                    step=metrics["epochs"])
     record(run, ledger, trial, "COMPLETE", objective_values(spec, {**metrics, **measured}))
     remove_checkpoints(ckpt_dir, ctx)  # finished: the MLflow run is the record now
     ctx.log(f"cell {key}: done, top-1 {metrics['val_top1']:.2f}  top-5 {metrics['val_top5']:.2f}  "

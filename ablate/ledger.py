@@ -51,13 +51,15 @@ from ablate import names
 from ablate.errors import AblateError
 from ablate.launch.jobs import slurm_task
 from ablate.liveness import process_space, worker_gone, worker_id
-from ablate.locks import is_transient, retry_busy, sqlite_path, store_lock, store_retry_seconds
+from ablate.locks import (StoreUnwritable, is_transient, retry_busy, sqlite_path, store_lock, store_retry_seconds,
+                          unwritable, unwritable_error)
 from ablate.search import make_pruner, make_sampler
 from ablate.urls import display_url, mask_text
 
 DEFAULT_STORAGE = "sqlite:///ablate-ledger.db"
+LEDGER = "the ledger"
 #: every call to the ledger's store: a busy store and a lost connection are retried (ablate.locks)
-_retry = functools.partial(retry_busy, what="the ledger")
+_retry = functools.partial(retry_busy, what=LEDGER)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # heartbeats, the retry callback and metric names are marked experimental; they are the
@@ -147,7 +149,9 @@ def open_storage(url: str) -> RDBStorage:
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
     except AblateError:
         raise
-    except Exception as e:  # bad URL, server down, missing driver
+    except Exception as e:  # bad URL, server down, missing driver, a full or read-only disk
+        if unwritable(e) is not None:
+            raise unwritable_error(e, LEDGER, url, "its tables") from None
         first = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise AblateError(f"ledger storage {display_url(url)}: cannot open ({mask_text(first, url)})") from None
 
@@ -252,16 +256,21 @@ class Ledger:
         """``create=False`` opens only an existing store and study (raising :class:`NoLedger`) and writes nothing.
         ``metric_names`` name the objectives (the MLflow metrics) for optuna-dashboard, which
         otherwise calls them 0 and 1."""
+        #: every call to the store: retried where a later attempt may mend it, said in one line where
+        #: not (ablate.locks: a lost store, a full or read-only one, named by its file)
+        self._retry = functools.partial(retry_busy, what=LEDGER, where=url)
         self.url, self.storage = url, open_storage(url) if create else open_existing_storage(url)
         self._taken: dict[int, str] = {}  # trial number -> why it is no longer this worker's
+        self._full: dict[int, StoreUnwritable] = {}  # trial number -> its heartbeat found the store unwritable
         directions = list(directions)
         try:
             if not create:
-                self.study = _retry(optuna.load_study, study_name=study_name, storage=self.storage, sampler=sampler,
-                                    pruner=pruner)
+                self.study = self._retry(optuna.load_study, study_name=study_name, storage=self.storage,
+                                         sampler=sampler, pruner=pruner)
             else:
-                self.study = _retry(optuna.create_study, storage=self.storage, study_name=study_name,
-                                    directions=directions, sampler=sampler, pruner=pruner, load_if_exists=True)
+                self.study = self._retry(optuna.create_study, storage=self.storage, study_name=study_name,
+                                         directions=directions, sampler=sampler, pruner=pruner, load_if_exists=True,
+                                         writing=f"the study {study_name!r}")
         except optuna.exceptions.DuplicatedStudyError:  # created by a racing worker just now
             self.study = optuna.load_study(study_name=study_name, storage=self.storage, sampler=sampler, pruner=pruner)
         except KeyError:  # load_study: no such study
@@ -272,20 +281,20 @@ class Ledger:
                               f"the spec asks for {directions} (allowed: rename the spec or use another --storage)")
         if kind is not None:
             self._check_kind(kind, record=create)
-        if create and metric_names and _retry(lambda: self.study.metric_names) != list(metric_names):
-            _retry(self.study.set_metric_names, list(metric_names))
+        if create and metric_names and self._retry(lambda: self.study.metric_names) != list(metric_names):
+            self._retry(self.study.set_metric_names, list(metric_names), writing="the study's metric names")
 
     def _check_kind(self, kind: str, record: bool = True) -> None:
         """A grid's study holds cells, a search's trials: a search worker would take a grid's
         waiting cell for a retry of its own, so one name cannot serve both. ``record=False``
         (readers) checks without recording the kind of a study that has none yet."""
         if not record:
-            found = _retry(lambda: self.study.user_attrs).get(names.STUDY_KIND)
+            found = self._retry(lambda: self.study.user_attrs).get(names.STUDY_KIND)
         else:
             with store_lock(self.url):  # a grid and a search opening a new study at once: one kind wins
-                found = _retry(lambda: self.study.user_attrs).get(names.STUDY_KIND)
+                found = self._retry(lambda: self.study.user_attrs).get(names.STUDY_KIND)
                 if found is None:
-                    _retry(self.study.set_user_attr, names.STUDY_KIND, kind)
+                    self._retry(self.study.set_user_attr, names.STUDY_KIND, kind, writing="the study's kind")
         if found not in (None, kind):
             raise AblateError(f"ledger {display_url(self.url)}: study {self.study.study_name!r} is a {found}'s, "
                               f"this spec describes a {kind} (allowed: another spec name, or another --storage)")
@@ -303,7 +312,7 @@ class Ledger:
                    metric_names=[o.metric for o in objectives])
 
     def trials(self, states=None) -> list[optuna.trial.FrozenTrial]:
-        return _retry(self.study.get_trials, deepcopy=False, states=states)
+        return self._retry(self.study.get_trials, deepcopy=False, states=states)
 
     def states_by_key(self) -> dict[str, set[TrialState]]:
         out: dict[str, set[TrialState]] = {}
@@ -336,9 +345,10 @@ class Ledger:
                 # (Study.enqueue_trial would hold them aside until a sampler's suggest call,
                 # which a grid never makes): optuna-dashboard's pages need parameters.
                 params, dists = grid_params(cell.values, distributions)
-                _retry(self.study.add_trial, optuna.trial.create_trial(
+                self._retry(self.study.add_trial, optuna.trial.create_trial(
                     state=TrialState.WAITING, params=params, distributions=dists,
-                    user_attrs={names.CELL_KEY: cell.key, names.VALUES: json.dumps(cell.values, default=str)}))
+                    user_attrs={names.CELL_KEY: cell.key, names.VALUES: json.dumps(cell.values, default=str)}),
+                    writing=f"cell {cell.key} into the queue")
                 enqueued += 1
         return enqueued, done
 
@@ -366,34 +376,36 @@ class Ledger:
             try:
                 # private Optuna: the conditional update Study.ask pops a waiting trial with; its
                 # public form pops any waiting trial, and we must pick ours
-                if not _retry(self.storage.set_trial_state_values, _trial_id(frozen), TrialState.RUNNING):
+                if not self._retry(self.storage.set_trial_state_values, _trial_id(frozen), TrialState.RUNNING,
+                                   writing=f"the claim of trial {frozen.number}"):
                     continue  # another worker took it first
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # ... and has already finished it
             winner = self._first_claim(frozen)
             if winner is not None:  # two runners enqueued the same cell at once: keep the first
-                _retry(trial.set_user_attr, names.DUPLICATE, winner)
-                _retry(self.study.tell, trial, state=TrialState.FAIL)
+                self._retry(trial.set_user_attr, names.DUPLICATE, winner)
+                self._retry(self.study.tell, trial, state=TrialState.FAIL)
                 continue
             return trial
         return None
 
     def ask(self) -> optuna.Trial:
         """A search's next trial: a waiting retry if there is one, else the sampler's proposal."""
-        trial = _retry(self.study.ask)
+        trial = self._retry(self.study.ask)
         self._mark_mine(trial)
         return trial
 
     def set_cell_key(self, trial: optuna.Trial, key: str) -> None:
-        _retry(trial.set_user_attr, names.CELL_KEY, key)
+        self._retry(trial.set_user_attr, names.CELL_KEY, key, writing=f"the cell of trial {trial.number}")
 
     def _mark_mine(self, trial: optuna.Trial) -> None:
         """Record which worker runs the trial and start its heartbeat record."""
-        _retry(trial.set_user_attr, names.WORKER, worker_id())
-        _retry(trial.set_user_attr, names.WORKER_SPACE, process_space())
+        mine = f"the worker of trial {trial.number}"
+        self._retry(trial.set_user_attr, names.WORKER, worker_id(), writing=mine)
+        self._retry(trial.set_user_attr, names.WORKER_SPACE, process_space(), writing=mine)
         # always written: a retried trial inherits its dead worker's attributes
-        _retry(trial.set_user_attr, names.SLURM_TASK, slurm_task() or "")
-        _retry(self._record_heartbeat, trial)
+        self._retry(trial.set_user_attr, names.SLURM_TASK, slurm_task() or "", writing=mine)
+        self._retry(self._record_heartbeat, trial, writing=f"the heartbeat of trial {trial.number}")
 
     def _record_heartbeat(self, trial: optuna.Trial) -> None:
         # private Optuna: Study.optimize keeps heartbeats with this call; bare ask/tell have none
@@ -419,24 +431,27 @@ class Ledger:
         worker of this machine at once instead of after the heartbeat's grace period.
         """
         before = {t.number for t in self.trials(states=(TrialState.RUNNING,))}
-        _retry(optuna.storages.fail_stale_trials, self.study)  # heartbeat: any machine
+        self._retry(optuna.storages.fail_stale_trials, self.study,  # heartbeat: any machine
+                    writing="the cells of workers whose heartbeat stopped, queued again")
         for t in self.trials(states=(TrialState.RUNNING,)):
             space = t.user_attrs.get(names.WORKER_SPACE)  # a worker that recorded none is left to its heartbeat
             if space and worker_gone(str(t.user_attrs.get(names.WORKER, "")), space):
                 try:
-                    failed = _retry(self.study.tell, t.number, state=TrialState.FAIL)
+                    failed = self._retry(self.study.tell, t.number, state=TrialState.FAIL,
+                                         writing=f"trial {t.number} of a worker that is gone")
                 except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
                     continue  # finished, or failed by another worker's recovery, since we read it
-                _retry(RetryHeartbeatStaleTrialCallback(), self.study, failed)
+                self._retry(RetryHeartbeatStaleTrialCallback(), self.study, failed,
+                            writing=f"the retry of trial {t.number}")
         after = {t.number for t in self.trials(states=(TrialState.RUNNING,))}
         return sorted(before - after - {t.number for t in self.trials(states=(TrialState.COMPLETE,))})
 
     def stale(self) -> set[int]:
         """Numbers of the RUNNING trials whose heartbeat is older than the grace period: their worker
         is gone, wherever it ran. Only reads (:meth:`recover_dead` is what fails and requeues them)."""
-        study_id = _retry(self.storage.get_study_id_from_name, self.study.study_name)
+        study_id = self._retry(self.storage.get_study_id_from_name, self.study.study_name)
         # private Optuna: the query fail_stale_trials makes before it fails what it finds
-        ids = set(_retry(self.storage._get_stale_trial_ids, study_id))
+        ids = set(self._retry(self.storage._get_stale_trial_ids, study_id))
         return {t.number for t in self.trials(states=(TrialState.RUNNING,)) if _trial_id(t) in ids}
 
     def release_gone(self, gone: Callable[[optuna.trial.FrozenTrial], bool]) -> list[int]:
@@ -448,10 +463,12 @@ class Ledger:
             if not gone(t):
                 continue
             try:
-                failed = _retry(self.study.tell, t.number, state=TrialState.FAIL)
+                failed = self._retry(self.study.tell, t.number, state=TrialState.FAIL,
+                                     writing=f"trial {t.number}, handed back to the queue")
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
                 continue  # finished, or failed by another worker's recovery, since we read it
-            _retry(RetryHeartbeatStaleTrialCallback(), self.study, failed)
+            self._retry(RetryHeartbeatStaleTrialCallback(), self.study, failed,
+                        writing=f"the retry of trial {t.number}")
             released.append(t.number)
         return released
 
@@ -468,7 +485,9 @@ class Ledger:
         number = trial.number
         if number in self._taken:  # the heartbeat thread saw it already
             raise TakenOver(self._taken[number])
-        frozen = (_retry if retry else _once)(self.storage.get_trial, _trial_id(trial))
+        if number in self._full:  # ... or that the store refuses writes: stop at this write, not at the cell's end
+            raise self._full[number]
+        frozen = (self._retry if retry else _once)(self.storage.get_trial, _trial_id(trial))
         worker = frozen.user_attrs.get(names.WORKER)
         mine = worker == worker_id() and frozen.user_attrs.get(names.WORKER_SPACE) == process_space()
         if frozen.state == TrialState.RUNNING and mine:
@@ -494,10 +513,18 @@ class Ledger:
         def record():
             try:
                 self.check_owner(trial, retry=False)
-            except TakenOver:
+            except (TakenOver, StoreUnwritable):
                 stop.set()  # not ours: no heartbeat either
                 return
-            self._record_heartbeat(trial)
+            try:
+                self._record_heartbeat(trial)
+            except Exception as e:
+                if unwritable(e) is None:
+                    raise
+                # a full or read-only store: said once, by the worker's next write (check_owner)
+                self._full[trial.number] = unwritable_error(e, LEDGER, self.url,
+                                                            f"the heartbeat of trial {trial.number}")
+                stop.set()
 
         beat = Heartbeat(record, trial.number, grace)
         stop = threading.Event()
@@ -516,10 +543,11 @@ class Ledger:
 
     # ---- results ---------------------------------------------------------------------------------
     def tell(self, trial: optuna.Trial, state: TrialState, values=None, reason: Optional[str] = None) -> None:
+        doing = f"the result ({state.name}) of trial {trial.number}"
         if reason:
-            _retry(trial.set_user_attr, names.FAILURE, reason[:2000])
-        _retry(self.study.tell, trial, values if state == TrialState.COMPLETE else None, state=state,
-               skip_if_finished=True)
+            self._retry(trial.set_user_attr, names.FAILURE, reason[:2000], writing=doing)
+        self._retry(self.study.tell, trial, values if state == TrialState.COMPLETE else None, state=state,
+                    skip_if_finished=True, writing=doing)
 
     def search_counts(self) -> tuple[int, int, int]:
         """(finished, running, waiting) trials of a search: what its workers count against the target.

@@ -8,6 +8,7 @@ a PostgreSQL advisory lock.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -81,7 +82,13 @@ def _file_lock(path: str):
     file is still the one at ``path`` (same inode), and otherwise tries again on the new file.
     """
     while True:
-        f = open(path, "a")
+        try:
+            f = open(path, "a")
+        except OSError as e:
+            if unwritable(e) is None:
+                raise
+            raise unwritable_error(e, "the lock file beside the store", path,
+                                   "the lock that makes its writers take turns") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -195,24 +202,105 @@ def _store_lost(what: str, e: BaseException, waited: float) -> StoreLost:
     return _gave_up
 
 
+# ---- a store that cannot be written: a full disk, a read-only file system, a quota ------------------
+
+#: errno values of a write that a retry cannot mend, and how each is said
+_UNWRITABLE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                      errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                      errno.EPERM: "permission denied", errno.EFBIG: "file too large"}
+#: ... and what SQLite, PostgreSQL and MySQL say of it (wrapped by SQLAlchemy, Optuna or MLflow)
+_UNWRITABLE_TEXTS = (("database or disk is full", "no space left on device"),
+                     ("no space left on device", "no space left on device"),
+                     ("could not extend file", "no space left on device"),
+                     ("disk quota exceeded", "disk quota exceeded"),
+                     ("the table is full", "no space left on device"),
+                     ("attempt to write a readonly database", "read-only"),
+                     ("read-only file system", "read-only file system"),
+                     ("read-only transaction", "read-only"),
+                     ("disk i/o error", "disk I/O error (a full or failing disk)"))
+
+
+def unwritable(e: BaseException) -> Optional[str]:
+    """How to say why a write failed for good (no space left, read-only, over quota), or None when
+    ``e`` (or an error it wraps) is something else."""
+    for c in _chain(e):
+        if isinstance(c, OSError) and c.errno in _UNWRITABLE_ERRNOS:
+            return _UNWRITABLE_ERRNOS[c.errno]
+    text = _texts(e)
+    return next((said for found, said in _UNWRITABLE_TEXTS if found in text), None)
+
+
+class StoreUnwritable(AblateError):
+    """A store (or a folder of results) refused a write for good: a full disk, a read-only file
+    system, a quota. One line that names the path and what was being written; exit 2.
+    ``what`` names the store (``"the MLflow store"``, ``"the ledger"``, ...); ``said`` is set once
+    a worker has printed it, so that it is not printed twice."""
+
+    def __init__(self, message: str, what: str, path: str):
+        super().__init__(message)
+        self.what, self.path, self.said = what, path, False
+
+
+RUN_AGAIN = "run the same command again: finished cells are kept and the others resume"
+
+
+def unwritable_error(e: BaseException, what: str, path: Optional[str], writing: Optional[str] = None, *,
+                     then: str = RUN_AGAIN, exact: bool = True) -> StoreUnwritable:
+    """The :class:`StoreUnwritable` for ``e`` (which :func:`unwritable` recognises): ``what`` store, at
+    ``path`` (a URL is shown as its file, or without its password), while writing ``writing``.
+    ``exact``: the file the error names, where it names one, rather than ``path``."""
+    reason = unwritable(e) or "cannot be written"
+    filename = next((c.filename for c in _chain(e) if isinstance(c, OSError) and c.filename), None) if exact else None
+    shown = str(filename) if filename else _shown_path(path) if path else what
+    remedy = ("free some space" if reason.startswith(("no space", "disk quota", "file too large", "disk I/O"))
+              else "make it writable")
+    doing = f"{what}: {writing}" if writing else what
+    if reason.startswith("no space"):
+        message = f"{reason} writing {shown} ({doing}) ({remedy}, then {then})"
+    else:
+        message = f"cannot write {shown}: {reason} ({doing}) ({remedy}, then {then})"
+    return StoreUnwritable(message, what, shown)
+
+
+def _shown_path(path: str) -> str:
+    """A store's URL as its file where it is a SQLite one, else without its password."""
+    if "://" not in path:
+        return path
+    file = sqlite_path(path)
+    if file:
+        return file
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    return display_url(path)
+
+
 #: the store given up on: the command is ending, so a later lost connection (the parent run's
 #: close, on the way out) is not waited for again, and the first cause is what is said
 _gave_up: Optional[StoreLost] = None
 
 
-def retry_busy(fn: Callable[..., T], *args, attempts: int = 20, what: str = "a store", **kwargs) -> T:
+def retry_busy(fn: Callable[..., T], *args, attempts: int = 20, what: str = "a store", where: Optional[str] = None,
+               writing: Optional[str] = None, **kwargs) -> T:
     """Call a store operation, retrying what a later attempt may mend.
 
     A concurrent writer's refusal (:func:`is_busy`) is retried ``attempts`` times, quickly. A lost
     connection (:func:`is_lost`: the server restarted, a network blink) is retried with backoff
     for :func:`store_retry_seconds`; then :class:`StoreLost` (an ``AblateError``: one line, exit
-    2) names ``what`` stopped answering. Anything else is raised at once.
+    2) names ``what`` stopped answering. A write refused for good (:func:`unwritable`: a full
+    disk, a read-only store) is not retried: :class:`StoreUnwritable` names the file (``where``: the
+    store's URL or folder) and what was being written (``writing``, else the operation's name).
+    Anything else is raised at once.
     """
     busy, deadline, pause = 0, None, 0.25
     while True:
         try:
             return fn(*args, **kwargs)
+        except StoreUnwritable:
+            raise  # said already, by a store call inside this one
         except Exception as e:
+            if unwritable(e) is not None:
+                doing = writing or getattr(fn, "__name__", "").replace("_", " ").strip() or None
+                raise unwritable_error(e, what, where, doing) from None
             if is_lost(e):
                 now = time.monotonic()
                 if _gave_up is not None:

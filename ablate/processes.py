@@ -14,14 +14,19 @@ import time
 from multiprocessing.connection import wait
 from typing import Callable
 
-from ablate import checkpoint
+from ablate import checkpoint, tracking
 from ablate.cell_group import CellGroup, GroupBroken, free_port
 from ablate.context import CHECKPOINT_STOP_EXIT, ERROR_STOP_EXIT, GROUP_BROKEN_EXIT, Context
 from ablate.devices import usable_cpus
 from ablate.errors import AblateError
 from ablate.lifecycle import die_with_parent, install_stop_handler
+from ablate.locks import StoreUnwritable
 from ablate.train import resolve_device
 from ablate.workers import follow_cells
+
+#: a spawned worker's exit status when the MLflow store refused a write for good (a full disk, a
+#: read-only file): as ERROR_STOP_EXIT, and this process writes nothing more there either
+MLFLOW_REFUSED_EXIT = 78
 
 
 def run_workers(target: Callable[[Context], None], ctx: Context, workers: int, devices: list[str]) -> None:
@@ -59,9 +64,12 @@ def run_workers(target: Callable[[Context], None], ctx: Context, workers: int, d
     except BaseException:
         _stop_workers(procs)
         raise
-    if _stopped(procs, ERROR_STOP_EXIT):
+    if _stopped(procs, ERROR_STOP_EXIT, MLFLOW_REFUSED_EXIT):
         _stop_workers(procs)
-        raise AblateError(f"{', '.join(_stopped(procs, ERROR_STOP_EXIT))} stopped on the error above, so every worker "
+        if _stopped(procs, MLFLOW_REFUSED_EXIT):
+            tracking.refuse_writes()  # the parent run is left to the next invocation to close
+        raise AblateError(f"{', '.join(_stopped(procs, ERROR_STOP_EXIT, MLFLOW_REFUSED_EXIT))} stopped on the error "
+                          "above, so every worker "
                           "was stopped; run the same command again once it is fixed: finished cells are kept and "
                           "the others resume")
     if _stopped_on_checkpoint(procs):
@@ -74,7 +82,8 @@ def run_workers(target: Callable[[Context], None], ctx: Context, workers: int, d
     if broken:
         ctx.log(f"warning: worker(s) {', '.join(broken)} stopped: a process of their cell's group died; "
                 "its cell resumes from its last checkpoint at the next run")
-    bad = [p.name for p in procs if p.exitcode not in (0, None, GROUP_BROKEN_EXIT, ERROR_STOP_EXIT)]
+    bad = [p.name for p in procs
+           if p.exitcode not in (0, None, GROUP_BROKEN_EXIT, ERROR_STOP_EXIT, MLFLOW_REFUSED_EXIT)]
     if bad:
         ctx.log(f"warning: worker(s) {', '.join(bad)} exited abnormally")
 
@@ -85,7 +94,8 @@ def _stopped_on_checkpoint(procs) -> list[str]:
 
 def _stopped(procs, *codes: int) -> list[str]:
     """The workers that ended on an error every worker would meet (``codes``: those exit statuses)."""
-    return [p.name for p in procs if p.exitcode in (codes or (CHECKPOINT_STOP_EXIT, ERROR_STOP_EXIT))]
+    return [p.name for p in procs
+            if p.exitcode in (codes or (CHECKPOINT_STOP_EXIT, ERROR_STOP_EXIT, MLFLOW_REFUSED_EXIT))]
 
 
 def _worker_process(target: Callable[[Context], None], ctx: Context, parent_pid: int) -> None:
@@ -100,6 +110,10 @@ def _worker_process(target: Callable[[Context], None], ctx: Context, parent_pid:
     install_stop_handler(_leave)
     try:
         _work(target, ctx)
+    except StoreUnwritable as e:  # a full or read-only store: said once (here or by its cell), once by its parent
+        if not e.said:
+            ctx.log(f"stopped: {e}")
+        raise SystemExit(MLFLOW_REFUSED_EXIT if e.what == tracking.STORE else ERROR_STOP_EXIT) from None
     except AblateError as e:  # a store lost for good, a setting refused: said once here, once by the parent
         ctx.log(f"stopped: {e}")
         raise SystemExit(ERROR_STOP_EXIT) from None

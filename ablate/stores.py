@@ -145,7 +145,19 @@ def _check_sqlite(database: Optional[str], query, what: str, shown: str, *, crea
         if not os.access(folder, os.W_OK | os.X_OK):
             raise AblateError(f"{what} {shown}: folder {folder} is not writable")
         return
+    if create:  # a command that writes: a store it could only read fails at its first write, in a cell
+        _check_sqlite_writable(path, what, shown)
     _check_sqlite_file(path, what, shown)
+
+
+def _check_sqlite_writable(path: Path, what: str, shown: str) -> None:
+    """SQLite writes the file and a journal beside it: both must be possible (a read-only file, a
+    read-only folder or file system are refused before anything is written anywhere)."""
+    folder = path.resolve().parent
+    for target, why in ((path, "is read-only"), (folder, "is read-only, and SQLite writes its journal there")):
+        if not os.access(target, os.W_OK | (os.X_OK if target is folder else 0)):
+            raise AblateError(f"{what} {shown}: {target} {why} (allowed: make it writable, or point to a store "
+                              "you may write to)")
 
 
 def _check_sqlite_file(path: Path, what: str, shown: str) -> None:

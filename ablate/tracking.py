@@ -7,7 +7,6 @@ found again (MLflow has no get-or-create of runs). Cost is logged as metrics (``
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -25,18 +24,43 @@ from mlflow.tracking import MlflowClient
 
 from ablate import liveness, names
 from ablate.config import KEYED_WHEN_SET, MACHINE_LOCAL, SECTIONS, CellConfig, applies, flat_params
-from ablate.locks import is_lost, retry_busy, sqlite_path, store_lock
+from ablate.locks import StoreUnwritable, is_lost, retry_busy, sqlite_path, store_lock, unwritable
 from ablate.stores import check_tracking_store
 from ablate.urls import database_url
 
-#: every MLflow call: a busy store and a lost connection are retried (ablate.locks)
-_retry = functools.partial(retry_busy, what="the MLflow store")
+STORE = "the MLflow store"
+ARTIFACTS = "MLflow's artifact folder"
+
+#: the MLflow store refused a write in this process for good (a full disk, a read-only file): the
+#: command ends on that error, and nothing more is written there, not even the parent run's end
+#: (the next invocation closes a parent run left RUNNING: :func:`close_gone_parents`)
+_refused: Optional[StoreUnwritable] = None
+
+
+def _retry(fn, *args, writing: Optional[str] = None, **kwargs):
+    """Every MLflow call: a busy store and a lost connection are retried (ablate.locks); a write
+    refused for good raises :class:`StoreUnwritable` naming the store's file and ``writing``."""
+    global _refused
+    try:
+        return retry_busy(fn, *args, what=STORE, where=tracking_uri(), writing=writing, **kwargs)
+    except StoreUnwritable as e:
+        _refused = _refused or e
+        raise
+
+
+def refuse_writes() -> None:
+    """Write nothing more to the MLflow store from this process: it refused a write in a worker
+    process, and the command is ending on that error."""
+    global _refused
+    _refused = _refused or StoreUnwritable("the MLflow store refused a write in a worker", STORE, "")
 
 
 def _not_a_lost_connection(record: logging.LogRecord) -> bool:
     # MLflow's SQL store logs the traceback of every OperationalError it re-raises; a lost
-    # connection is retried by the caller (and said in one line if it never comes back)
-    return not (record.exc_info and record.exc_info[1] is not None and is_lost(record.exc_info[1]))
+    # connection is retried by the caller (and said in one line if it never comes back), a full or
+    # read-only store is said in one line (ablate.locks.StoreUnwritable)
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and (is_lost(error) or unwritable(error) is not None))
 
 
 def client() -> MlflowClient:
@@ -111,15 +135,17 @@ def ensure_experiment(name: str, spec=None) -> str:
     The experiment carries :func:`experiment_tags` (with ``spec``, its saved runs view too); an
     experiment made before gets those it lacks, and a tag a person changed since is kept.
     """
+    global _refused
+    _refused = None  # a new invocation (in a process that ran one before) writes again
     tags = experiment_tags(spec)
     with store_lock(tracking_uri()):  # creating the schema or the experiment twice at once fails
         c = client()
         exp = _retry(c.get_experiment_by_name, name)
         if exp is None:
-            return _retry(c.create_experiment, name, tags=tags)
+            return _retry(c.create_experiment, name, tags=tags, writing=f"the experiment {name!r}")
         for key, value in tags.items():
             if key not in exp.tags:
-                _retry(c.set_experiment_tag, exp.experiment_id, key, value)
+                _retry(c.set_experiment_tag, exp.experiment_id, key, value, writing=f"a tag of experiment {name!r}")
         return exp.experiment_id
 
 
@@ -213,7 +239,7 @@ def start_parent(experiment_id: str, kind: str, spec_file: str, tags: Optional[d
     tags = {names.ROLE: "parent", names.KIND: kind, names.SPEC_FILE: spec_file, names.GIT_COMMIT: git_commit(),
             names.HOST: socket.gethostname(), **(_process_tags() if local else {}), **(tags or {})}
     run = _retry(client().create_run, experiment_id, tags=tags,
-                 run_name=f"{kind} {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                 run_name=f"{kind} {time.strftime('%Y-%m-%d %H:%M:%S')}", writing=f"this {kind}'s parent run")
     return run.info.run_id
 
 
@@ -248,7 +274,11 @@ def close_gone_parents(experiment_id: str) -> list[str]:
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
-    _retry(client().set_terminated, run_id, status)
+    """End a run with ``status``; nothing where this process found the store unwritable (the
+    command is ending on that error: the next invocation closes the run, :func:`close_gone_parents`)."""
+    if _refused is not None:
+        return
+    _retry(client().set_terminated, run_id, status, writing=f"the end ({status}) of run {run_id}")
 
 
 # ---- a setting's value as an MLflow param (a string) and back ----------------------------------
@@ -319,8 +349,20 @@ def find_cell_runs(experiment_id: str, key: str) -> list:
 class CellRun:
     """The MLflow child run of one cell: opened (or continued after a crash), logged, closed."""
 
-    def __init__(self, run_id: str, resumed: bool):
-        self.run_id, self.resumed = run_id, resumed
+    def __init__(self, run_id: str, resumed: bool, key: str = "", artifact_uri: str = ""):
+        self.run_id, self.resumed, self.key, self.artifact_uri = run_id, resumed, key, artifact_uri
+        #: the steps each metric already has in MLflow (a resumed run's earlier attempts logged
+        #: some): each (metric, step) is logged once, however often its epoch is trained again
+        self.logged: dict[str, set[int]] = {}
+
+    @property
+    def label(self) -> str:
+        return f"cell {self.key}, run {self.run_id}" if self.key else f"run {self.run_id}"
+
+    def _read_logged(self, metrics: Iterable[str]) -> None:
+        c = client()
+        for name in metrics:
+            self.logged[name] = {m.step for m in _retry(c.get_metric_history, self.run_id, name)}
 
     @classmethod
     def open(cls, experiment_id: str, parent_id: str, cfg: CellConfig, key: str, *,
@@ -334,8 +376,9 @@ class CellRun:
         c = client()
         for run in find_cell_runs(experiment_id, key):
             if run.info.status == "RUNNING":
-                _retry(c.update_run, run.info.run_id, status="RUNNING")
-                cr = cls(run.info.run_id, resumed=True)
+                cr = cls(run.info.run_id, resumed=True, key=key, artifact_uri=run.info.artifact_uri)
+                _retry(c.update_run, run.info.run_id, status="RUNNING", writing=f"the status of {cr.label}")
+                cr._read_logged(run.data.metrics)
                 cr.set_tags({names.DEVICE: device, names.STATE: "RUNNING"})
                 if names.INCOMPLETE in run.data.tags:  # its creator died before it logged what the cell is
                     cr._describe(cfg)
@@ -349,8 +392,9 @@ class CellRun:
                 **(tags or {})}
         if trial_number is not None:
             tags[names.TRIAL_NUMBER] = str(trial_number)
-        run = _retry(c.create_run, experiment_id, tags=tags, run_name=run_name or key)
-        cr = cls(run.info.run_id, resumed=False)
+        run = _retry(c.create_run, experiment_id, tags=tags, run_name=run_name or key,
+                     writing=f"a new run of cell {key}")
+        cr = cls(run.info.run_id, resumed=False, key=key, artifact_uri=run.info.artifact_uri)
         cr._describe(cfg)
         return cr
 
@@ -360,10 +404,11 @@ class CellRun:
         c = client()
         params = [Param(k, param_text(v)) for k, v in flat_params(cfg).items()]
         for i in range(0, len(params), 100):
-            _retry(c.log_batch, self.run_id, params=params[i:i + 100])
-        _retry(c.log_text, self.run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
-               "config.yaml")
-        _retry(c.delete_tag, self.run_id, names.INCOMPLETE)
+            _retry(c.log_batch, self.run_id, params=params[i:i + 100], writing=f"the params of {self.label}")
+        config = f"{self.artifact_uri}/config.yaml" if self.artifact_uri else None
+        retry_busy(c.log_text, self.run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+                   "config.yaml", what=ARTIFACTS, where=config, writing=f"config.yaml of {self.label}")
+        _retry(c.delete_tag, self.run_id, names.INCOMPLETE, writing=f"the tags of {self.label}")
 
     @classmethod
     def copy_of(cls, run, parent_id: str, trial_number: int) -> "CellRun":
@@ -371,21 +416,31 @@ class CellRun:
         tags = {k: v for k, v in run.data.tags.items() if k.startswith("ablate.")}
         tags.update({names.PARENT_ID: parent_id, names.TRIAL_NUMBER: str(trial_number),
                      names.REUSED_FROM: run.info.run_id})
+        key = run.data.tags.get(names.CELL_KEY, "")
         new = _retry(client().create_run, run.info.experiment_id, tags=tags,
-                     run_name=f"{run.info.run_name} (repeat)")
-        cr = cls(new.info.run_id, resumed=False)
-        _retry(client().log_batch, cr.run_id, params=[Param(k, v) for k, v in run.data.params.items()])
+                     run_name=f"{run.info.run_name} (repeat)", writing=f"a run for trial {trial_number}")
+        cr = cls(new.info.run_id, resumed=False, key=key, artifact_uri=new.info.artifact_uri)
+        _retry(client().log_batch, cr.run_id, params=[Param(k, v) for k, v in run.data.params.items()],
+               writing=f"the params of {cr.label}")
         cr.log_metrics(run.data.metrics)
         cr.close("COMPLETE")
         return cr
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        _retry(client().log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        _retry(client().log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
+               writing=f"the tags of {self.label}")
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
-        _retry(client().log_batch, self.run_id, metrics=batch)
+        """Log ``metrics`` at ``step``, leaving out those this run has at that step already (an
+        epoch trained again after a stop: its checkpoint was not written, or the run not closed)."""
+        now, step = int(time.time() * 1000), step or 0
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if v is not None and step not in self.logged.get(k, ())]
+        if not batch:
+            return
+        _retry(client().log_batch, self.run_id, metrics=batch, writing=f"the metrics at step {step} of {self.label}")
+        for m in batch:
+            self.logged.setdefault(m.key, set()).add(step)
 
     def close(self, state: str, reason: Optional[str] = None) -> None:
         """state: COMPLETE | PRUNED | FAIL (the ledger's words) -> FINISHED | KILLED | FAILED."""

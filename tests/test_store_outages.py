@@ -98,6 +98,73 @@ def test_a_lost_connection_is_told_from_other_database_errors(tmp_path):
     holder.execute("ROLLBACK")
 
 
+def test_a_full_or_read_only_store_is_told_apart_and_never_retried(tmp_path):
+    """Real refusals: SQLite's own "database or disk is full" (a database capped at its size), a
+    read-only database, a device that is always full (/dev/full); each is said in one line that names
+    the file and what was being written, after one attempt. A busy or missing table is not one."""
+    import sqlalchemy
+
+    from ablate.locks import StoreUnwritable, is_transient, retry_busy, unwritable
+
+    db = tmp_path / "capped.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {page_count}")  # SQLite's full disk, for this connection
+    calls = []
+
+    def insert():
+        calls.append(1)
+        conn.execute("INSERT INTO t VALUES (?)", ("x" * 100_000,))
+
+    with pytest.raises(StoreUnwritable) as full:
+        retry_busy(insert, what="the ledger", where=f"sqlite:///{db}", writing="the result of trial 3")
+    assert calls == [1]  # one attempt: a full disk is not a busy one
+    assert str(full.value) == (f"no space left on device writing {db} (the ledger: the result of trial 3) (free some "
+                               "space, then run the same command again: finished cells are kept and the others resume)")
+    assert full.value.what == "the ledger" and "\n" not in str(full.value)
+
+    # wrapped as SQLAlchemy (and MLflow, Optuna) wrap it
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}", poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as c:
+        c.exec_driver_sql(f"PRAGMA max_page_count = {page_count}")
+        try:
+            c.exec_driver_sql("INSERT INTO t VALUES (?)", ("x" * 100_000,))
+        except sqlalchemy.exc.OperationalError as e:
+            wrapped = e
+    engine.dispose()
+    assert unwritable(wrapped) == "no space left on device" and not is_transient(wrapped)
+
+    read_only = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        read_only.execute("INSERT INTO t VALUES (1)")
+    except sqlite3.OperationalError as e:
+        assert unwritable(e) == "read-only"
+    with pytest.raises(StoreUnwritable) as ro:
+        retry_busy(read_only.execute, "INSERT INTO t VALUES (1)", what="the MLflow store", where=f"sqlite:///{db}")
+    assert str(ro.value).startswith(f"cannot write {db}: read-only (the MLflow store: execute) (make it writable, "
+                                    "then ")
+
+    with pytest.raises(StoreUnwritable) as device:  # a failed write names no file of its own: "where" is said
+        retry_busy(lambda: open("/dev/full", "wb", buffering=0).write(b"x"), what="MLflow's artifact folder",
+                   where="/elsewhere", writing="config.yaml")
+    assert str(device.value).startswith("no space left on device writing /elsewhere (MLflow's artifact folder: "
+                                        "config.yaml) (free some space")
+
+    missing = sqlite3.connect(tmp_path / "other.db")
+    with pytest.raises(sqlite3.OperationalError):  # anything else goes on as it was
+        retry_busy(missing.execute, "INSERT INTO nowhere VALUES (1)")
+    holder = sqlite3.connect(tmp_path / "busy.db", isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        sqlite3.connect(tmp_path / "busy.db", timeout=0).execute("INSERT INTO t VALUES (1)")
+    except sqlite3.OperationalError as e:
+        assert unwritable(e) is None and is_transient(e)
+    holder.execute("ROLLBACK")
+
+
 def test_a_lost_store_is_retried_within_the_budget_then_said_in_one_line(monkeypatch):
     from ablate import locks
     from ablate.errors import AblateError

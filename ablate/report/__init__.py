@@ -40,6 +40,7 @@ from typing import Optional
 from ablate import names
 from ablate.cost_axis import CostAxis, attach_measured, check_axis, correlation, parse_cost
 from ablate.errors import AblateError
+from ablate.locks import unwritable, unwritable_error
 from ablate.progress import CellState
 from ablate.report.collect import (CellResult, ConfigRow, Report, apart, group_by_config, is_search, latest_per_cell,
                                    outcome_counts, read_experiment, read_histories, read_spec, search_objectives,
@@ -120,13 +121,33 @@ def report_experiment(name: str, *, spec: Optional[Spec] = None, spec_path: Opti
     report.baseline_note = compare_with_baseline(rows, (spec.baseline or None) if spec is not None else None)
     read_histories(curve_rows(report))
     command = command or f"ablate report {name}" + (f" --out {out}" if out is not None else "")
-    report.files = write_atomically(report, shown_command(command),
-                                    shown_path(str(spec_path)) if spec_path is not None else None)
+    new_folder = not report.out_dir.exists()
+    try:
+        report.files = write_atomically(report, shown_command(command),
+                                        shown_path(str(spec_path)) if spec_path is not None else None)
+    except OSError as e:  # a full disk, a read-only folder: one line, and the previous report (if any) stays whole
+        if unwritable(e) is None:
+            raise
+        if new_folder:
+            _remove_if_empty(report.out_dir)
+        raise unwritable_error(e, "the report", str(report.out_dir), "its tables and figures", exact=False,
+                         then=f"run `{command}` again: the previous report, if any, is unchanged") from None
     if log_artifacts and parent is not None:
         try:
             for path in report.files:
                 client().log_artifact(parent.info.run_id, str(path), ARTIFACT_DIR)
         except Exception as e:  # the files are written; say what did not happen and why
+            why = e if unwritable(e) is None else unwritable_error(
+                e, "MLflow's artifact folder", parent.info.artifact_uri, f"{path.name} under report/",
+                then=f"run `{command}` again")
             raise AblateError(f"report written to {report.out_dir}, but logging it to MLflow run "
-                              f"{parent.info.run_id} in {display_url(uri)} failed: {e}") from e
+                              f"{parent.info.run_id} in {display_url(uri)} failed: {why}") from None
     return report
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """A report folder this command created and could not fill: gone again, leaving nothing behind."""
+    try:
+        folder.rmdir()
+    except OSError:  # not empty, or not ours to remove
+        pass
