@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -22,7 +23,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from ablate.errors import AblateError
 from ablate.locks import retry_busy, sqlite_path
-from ablate.urls import display_url, mask_text
+from ablate.urls import display_url, mask_text, split_credentials
 
 DEFAULT_SERVER_WAIT = 15.0  # seconds to wait for an MLflow server that does not answer; ABLATE_STORE_WAIT overrides
 CONNECT_TIMEOUT = 10  # seconds for a database server to accept a connection
@@ -222,12 +223,23 @@ def _probe_address(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
 
 
+def _check_server_credentials(uri: str, shown: str) -> None:
+    """MLflow sends a server URL's user information through ``requests``, which cuts it at an
+    unencoded ``/``, ``?`` or ``#`` and would send the rest of the password as a path or a query."""
+    parts = split_credentials(uri)
+    if parts is not None and parts.userinfo and (not parts.sure or re.search(r"[/?#\s]", parts.userinfo)):
+        raise AblateError(f"MLflow store {shown}: its user name or password holds /, ?, # or a space, which a URL "
+                          "must percent-encode (allowed: encode it, e.g. ? as %3F, or leave it out of the URL and "
+                          "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)")
+
+
 def _wait_for_server(uri: str, log: Callable[[str], None], wait: float) -> None:
     shown = display_url(uri)
+    _check_server_credentials(uri, shown)
     try:
         address = _probe_address(uri)
     except ValueError as e:  # a bad port
-        raise AblateError(f"MLflow store {shown}: not a server address ({_first_line(e)})") from None
+        raise AblateError(f"MLflow store {shown}: not a server address ({mask_text(_first_line(e), uri)})") from None
     deadline, said = time.monotonic() + wait, False
     while True:
         try:

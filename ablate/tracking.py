@@ -98,8 +98,9 @@ def existing_experiment(name: str):
     path = sqlite_path(uri)
     if path is not None and not os.path.exists(path):
         return None
-    if path is None and not uri.startswith(("http://", "https://")) and not database_url(uri):
-        check_tracking_store(uri, create=False)  # a file store, a plugin's scheme: one line where MLflow refuses it
+    if path is None and not database_url(uri):
+        # a server that does not answer, a file store, a plugin's scheme: one line, not MLflow's retries for minutes
+        check_tracking_store(uri, create=False)
     return _retry(client().get_experiment_by_name, name)
 
 

@@ -115,6 +115,25 @@ def test_an_unreachable_mlflow_server_is_awaited_briefly_then_named(spec, workdi
     assert _files(workdir) == ["s.yaml"]
 
 
+@pytest.mark.parametrize("command", ["run", "status", "report"])
+@pytest.mark.parametrize("password", ["Hunt?er2Hunter", "Hunt/er2Hunter", "Hunt#er2Hunter"])
+def test_an_mlflow_server_password_that_requests_would_cut_is_refused_masked(spec, workdir, command, password):
+    """requests cuts a URL's user information at an unencoded ?, / or #: MLflow failed with its own
+    traceback quoting the URL, and the probe of the server read a piece of the password as the port."""
+    uri = f"http://bob:{password}@127.0.0.1:{_free_port()}"
+    result = _run(command, str(spec), env={"MLFLOW_TRACKING_URI": uri, "ABLATE_STORE_WAIT": "1"})
+    _refused(result, "MLflow store http://bob:***@127.0.0.1", "percent-encode")
+    assert "Hunt" not in result.output and "er2Hunter" not in result.output
+    assert _files(workdir) == ["s.yaml"]
+
+
+def test_status_on_an_unreachable_mlflow_server_says_so_in_one_line(spec, workdir):
+    """It used to wait through MLflow's own retries, minutes without a word."""
+    uri = f"http://127.0.0.1:{_free_port()}"
+    _refused(_run("status", str(spec), env={"MLFLOW_TRACKING_URI": uri, "ABLATE_STORE_WAIT": "1"}),
+             "no answer after 1 s")
+
+
 def test_a_search_checks_its_stores_too(workdir):
     write_spec(workdir / "s.yaml", extra=SEARCH)
     _refused(_run("search", "s.yaml", env={"MLFLOW_TRACKING_URI": "bogus://x"}), "MLflow store")
