@@ -116,13 +116,13 @@ def _engine_kwargs(url: str) -> dict:
     return kwargs
 
 
-def check_foreign_tables(url: str) -> None:
+def check_foreign_tables(url: str) -> set[str]:
     """Refuse a database that holds tables other than Optuna's (an MLflow store, an application's
     database): the ledger would add its tables beside them and share alembic's version table.
-    Reads the table names only; creates nothing (a missing SQLite file stays missing)."""
+    Reads the table names only, and returns them; creates nothing (a missing SQLite file stays missing)."""
     path = sqlite_path(url)
     if path is not None and (not os.path.exists(path) or os.path.getsize(path) == 0):
-        return
+        return set()
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **_engine_kwargs(url))
     try:
         tables = set(_retry(lambda: sqlalchemy.inspect(engine).get_table_names()))
@@ -136,6 +136,7 @@ def check_foreign_tables(url: str) -> None:
                           f"({'an MLflow store: ' if mlflow else ''}{shown}), not only an Optuna ledger's "
                           "(allowed: an empty database or an existing ledger, e.g. the default "
                           f"{DEFAULT_STORAGE}; MLflow's store goes in MLFLOW_TRACKING_URI)")
+    return tables
 
 
 def open_storage(url: str) -> RDBStorage:
@@ -171,7 +172,8 @@ def open_existing_storage(url: str) -> RDBStorage:
         raise NoLedger(f"no ledger at {display_url(url)}")
     interval, grace = heartbeat_settings()
     try:
-        check_foreign_tables(url)
+        if "studies" not in check_foreign_tables(url):  # an empty database: no ledger yet, not a broken one
+            raise NoLedger(f"no ledger at {display_url(url)}")
         return RDBStorage(url, engine_kwargs=_engine_kwargs(url), skip_table_creation=True, heartbeat_interval=interval,
                           grace_period=grace, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
     except AblateError:

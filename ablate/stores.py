@@ -96,9 +96,11 @@ def _first_line(e: BaseException) -> str:
 
 # ---- databases (the ledger; MLflow's SQL stores) ------------------------------------------------
 
-def check_database(url: str, what: str, *, create: bool = True) -> None:
+def check_database(url: str, what: str, *, create: bool = True) -> Optional[set[str]]:
     """A SQLAlchemy URL that can hold a store: a SQLite file that is whole (or may be created
-    when ``create``), or a database server that accepts a connection."""
+    when ``create``), or a database server that accepts a connection. Returns the server's
+    table names (None for SQLite): a reader must not open a store whose tables are not there yet,
+    since MLflow creates its schema on first contact."""
     import sqlalchemy  # lazy: 0.2 s to import; ablate status imports this module and may check no database
     shown = display_url(url)
     try:
@@ -108,7 +110,7 @@ def check_database(url: str, what: str, *, create: bool = True) -> None:
                           f"(allowed: {SQL_ALLOWED})") from None
     if parsed.get_backend_name() == "sqlite":
         _check_sqlite(parsed.database, parsed.query, what, shown, create=create)
-        return
+        return None
     connect_args = {"connect_timeout": CONNECT_TIMEOUT} if parsed.get_backend_name() in (
         "postgresql", "mysql", "mariadb") else {}
     try:
@@ -118,7 +120,7 @@ def check_database(url: str, what: str, *, create: bool = True) -> None:
                           f"(allowed: {SQL_ALLOWED})") from None
     try:
         with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT 1"))
+            return set(sqlalchemy.inspect(conn).get_table_names())
     except Exception as e:  # refused, timed out, unknown host, bad credentials, no such database
         raise AblateError(f"{what} {shown}: cannot connect ({mask_text(_first_line(_root(e)), url)})") from None
     finally:
@@ -200,7 +202,9 @@ def check_tracking_store(uri: str, *, log: Callable[[str], None] = _stderr, crea
     MLflow knows how to open."""
     scheme = _scheme(uri)
     if scheme in SQL_SCHEMES:
-        check_database(uri, "MLflow store", create=create)
+        tables = check_database(uri, "MLflow store", create=create)
+        if not create and tables is not None and "experiments" not in tables:  # MLflow would create them
+            raise AblateError(f"no MLflow store at {display_url(uri)}: nothing has been recorded there ({NOTHING_HERE})")
     elif scheme in ("http", "https"):
         _wait_for_server(uri, log, _server_wait() if wait is None else wait)
     else:

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from ablate import liveness, names
 from ablate.config import KEYED_WHEN_SET, MACHINE_LOCAL, SECTIONS, CellConfig, applies, flat_params
 from ablate.locks import StoreUnwritable, is_lost, retry_busy, sqlite_path, store_lock, unwritable
-from ablate.stores import check_tracking_store
+from ablate.stores import check_database, check_tracking_store
 from ablate.urls import database_url
 
 STORE = "the MLflow store"
@@ -96,8 +96,10 @@ def existing_experiment(name: str):
     nothing is created (opening a SQLite store that is not there would create it)."""
     uri = tracking_uri()
     path = sqlite_path(uri)
-    if path is not None and not os.path.exists(path):
+    if path is not None and (not os.path.exists(path) or os.path.getsize(path) == 0):
         return None
+    if path is None and database_url(uri) and "experiments" not in check_database(uri, "MLflow store", create=False):
+        return None  # an empty database: MLflow would create its tables in it
     if path is None and not database_url(uri):
         # a server that does not answer, a file store, a plugin's scheme: one line, not MLflow's retries for minutes
         check_tracking_store(uri, create=False)

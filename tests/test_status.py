@@ -183,3 +183,24 @@ def test_follow_stops_when_every_task_ended_with_work_left_and_says_where_to_loo
     assert not final.done
     assert said[-1] == ("every task of Slurm job 7 has ended with work left; see `ablate status s.yaml --storage "
                         "'postgresql://u:***@db/l' --set train.epochs=1` and the logs in /logs")
+
+
+def test_status_and_report_on_empty_database_stores_say_so_and_create_no_table(workdir, pg_secret_stores):
+    """Empty PostgreSQL databases: status said "cannot open" for the ledger and gave MLflow its
+    tables; report created them too, then listed the "Default" experiment it had just made."""
+    import sqlalchemy
+    ledger_url, mlflow_url, password = pg_secret_stores
+    spec_path = write_spec(workdir / "g.yaml", name="st-empty", epochs=1)
+    env = {"MLFLOW_TRACKING_URI": mlflow_url}
+    status = CliRunner().invoke(cli, ["status", str(spec_path), "--storage", ledger_url], env=env)
+    assert status.exit_code == 0, status.output
+    assert "nothing launched yet: no ledger for this spec" in status.output
+    report = CliRunner().invoke(cli, ["report", str(spec_path)], env=env)
+    assert report.exit_code == 2 and "error: no MLflow store at" in report.stderr, report.output
+    assert password not in status.output + report.output
+    for url in (ledger_url, mlflow_url):
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            assert sqlalchemy.inspect(engine).get_table_names() == [], url
+        finally:
+            engine.dispose()
