@@ -18,7 +18,7 @@ from ablate.cli import cli
 from ablate.pareto import dominates, pareto_front
 from ablate.report import report_experiment, write_report
 from ablate.spec import Objective, load_spec, same_value
-from ablate.spec.types import Reference, ReferenceRow
+from ablate.spec.types import Reference, ReferenceRow, Spec
 from ablate.tracking import param_value
 
 # ---------------------------------------------------------------- pareto_front
@@ -192,10 +192,14 @@ def store(tmp_path_factory):
     mp.undo()
 
 
+class _Spec(SimpleNamespace):
+    identity_overrides = property(Spec.identity_overrides.fget)  # the loaded spec's own reading of its overrides
+
+
 def _spec(**parts) -> SimpleNamespace:
     """What a report reads of a loaded spec (:class:`ablate.spec.Spec`): no search, reference,
     baseline or overrides unless given."""
-    return SimpleNamespace(**{"search": None, "reference": None, "baseline": {}, "overrides": {}, **parts})
+    return _Spec(**{"search": None, "reference": None, "baseline": {}, "overrides": {}, **parts})
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -274,10 +278,14 @@ def test_reference_column_from_the_spec(store, tmp_path):
     assert four.paper_macs == pytest.approx(2.5e9)  # the hollow marker sits at the paper's cost
 
     # runs shrunk with --set: the paper's rows stay, with what makes them a different model
-    spec.overrides = {"model.width": 64, "train.epochs": 1}
+    spec.overrides = {"model.width": 64, "train.epochs": 1, "data.workers": 2}
     report_experiment("shift-grid", spec=spec, out=tmp_path, log_artifacts=False)
     assert ("Paper numbers: S2-MLP paper, Table 7. They are for the spec as written: these runs changed "
-            "model.width, train.epochs with --set") in (tmp_path / "report.md").read_text()
+            "model.width, train.epochs with --set, so") in (tmp_path / "report.md").read_text()
+    # machine-local settings alone (where the data is, how a batch is split) change no model
+    spec.overrides = {"data.workers": 2, "train.micro_batch": 16}
+    report_experiment("shift-grid", spec=spec, out=tmp_path, log_artifacts=False)
+    assert "Paper numbers: S2-MLP paper, Table 7.\n" in (tmp_path / "report.md").read_text()
 
 
 def test_search_report_pareto_table_and_history(store, tmp_path):

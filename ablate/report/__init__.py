@@ -114,7 +114,7 @@ def report_experiment(name: str, *, spec: Optional[Spec] = None, spec_path: Opti
         out_dir=Path(out) if out is not None else default_out(name), search=search,
         parent_run_id=parent.info.run_id if parent else None,
         reference_source=(reference.source or "reference") if reference is not None else None,
-        differing=differing, store=shown_store(uri), overridden=sorted(spec.overrides) if spec is not None else [],
+        differing=differing, store=shown_store(uri), overridden=sorted(spec.identity_overrides) if spec is not None else [],
         repeats=len(complete) - len(latest), cost=axis,
         correlation=correlation(rows, axis) if axis.is_latency else None,
         apart=apart(recorded.orphans, rows, varied))

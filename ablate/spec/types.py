@@ -133,6 +133,11 @@ class Spec:
         data is, how a step's batch is split): they change no cell key and no experiment name."""
         return {k: v for k, v in self.overrides.items() if k in MACHINE_LOCAL}
 
+    @property
+    def identity_overrides(self) -> dict[str, Any]:
+        """The ``overrides`` that change what is trained (all but the :attr:`machine_local` ones)."""
+        return {k: v for k, v in self.overrides.items() if k not in MACHINE_LOCAL}
+
     def origin(self) -> str:
         """Where the experiment name comes from, when it is not the spec's own:
         ``spec quickstart, --set train.epochs=1 --set model.width=32``; for machine-local
