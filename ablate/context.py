@@ -21,6 +21,9 @@ GROUP_BROKEN_EXIT = 76
 #: a spawned worker's exit status when an error every worker would meet stopped it (a store lost for
 #: good, a setting refused): its parent stops the others and ends the command with one line
 ERROR_STOP_EXIT = 77
+#: a spawned worker's exit status when the MLflow store refused a write for good (a full disk, a
+#: read-only file): as ERROR_STOP_EXIT, and the parent writes nothing more there either
+MLFLOW_REFUSED_EXIT = 78
 
 
 def checkpoint_root(option: Optional[str] = None) -> str:

@@ -16,17 +16,14 @@ from typing import Callable
 
 from ablate import checkpoint, tracking
 from ablate.cell_group import CellGroup, GroupBroken, free_port
-from ablate.context import CHECKPOINT_STOP_EXIT, ERROR_STOP_EXIT, GROUP_BROKEN_EXIT, Context
+from ablate.context import (CHECKPOINT_STOP_EXIT, ERROR_STOP_EXIT, GROUP_BROKEN_EXIT, MLFLOW_REFUSED_EXIT,
+                            Context)
 from ablate.devices import usable_cpus
 from ablate.errors import AblateError
 from ablate.lifecycle import die_with_parent, install_stop_handler
 from ablate.locks import StoreUnwritable
 from ablate.train import resolve_device
 from ablate.workers import follow_cells
-
-#: a spawned worker's exit status when the MLflow store refused a write for good (a full disk, a
-#: read-only file): as ERROR_STOP_EXIT, and this process writes nothing more there either
-MLFLOW_REFUSED_EXIT = 78
 
 
 def run_workers(target: Callable[[Context], None], ctx: Context, workers: int, devices: list[str]) -> None:
