@@ -184,8 +184,10 @@ def test_a_full_disk_ends_the_run_in_one_line_and_a_rerun_finishes_every_cell_on
              }.get(where, re.escape(str(disk.path)))
     assert all(re.search(rf"writing {shown}/\S*{names}", line) and "free some space" in line for line in full), full
     if workers > 1:
+        # the parent names the worker that stopped; with every store on the full disk, the parent's
+        # own record of the end (a store its workers had not written to yet) may be the one refused
         assert re.match(r"error: ablate-worker-\d(, ablate-worker-\d)? (stopped on the error above|could not write a "
-                        r"checkpoint)", error), error
+                        r"checkpoint)", error) or (where == "default" and error in full), error
     uri = env.get("MLFLOW_TRACKING_URI", f"sqlite:///{cwd / 'mlflow.db'}")
     if where != "mlflow" and where != "default":  # MLflow can be read: nothing in it says finished or failed wrongly
         _nothing_finished_that_did_not(uri, "full")
