@@ -24,7 +24,12 @@ against the installed version:
 - ``optuna.Trial(study, id)``: the claimed trial as a ``Trial`` (what ``Study.ask`` returns);
 - ``storage.record_heartbeat(id)``: what ``Study.optimize``'s heartbeat thread records;
 - ``storage._get_stale_trial_ids(study_id)``: the trials ``fail_stale_trials`` would fail, for a
-  reader (``ablate status``) that must only look.
+  reader (``ablate status``) that must only look;
+- the system attribute ``retry_history`` that ``RetryHeartbeatStaleTrialCallback.retry_history``
+  reads, counted by the store (:data:`RETRY_HISTORY`);
+- Optuna's table definitions, which :mod:`ablate.trial_table` queries directly: a claim, a count
+  or a queueing must not read every trial of a grid of 100,000 cells, as Optuna's own reads do
+  (tests/test_trial_table.py checks that those queries agree with Optuna's API).
 Everything else (attributes, tell, retries, stale-trial recovery) goes through public calls.
 
 Default storage: ``sqlite:///ablate-ledger.db`` in the working directory, beside MLflow's
@@ -47,7 +52,7 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from ablate import names
+from ablate import names, trial_table
 from ablate.errors import AblateError
 from ablate.launch.jobs import slurm_task
 from ablate.liveness import process_space, worker_gone, worker_id
@@ -58,6 +63,12 @@ from ablate.urls import display_url, mask_text
 
 DEFAULT_STORAGE = "sqlite:///ablate-ledger.db"
 LEDGER = "the ledger"
+CLAIM_PAGE = 64  # waiting trials read at a time by a claim
+#: the system attribute in which Optuna's retry callback lists the trials a retry stands for
+#: (what ``RetryHeartbeatStaleTrialCallback.retry_history`` reads)
+RETRY_HISTORY = "retry_history"
+#: the user attributes of a trial that status and reports read
+SHOWN_ATTRS = (names.CELL_KEY, names.DUPLICATE, names.WORKER, names.WORKER_SPACE, names.SLURM_TASK, names.FAILURE)
 #: every call to the ledger's store: a busy store and a lost connection are retried (ablate.locks)
 _retry = functools.partial(retry_busy, what=LEDGER)
 
@@ -145,9 +156,10 @@ def open_storage(url: str) -> RDBStorage:
     try:
         with store_lock(url):  # two processes creating the schema at once collide
             check_foreign_tables(url)
-            return RDBStorage(url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=interval,
-                              grace_period=grace,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+            storage = RDBStorage(url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=interval,
+                                 grace_period=grace, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+            trial_table.create_indexes(storage)
+            return storage
     except AblateError:
         raise
     except Exception as e:  # bad URL, server down, missing driver, a full or read-only disk
@@ -277,6 +289,7 @@ class Ledger:
             self.study = optuna.load_study(study_name=study_name, storage=self.storage, sampler=sampler, pruner=pruner)
         except KeyError:  # load_study: no such study
             raise NoLedger(f"no study {study_name!r} in the ledger at {display_url(url)}") from None
+        self._study_id = self._retry(self.storage.get_study_id_from_name, study_name)
         got = [d.name.lower() for d in self.study.directions]
         if got != directions:
             raise AblateError(f"ledger {display_url(url)}: study {study_name!r} exists with objectives {got}, "
@@ -314,13 +327,23 @@ class Ledger:
                    metric_names=[o.metric for o in objectives])
 
     def trials(self, states=None) -> list[optuna.trial.FrozenTrial]:
-        return self._retry(self.study.get_trials, deepcopy=False, states=states)
+        """The study's trials in ``states`` (all by default), read from the store itself: Optuna's
+        cached reads load every unfinished trial whatever the states asked for, so the running
+        trials of a grid with 100,000 waiting cells cost as much as all of them."""
+        return self._retry(self.storage.get_all_trials, self._study_id, deepcopy=False, states=states)
+
+    def summaries(self, params: bool = False) -> list[optuna.trial.FrozenTrial]:
+        """Every trial with what a reader shows of it: its cell, worker, failure and retries (and its
+        parameters where ``params``), read in a few queries rather than as whole trials."""
+        return self._retry(trial_table.light_trials, self.storage, self._study_id, SHOWN_ATTRS, (RETRY_HISTORY,),
+                           params=params)
 
     def states_by_key(self) -> dict[str, set[TrialState]]:
+        """Every cell key of the study and the states of its trials (duplicates left out), in one query."""
         out: dict[str, set[TrialState]] = {}
-        for t in self.trials():
-            if names.CELL_KEY in t.user_attrs and names.DUPLICATE not in t.user_attrs:
-                out.setdefault(t.user_attrs[names.CELL_KEY], set()).add(t.state)
+        for key, state in self._retry(trial_table.values_and_states, self.storage, self._study_id, names.CELL_KEY,
+                                      without=names.DUPLICATE):
+            out.setdefault(key, set()).add(state)
         return out
 
     # ---- a grid's queue ------------------------------------------------------------------------
@@ -333,11 +356,10 @@ class Ledger:
     def _enqueue_cells(self, cells) -> tuple[int, int]:
         cells = list(cells)
         states = self.states_by_key()
-        recorded = {}  # a parameter's distribution is the study's: Optuna refuses another one later
-        for t in self.trials():
-            recorded.update({k: d for k, d in t.distributions.items() if k not in recorded})
+        # a parameter's distribution is the study's: Optuna refuses another one later
+        recorded = self._retry(trial_table.first_distributions, self.storage, self._study_id)
         distributions = {**grid_distributions(cells), **recorded}
-        enqueued = done = 0
+        queued, done = [], 0
         for cell in cells:
             seen = states.get(cell.key, set())
             if TrialState.COMPLETE in seen:
@@ -347,12 +369,11 @@ class Ledger:
                 # (Study.enqueue_trial would hold them aside until a sampler's suggest call,
                 # which a grid never makes): optuna-dashboard's pages need parameters.
                 params, dists = grid_params(cell.values, distributions)
-                self._retry(self.study.add_trial, optuna.trial.create_trial(
-                    state=TrialState.WAITING, params=params, distributions=dists,
-                    user_attrs={names.CELL_KEY: cell.key, names.VALUES: json.dumps(cell.values, default=str)}),
-                    writing=f"cell {cell.key} into the queue")
-                enqueued += 1
-        return enqueued, done
+                queued.append(({k: (v, dists[k]) for k, v in params.items()},
+                               {names.CELL_KEY: cell.key, names.VALUES: json.dumps(cell.values, default=str)}))
+        self._retry(trial_table.add_waiting, self.storage, self._study_id, queued,
+                    writing=f"{len(queued)} cell(s) into the queue")
+        return len(queued), done
 
     def claim(self, keys: Optional[Collection[str]] = None) -> Optional[optuna.Trial]:
         """Atomically take one WAITING trial (RUNNING for exactly one worker), or None.
@@ -366,11 +387,22 @@ class Ledger:
             return self._claim(keys)
 
     def _claim(self, keys: Optional[Collection[str]]) -> Optional[optuna.Trial]:
-        for frozen in self.trials(states=(TrialState.WAITING,)):
-            if keys is not None and frozen.user_attrs.get(names.CELL_KEY) not in keys:
+        after = -1  # waiting trials in pages, oldest first: a claim reads the first page, not the queue
+        while page := self._retry(trial_table.waiting, self.storage, self._study_id, after, CLAIM_PAGE):
+            after = page[-1][0]
+            trial = self._claim_one_of(page, keys)
+            if trial is not None:
+                return trial
+        return None
+
+    def _claim_one_of(self, page: list[tuple[int, int]], keys: Optional[Collection[str]]) -> Optional[optuna.Trial]:
+        cell_keys = self._retry(trial_table.user_attr, self.storage, [i for i, _ in page], names.CELL_KEY)
+        for trial_id, number in page:
+            key = cell_keys.get(trial_id)
+            if keys is not None and key not in keys:
                 continue
             # private Optuna: the trial as Study.ask would return it
-            trial = optuna.Trial(self.study, _trial_id(frozen))
+            trial = optuna.Trial(self.study, trial_id)
             # marked before it is claimed: a worker killed in between (scancel, preemption, kill -9)
             # leaves a waiting trial whose stale mark the next claim overwrites, never a running
             # trial with no worker and no heartbeat, which nothing would ever take back
@@ -378,18 +410,33 @@ class Ledger:
             try:
                 # private Optuna: the conditional update Study.ask pops a waiting trial with; its
                 # public form pops any waiting trial, and we must pick ours
-                if not self._retry(self.storage.set_trial_state_values, _trial_id(frozen), TrialState.RUNNING,
-                                   writing=f"the claim of trial {frozen.number}"):
+                if not self._retry(self.storage.set_trial_state_values, trial_id, TrialState.RUNNING,
+                                   writing=f"the claim of trial {number}"):
                     continue  # another worker took it first
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # ... and has already finished it
-            winner = self._first_claim(frozen)
+            winner = self._first_claim(number, key)
             if winner is not None:  # two runners enqueued the same cell at once: keep the first
                 self._retry(trial.set_user_attr, names.DUPLICATE, winner)
                 self._retry(self.study.tell, trial, state=TrialState.FAIL)
                 continue
             return trial
         return None
+
+    def waiting_keys(self, keys: Collection[str]) -> bool:
+        """Whether a trial of one of ``keys`` waits (read in pages, as a claim reads them)."""
+        after = -1
+        while page := self._retry(trial_table.waiting, self.storage, self._study_id, after, CLAIM_PAGE):
+            after = page[-1][0]
+            found = self._retry(trial_table.user_attr, self.storage, [i for i, _ in page], names.CELL_KEY)
+            if any(k in keys for k in found.values()):
+                return True
+        return False
+
+    def running_keys(self) -> set[str]:
+        """The cell keys of the running trials (as many as there are workers)."""
+        return {t.user_attrs[names.CELL_KEY] for t in self.trials(states=(TrialState.RUNNING,))
+                if names.CELL_KEY in t.user_attrs}
 
     def ask(self) -> optuna.Trial:
         """A search's next trial: a waiting retry if there is one, else the sampler's proposal."""
@@ -413,15 +460,15 @@ class Ledger:
         # private Optuna: Study.optimize keeps heartbeats with this call; bare ask/tell have none
         self.storage.record_heartbeat(_trial_id(trial))
 
-    def _first_claim(self, frozen) -> Optional[int]:
+    def _first_claim(self, number: int, key: Optional[str]) -> Optional[int]:
         """Number of an earlier live trial of the same cell, if any (then ours is the duplicate)."""
-        key = frozen.user_attrs.get(names.CELL_KEY)
         if key is None:
             return None
-        for t in self.trials(states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)):
-            if (t.number != frozen.number and t.user_attrs.get(names.CELL_KEY) == key and names.DUPLICATE not in t.user_attrs
-                    and (t.state == TrialState.COMPLETE or t.number < frozen.number)):
-                return t.number
+        for other, state in self._retry(trial_table.trials_with, self.storage, self._study_id, names.CELL_KEY, key,
+                                        without=names.DUPLICATE):
+            if other != number and (state == TrialState.COMPLETE or (
+                    other < number and state in (TrialState.WAITING, TrialState.RUNNING))):
+                return other
         return None
 
     # ---- dead workers ----------------------------------------------------------------------------
@@ -432,7 +479,7 @@ class Ledger:
         only where it names the same process (:func:`process_space`), which notices a dead
         worker of this machine at once instead of after the heartbeat's grace period.
         """
-        before = {t.number for t in self.trials(states=(TrialState.RUNNING,))}
+        before = {t.number: _trial_id(t) for t in self.trials(states=(TrialState.RUNNING,))}
         self._retry(optuna.storages.fail_stale_trials, self.study,  # heartbeat: any machine
                     writing="the cells of workers whose heartbeat stopped, queued again")
         for t in self.trials(states=(TrialState.RUNNING,)):
@@ -445,8 +492,9 @@ class Ledger:
                     continue  # finished, or failed by another worker's recovery, since we read it
                 self._retry(RetryHeartbeatStaleTrialCallback(), self.study, failed,
                             writing=f"the retry of trial {t.number}")
-        after = {t.number for t in self.trials(states=(TrialState.RUNNING,))}
-        return sorted(before - after - {t.number for t in self.trials(states=(TrialState.COMPLETE,))})
+        # those no longer running, unless they finished meanwhile: a bounded read, one trial each
+        return sorted(n for n, trial_id in before.items()
+                      if self._retry(self.storage.get_trial, trial_id).state == TrialState.FAIL)
 
     def stale(self) -> set[int]:
         """Numbers of the RUNNING trials whose heartbeat is older than the grace period: their worker
@@ -555,21 +603,13 @@ class Ledger:
         """(finished, running, waiting) trials of a search: what its workers count against the target.
 
         Failed trials that were retried (a dead worker's trial, re-enqueued) and duplicates are not
-        counted: their retry stands for them.
+        counted: their retry stands for them. Counted by the store, not by reading the trials.
         """
-        trials = self.trials()
-        superseded = retried(trials)
-        finished = running = waiting = 0
-        for t in trials:
-            if names.DUPLICATE in t.user_attrs or t.number in superseded:
-                continue
-            if t.state == TrialState.RUNNING:
-                running += 1
-            elif t.state == TrialState.WAITING:
-                waiting += 1
-            else:
-                finished += 1
-        return finished, running, waiting
+        counts = self.counts()
+        superseded = {n for history in self._retry(trial_table.system_attr_values, self.storage, self._study_id,
+                                                   RETRY_HISTORY) for n in history}
+        running, waiting = counts.get("RUNNING", 0), counts.get("WAITING", 0)
+        return sum(counts.values()) - running - waiting - len(superseded), running, waiting
 
     def counts(self, keys: Optional[set[str]] = None) -> dict[str, int]:
         """Cells (grid: by key) or trials (search) per state, duplicates left out."""
@@ -583,11 +623,8 @@ class Ledger:
                         out[name] += 1
                         break
             return out
-        out: dict[str, int] = {}
-        for t in self.trials():
-            if names.DUPLICATE not in t.user_attrs:
-                out[t.state.name] = out.get(t.state.name, 0) + 1
-        return out
+        return {state.name: n for state, n in self._retry(trial_table.state_counts, self.storage, self._study_id,
+                                                          without=names.DUPLICATE).items()}
 
 
 class Heartbeat:

@@ -26,6 +26,7 @@ from ablate.search import make_sampler, suggest
 from ablate.train import CellFailed, resolve_device, train_cell
 
 POLL_SECONDS = 2.0
+PROGRESS_SECONDS = 10.0  # a worker's "grid: n/N cells finished" line, at most this often
 
 
 def _setup_worker(ctx: Context) -> None:
@@ -76,28 +77,33 @@ def grid_worker(ctx: Context) -> None:
     spec = ctx.load_spec()
     ledger = Ledger.for_spec(spec, ctx.storage)
     cells = {c.key: c for c in spec.cells()}
-    started, trained, waited = time.time(), 0, False
+    started, trained, waited, said = time.time(), 0, False, 0.0
     while True:
         trial = ledger.claim(cells.keys())  # only this spec's cells: another spec of the same name keeps its own
         if trial is None:
-            ledger.recover_dead()
-            counts = ledger.counts(set(cells))
-            if counts["WAITING"]:
-                continue
-            if not counts["RUNNING"]:
+            if ledger.recover_dead():
+                continue  # a dead worker's cells, queued again
+            running = ledger.running_keys() & cells.keys()
+            if not running:
+                if ledger.waiting_keys(cells.keys()):
+                    continue  # handed back since the claim looked
                 return
-            waited = _wait_for_others(ctx, f"{counts['RUNNING']} cell(s)", waited)
+            waited = _wait_for_others(ctx, f"{len(running)} cell(s)", waited)
             continue
         waited = False
         key = trial.user_attrs[names.CELL_KEY]
         execute(spec, cells[key].config, key, trial, ledger, ctx)
         trained += 1
-        counts = ledger.counts(set(cells))
-        finished = counts["COMPLETE"] + counts["FAIL"]
-        remaining = len(cells) - finished
-        per_cell = (time.time() - started) / trained
-        ctx.log(f"grid: {finished}/{len(cells)} cells finished ({counts['FAIL']} failed), "
-                f"ETA {text.duration(per_cell * remaining / ctx.workers)}")
+        if time.time() - said >= PROGRESS_SECONDS:  # reading every cell's state is the one cost that grows with the grid
+            said = time.time()
+            _say_progress(ctx, ledger, cells, (said - started) / trained)
+
+
+def _say_progress(ctx: Context, ledger: Ledger, cells: dict, per_cell: float) -> None:
+    counts = ledger.counts(set(cells))
+    finished = counts["COMPLETE"] + counts["FAIL"]
+    ctx.log(f"grid: {finished}/{len(cells)} cells finished ({counts['FAIL']} failed), "
+            f"ETA {text.duration(per_cell * (len(cells) - finished) / ctx.workers)}")
 
 
 def wait_for_same_config(ledger, trial, key: str, ctx: Context) -> None:

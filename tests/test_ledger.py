@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import optuna
 import pytest
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ablate.errors import AblateError
-from ablate.ledger import Heartbeat, Ledger
+from ablate.ledger import RETRY_HISTORY, Heartbeat, Ledger
 from ablate.liveness import process_space
 from ablate.names import CELL_KEY as KEY, DUPLICATE, WORKER, WORKER_SPACE
 
@@ -225,6 +226,13 @@ def test_optunas_private_parts_the_ledger_uses_work_in_this_version(workdir):
         rows = db.execute("SELECT trial_id FROM trial_heartbeats").fetchall()
     assert (trial._trial_id,) in rows
     assert trial.user_attrs[WORKER].endswith(f":{os.getpid()}") and trial.user_attrs[WORKER_SPACE] == process_space()
+    # the retry callback keeps the trials a retry stands for in the system attribute RETRY_HISTORY
+    failed = ledger.study.tell(trial, state=TrialState.FAIL)
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(ledger.study, failed)
+    retry = ledger.trials(states=(TrialState.WAITING,))[-1]
+    assert retry.system_attrs[RETRY_HISTORY] == RetryHeartbeatStaleTrialCallback.retry_history(retry) == [trial.number]
+    # the tables' definitions (optuna.storages._rdb.models) that ablate.trial_table reads and writes
+    assert ledger.search_counts() == (0, 1, 1)  # the failed trial is stood for by its retry
 
 
 def test_a_worker_killed_as_it_claims_leaves_a_cell_that_is_taken_back(tmp_path):
