@@ -66,7 +66,7 @@ def spec_options(command):
                      help="MLflow experiment (and ledger study) to record into instead of the spec's name "
                      "(or of <name>+<hash> with --set of settings that are not machine-local)"),
         click.option("--max-cells", type=click.IntRange(min=1), default=None,
-                     help="refuse a grid of more cells than this (default 10,000), counted before any is built"),
+                     help="refuse a grid of more cells than this (default 100,000), counted before any is built"),
     ]):
         with_spec_args = option(with_spec_args)
     return with_spec_args
@@ -144,16 +144,18 @@ def _launch_slurm(spec, kind, *, workers, storage, device, checkpoints, slurm, s
 
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="print the status as JSON")
+@click.option("--json", "as_json", is_flag=True, help="print the status as JSON (every cell)")
+@click.option("--all", "every_cell", is_flag=True,
+              help="a row for every cell, also past 50 (by default: those running, interrupted or failed)")
 @click.option("--storage", default=None, help="ledger storage URL (default: $ABLATE_STORAGE or "
               "sqlite:///ablate-ledger.db)")
 @spec_options
-def status(spec, as_json, storage, spec_args):
-    """Where SPEC's grid or search stands: every cell's state, counts, elapsed time, ETA and its
+def status(spec, as_json, every_cell, storage, spec_args):
+    """Where SPEC's grid or search stands: the cells' states, counts, elapsed time, ETA and its
     Slurm jobs. Reads the ledger, MLflow and Slurm; writes nothing."""
     from ablate.status import collect  # lazy: per command
     result = collect(spec, storage, spec_args=spec_args)
-    click.echo(result.to_json() if as_json else result.to_text())
+    click.echo(result.to_json() if as_json else result.to_text(every_cell=every_cell))
 
 
 @cli.command()

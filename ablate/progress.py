@@ -209,7 +209,7 @@ def survey(spec, ledger=None, *, runs: Optional[list] = None, target: Optional[i
     A grid's cells no longer in the spec go to ``Progress.orphans`` (never among its cells or
     their counts but ``counts[ORPHANED]``), where MLflow is read (``runs`` not ``[]``): it tells
     which spec files recorded into the experiment."""
-    trials = ledger.trials() if ledger is not None else []
+    trials = ledger.summaries(params=spec.search is not None) if ledger is not None else []
     gone = _or_stale(gone, ledger.stale() if ledger is not None else set())
     with_mlflow = runs != []
     if runs is None:

@@ -28,6 +28,7 @@ from ablate.urls import display_url, storage_option
 
 FOLLOW_SECONDS = 3.0
 ENDING_SECONDS = 60.0  # how long `follow` waits, once every cell is done, for the tasks to exit
+TABLE_ROWS = 50  # cells printed one per row; past that, only those running, interrupted or failed (--all: every one)
 
 
 @dataclass
@@ -73,17 +74,29 @@ class Status:
             line += f"; ETA {text.duration(self.eta) if self.eta is not None else 'unknown'}"
         return line
 
-    def to_text(self) -> str:
+    def shown_rows(self, every_cell: bool = False) -> list[CellProgress]:
+        """The rows a person reads: every cell up to :data:`TABLE_ROWS`, past that (unless
+        ``every_cell``) only those running, interrupted or failed: a grid of 100,000 cells is
+        told by its counts."""
+        if every_cell or len(self.rows) <= TABLE_ROWS:
+            return self.rows
+        return [r for r in self.rows if r.state in (CellState.RUNNING, CellState.INTERRUPTED, CellState.FAILED)]
+
+    def to_text(self, every_cell: bool = False) -> str:
         lines = [self.summary(), f"ledger {self.ledger}; MLflow {self.mlflow}"]
         if not self.launched:
             lines.append("nothing launched yet: no ledger for this spec")
+        rows = self.shown_rows(every_cell)
         varied = list(self.rows[0].values) if self.rows else []
         header = ["state", *[k.split(".")[-1] for k in varied], "epoch", "top-1", "where / why"]
         body = [[str(r.state), *[text.value(r.values.get(k)) for k in varied], _epoch_text(r),
-                 text.fixed(r.top1, ".2f"), _where_or_why(r)] for r in self.rows]
-        if self.rows:
+                 text.fixed(r.top1, ".2f"), _where_or_why(r)] for r in rows]
+        if rows:
             lines.append("")
             lines += ["  " + line for line in text.aligned(header, body, left=len(header))]
+        if len(rows) < len(self.rows):
+            lines.append(f"  ({len(self.rows) - len(rows)} other {'cells' if self.kind == names.GRID else 'trials'} "
+                         f"not shown: the counts above; --all prints every one)")
         if self.kind == names.SEARCH and self.counts[CellState.NEW]:
             lines.append(f"  ... and {self.counts['new']} trial(s) not sampled yet")
         if self.orphans:
