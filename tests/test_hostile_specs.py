@@ -47,10 +47,11 @@ def test_more_values_than_the_cap_are_refused_while_reading(tmp_path):
 
 def test_a_long_list_is_counted_as_cells_before_any_is_validated(tmp_path):
     path = tmp_path / "long.yaml"
-    path.write_text(HEAD + "grid:\n  train.lr: [" + ", ".join(f"{i + 1}.0e-6" for i in range(20_000)) + "]\n")
-    assert f"{path}:4: grid: 20,000 cells (allowed: at most 10,000;" in refused(path)
+    path.write_text(HEAD + "grid:\n  train.lr: [" + ", ".join(f"{i + 1}.0e-6" for i in range(20_000)) + "]\n"
+                    "  model.shift: [none, four, eight, up, down, left]\n")
+    assert f"{path}:4: grid: 120,000 cells (allowed: at most 100,000;" in refused(path)
     # the cap is the caller's: --max-cells sets it
-    assert "20,000 cells (allowed: at most 15,000;" in refused(path, "--max-cells", "15000")
+    assert "120,000 cells (allowed: at most 15,000;" in refused(path, "--max-cells", "15000")
 
 
 def test_an_extends_chain_has_a_depth_limit(tmp_path):

@@ -34,7 +34,7 @@ from ablate.spec.types import SETTINGS, Cell, SearchSpec, Spec
 from ablate.spec.yaml_source import expand_env, has_surrogate
 
 #: the most cells (configurations x seeds) a grid may have unless the caller raises the cap
-MAX_CELLS = 10_000
+MAX_CELLS = 100_000
 #: the longest spec or experiment name (it names folders too)
 MAX_NAME = 200
 #: settings whose ${VAR} may be unset when planning (where the data is on this machine)
