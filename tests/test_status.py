@@ -204,3 +204,15 @@ def test_status_and_report_on_empty_database_stores_say_so_and_create_no_table(w
             assert sqlalchemy.inspect(engine).get_table_names() == [], url
         finally:
             engine.dispose()
+
+
+def test_a_grid_past_fifty_cells_is_told_by_its_counts_and_all_prints_every_cell(workdir):
+    spec_path = write_spec(workdir / "g.yaml", name="st-big", epochs=1,
+                           extra="grid:\n  train.lr: [" + ", ".join(f"{i + 1}.0e-4" for i in range(60)) + "]\n")
+    short = CliRunner().invoke(cli, ["status", str(spec_path)])
+    assert short.exit_code == 0 and "grid of 60 cells: 0 finished, 0 running, 60 new" in short.output
+    assert "(60 other cells not shown: the counts above; --all prints every one)" in short.output
+    assert short.output.count("  new ") == 0
+    every = CliRunner().invoke(cli, ["status", str(spec_path), "--all"])
+    assert every.exit_code == 0 and every.output.count("  new ") == 60 and "not shown" not in every.output
+    assert len(json.loads(CliRunner().invoke(cli, ["status", str(spec_path), "--json"]).output)["rows"]) == 60
