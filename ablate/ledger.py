@@ -332,11 +332,16 @@ class Ledger:
         trials of a grid with 100,000 waiting cells cost as much as all of them."""
         return self._retry(self.storage.get_all_trials, self._study_id, deepcopy=False, states=states)
 
-    def summaries(self, params: bool = False) -> list[optuna.trial.FrozenTrial]:
-        """Every trial with what a reader shows of it: its cell, worker, failure and retries (and its
-        parameters where ``params``), read in a few queries rather than as whole trials."""
+    def summaries(self, params: bool = False, states=None) -> list[optuna.trial.FrozenTrial]:
+        """Every trial (in ``states``, if given) with what a reader shows of it: its cell, worker,
+        failure and retries (and its parameters where ``params``), read in a few queries rather
+        than as whole trials."""
         return self._retry(trial_table.light_trials, self.storage, self._study_id, SHOWN_ATTRS, (RETRY_HISTORY,),
-                           params=params)
+                           params=params, states=states)
+
+    def size(self) -> int:
+        """How many trials the study holds, duplicates and retries included (counted by the store)."""
+        return sum(self._retry(trial_table.state_counts, self.storage, self._study_id).values())
 
     def states_by_key(self) -> dict[str, set[TrialState]]:
         """Every cell key of the study and the states of its trials (duplicates left out), in one query."""

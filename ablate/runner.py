@@ -245,7 +245,7 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
 
 def _to_resume(ledger: Ledger, keys: set[str]) -> int:
     """Cells of ``keys`` waiting as the retry of an interrupted run (a dead worker's trial), not as new work."""
-    return len({t.user_attrs.get(names.CELL_KEY) for t in ledger.trials(states=(TrialState.WAITING,))
+    return len({t.user_attrs.get(names.CELL_KEY) for t in ledger.summaries(states=(TrialState.WAITING,))
                 if t.user_attrs.get(names.CELL_KEY) in keys and is_retry(t)})
 
 

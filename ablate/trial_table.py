@@ -164,16 +164,18 @@ def system_attr_values(storage: RDBStorage, study_id: int, key: str) -> list[Any
 
 
 def light_trials(storage: RDBStorage, study_id: int, user_keys: Iterable[str], system_keys: Iterable[str] = (),
-                 params: bool = False) -> list[FrozenTrial]:
-    """Every trial of the study, oldest first, with only the user and system attributes named
-    (and its parameters where ``params``): four queries, where Optuna's own read loads every
-    attribute, value and intermediate value of every trial through its object mapping."""
+                 params: bool = False, states: Optional[Iterable[TrialState]] = None) -> list[FrozenTrial]:
+    """Every trial of the study (in ``states``, if given), oldest first, with only the user and
+    system attributes named (and its parameters where ``params``): four queries, where Optuna's
+    own read loads every attribute, value and intermediate value of every trial through its
+    object mapping."""
     system = models.TrialSystemAttributeModel.__table__
-    of_study = sa.select(_TRIALS.c.trial_id).where(_TRIALS.c.study_id == study_id)
+    where = [_TRIALS.c.study_id == study_id] + ([_TRIALS.c.state.in_(list(states))] if states is not None else [])
+    of_study = sa.select(_TRIALS.c.trial_id).where(*where)
     with storage.engine.connect() as conn:
         rows = conn.execute(sa.select(_TRIALS.c.trial_id, _TRIALS.c.number, _TRIALS.c.state, _TRIALS.c.datetime_start,
                                       _TRIALS.c.datetime_complete)
-                            .where(_TRIALS.c.study_id == study_id).order_by(_TRIALS.c.trial_id)).all()
+                            .where(*where).order_by(_TRIALS.c.trial_id)).all()
         users, systems = _attrs(conn, _USER_ATTRS, of_study, user_keys), _attrs(conn, system, of_study, system_keys)
         found: dict[int, tuple[dict, dict]] = {}
         if params:

@@ -137,7 +137,7 @@ def search_worker(ctx: Context) -> None:
     # Seeded from the study's size and the worker's number: one worker on the same study state
     # samples the same trials again, while parallel workers and resumed searches do not propose
     # the same configurations as each other.
-    ledger.study.sampler = make_sampler(spec.search, seed=len(ledger.trials()) * 100 + ctx.index)
+    ledger.study.sampler = make_sampler(spec.search, seed=ledger.size() * 100 + ctx.index)
     prune = len(spec.search.objectives) == 1 and spec.search.pruner not in (None, "none")
     waited = False
     while True:
