@@ -390,5 +390,10 @@ def cell_key(cfg: CellConfig) -> str:
     Independent of YAML key order, comments, file names and where a value came from, and of
     the machine-local settings (paths, loader choice, worker counts).
     """
-    canonical = json.dumps(identity(cfg), sort_keys=True, separators=(",", ":"))
+    return key_of(identity(cfg))
+
+
+def key_of(identity_: dict[str, Any]) -> str:
+    """The cell key of an :func:`identity`: a grid builds one per configuration and changes only the seed."""
+    canonical = json.dumps(identity_, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -18,8 +18,8 @@ from typing import Any, Optional, Sequence
 from pydantic import ValidationError
 
 from ablate import names
-from ablate.config import (MACHINE_LOCAL, MAX_SEED, S2MLP_ONLY, SECTIONS, CellConfig, applies, cell_key,
-                           flat_params)
+from ablate.config import (MACHINE_LOCAL, MAX_SEED, S2MLP_ONLY, SECTIONS, CellConfig, applies,
+                           flat_params, identity, key_of)
 from ablate.data.cache_check import cache_problem
 from ablate.errors import SpecError
 from ablate.models import timm_baselines
@@ -569,14 +569,20 @@ class SpecBuilder:
             resolved.append((combo, config))
         if self.problems:
             return []
+        # what a configuration's cells share, worked out once: seeds change only train.seed (a
+        # 100,000-cell grid would otherwise dump and hash every setting of every cell twice)
+        shared = []
+        for _, config in resolved:
+            flat, m = flat_params(config), config.model
+            shared.append((config, identity(config), {k: flat[k] if applies(k, m.timm, m.token_mixing) else None
+                                                      for k in varied}))
         cells = []
         for seed in seeds:
-            for combo, config in resolved:
+            for config, ident, values in shared:
                 config = config.model_copy(update={"train": config.train.model_copy(update={"seed": seed})})
-                flat = flat_params(config)
-                m = config.model
-                values = {k: flat[k] if applies(k, m.timm, m.token_mixing) else None for k in varied}
-                cells.append(Cell(config=config, key=cell_key(config), values=values, seed=seed))
+                values = {k: seed if k == names.SEED else v for k, v in values.items()}
+                cells.append(Cell(config=config, key=key_of({**ident, names.SEED: seed}), values=values,
+                                  seed=seed))
         return cells
 
     def _varied_path(self, key: str) -> tuple:
