@@ -77,7 +77,7 @@ def grid_worker(ctx: Context) -> None:
     spec = ctx.load_spec()
     ledger = Ledger.for_spec(spec, ctx.storage)
     cells = {c.key: c for c in spec.cells()}
-    started, trained, waited, said = time.time(), 0, False, 0.0
+    started, trained, waited, said, cost = time.time(), 0, False, 0.0, 0.0
     while True:
         trial = ledger.claim(cells.keys())  # only this spec's cells: another spec of the same name keeps its own
         if trial is None:
@@ -94,9 +94,12 @@ def grid_worker(ctx: Context) -> None:
         key = trial.user_attrs[names.CELL_KEY]
         execute(spec, cells[key].config, key, trial, ledger, ctx)
         trained += 1
-        if time.time() - said >= PROGRESS_SECONDS:  # reading every cell's state is the one cost that grows with the grid
+        # counting every cell's state is the one read that grows with the grid: at most every
+        # PROGRESS_SECONDS, and rarely enough that it takes under 5% of a worker's time
+        if time.time() - said >= max(PROGRESS_SECONDS, 20 * cost):
             said = time.time()
             _say_progress(ctx, ledger, cells, (said - started) / trained)
+            cost = time.time() - said
 
 
 def _say_progress(ctx: Context, ledger: Ledger, cells: dict, per_cell: float) -> None:

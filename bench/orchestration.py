@@ -135,9 +135,14 @@ def main() -> None:
     header = f"{'store':<11}{'cells':>8}{'workers':>8}{'queue_s':>9}{'claims/s':>10}{'per_cell_ms':>12}" \
              f"{'status_s':>10}{'ledger_mb':>10}"
     print(header, flush=True)
+    cores = len(os.sched_getaffinity(0))
+    counts = [int(w) for w in args.workers.split(",")]
+    for w in (w for w in counts if w > cores):
+        print(f"skipped: {w} workers on {cores} cores (ablate run refuses more workers than cores)", flush=True)
+    counts = [w for w in counts if w <= cores]
     with tempfile.TemporaryDirectory(prefix="ablate-orch-") as tmp:
         for kind in args.stores.split(","):
-            for workers in (int(w) for w in args.workers.split(",")):
+            for workers in counts:
                 for cells in sizes:
                     r = measure(kind, cells, workers, args.cells, Path(tmp))
                     rows.append(r)
@@ -145,7 +150,7 @@ def main() -> None:
                           f"{r['claims_per_s']:>10.2f}{r['per_cell_ms']:>12.0f}{r['status_s']:>10.2f}"
                           f"{r['ledger_mb']:>10.1f}", flush=True)
     for kind in args.stores.split(","):
-        for workers in (int(w) for w in args.workers.split(",")):
+        for workers in counts:
             mine = {r["cells"]: r for r in rows if r["store"] == kind and r["workers"] == workers}
             ratio = mine[max(sizes)]["per_cell_ms"] / mine[min(sizes)]["per_cell_ms"]
             print(f"per_cell_{max(sizes) // 1000}k_over_{min(sizes) // 1000}k[{kind}, {workers} workers]: {ratio:.2f}")
