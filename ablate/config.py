@@ -393,7 +393,10 @@ def cell_key(cfg: CellConfig) -> str:
     return key_of(identity(cfg))
 
 
+#: json.dumps(..., sort_keys=True, separators=(",", ":")), without building an encoder per call
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def key_of(identity_: dict[str, Any]) -> str:
     """The cell key of an :func:`identity`: a grid builds one per configuration and changes only the seed."""
-    canonical = json.dumps(identity_, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return hashlib.sha256(_CANONICAL.encode(identity_).encode()).hexdigest()[:16]
