@@ -398,5 +398,15 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
 def key_of(identity_: dict[str, Any]) -> str:
-    """The cell key of an :func:`identity`: a grid builds one per configuration and changes only the seed."""
+    """The cell key of an :func:`identity`."""
     return hashlib.sha256(_CANONICAL.encode(identity_).encode()).hexdigest()[:16]
+
+
+def keys_by_seed(identity_: dict[str, Any], seeds: list[int]) -> list[str]:
+    """``key_of`` the identity with each of ``seeds`` as its ``train.seed``, encoding it once:
+    the seed is an integer, written as ``str(seed)`` at one place of the canonical text."""
+    marker = "\x00seed\x00"  # encoded as "\u0000seed\u0000": in no other value of a configuration
+    parts = _CANONICAL.encode({**identity_, "train.seed": marker}).split(json.dumps(marker))
+    if len(parts) != 2:  # the marker twice: encode each in full
+        return [key_of({**identity_, "train.seed": seed}) for seed in seeds]
+    return [hashlib.sha256(f"{parts[0]}{int(seed)}{parts[1]}".encode()).hexdigest()[:16] for seed in seeds]

@@ -447,3 +447,26 @@ search:
 """)
     objectives = load_spec(spec).search.objectives
     assert [(o.metric, o.direction) for o in objectives] == [("val_top1", "maximize"), ("latency:cpu", "minimize")]
+
+
+def test_a_grids_cells_keep_the_key_of_their_whole_configuration(tmp_path):
+    """A grid encodes a configuration's identity once for all its seeds and makes each cell's
+    configuration only when asked: every key is still the hash of the cell's whole configuration."""
+    spec_path = tmp_path / "seeds.yaml"
+    spec_path.write_text(textwrap.dedent("""\
+        name: seeds
+        data: {name: digits}
+        model: {image_size: 16, patch_size: 4, width: 32, depth: 1, shift: [[0, 1], [1, 0]]}
+        train: {epochs: 1, randaugment: "rand-m9-mstd0.5"}
+        grid:
+          model.shift: [none, four, [[0, 1], [1, 0]]]
+          train.lr: [1.0e-3, 2.0e-3]
+        seeds: [0, 7, 123456]
+        """))
+    cells = load_spec(spec_path).cells()
+    assert len(cells) == 18 and len({c.key for c in cells}) == 18
+    for c in cells:
+        assert c.config.train.seed == c.seed and cell_key(c.config) == c.key
+    from ablate.config import key_of, keys_by_seed
+    for odd in ({"a": "\x00seed\x00 elsewhere", "b": [1, "x"], "train.seed": 0}, {"a": "\x00seed\x00"}):
+        assert keys_by_seed(odd, [0, 5]) == [key_of({**odd, "train.seed": s}) for s in (0, 5)]

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from ablate import names
 from ablate.config import (MACHINE_LOCAL, MAX_SEED, S2MLP_ONLY, SECTIONS, CellConfig, applies,
-                           flat_params, identity, key_of)
+                           flat_params, identity, keys_by_seed)
 from ablate.data.cache_check import cache_problem
 from ablate.errors import SpecError
 from ablate.models import timm_baselines
@@ -30,7 +30,7 @@ from ablate.spec.problems import (Problems, Where, did_you_mean, format_value, f
 from ablate.spec.reference import check_reference, read_reference, rows_for_overrides, same_value
 from ablate.spec.report_options import check_baseline, read_report
 from ablate.spec.space import read_search
-from ablate.spec.types import SETTINGS, Cell, SearchSpec, Spec
+from ablate.spec.types import SETTINGS, Cell, SearchSpec, Spec, configurations
 from ablate.spec.yaml_source import expand_env, has_surrogate
 
 #: the most cells (configurations x seeds) a grid may have unless the caller raises the cap
@@ -201,7 +201,7 @@ class SpecBuilder:
 
         if len(seeds) > 1:
             varied = varied + [names.SEED]
-            cells = [Cell(c.config, c.key, {**c.values, names.SEED: c.seed}, c.seed) for c in cells]
+            cells = [Cell(c.shared, c.key, {**c.values, names.SEED: c.seed}, c.seed) for c in cells]
         given = {o.key: o.value for o in overrides}
         name = self.name_option or spec_name + experiment_suffix(self._effective(overrides, base_config, seeds))
         return Spec(name=name, description=description, path=self.path, base=base_config, seeds=seeds,
@@ -576,13 +576,12 @@ class SpecBuilder:
             flat, m = flat_params(config), config.model
             shared.append((config, identity(config), {k: flat[k] if applies(k, m.timm, m.token_mixing) else None
                                                       for k in varied}))
+        keys = [keys_by_seed(ident, seeds) for _, ident, _ in shared]
         cells = []
-        for seed in seeds:
-            for config, ident, values in shared:
-                config = config.model_copy(update={"train": config.train.model_copy(update={"seed": seed})})
+        for i, seed in enumerate(seeds):
+            for (config, _, values), of_seed in zip(shared, keys):
                 values = {k: seed if k == names.SEED else v for k, v in values.items()}
-                cells.append(Cell(config=config, key=key_of({**ident, names.SEED: seed}), values=values,
-                                  seed=seed))
+                cells.append(Cell(config, of_seed[i], values, seed))
         return cells
 
     def _varied_path(self, key: str) -> tuple:
@@ -607,7 +606,7 @@ class SpecBuilder:
     def _check_timm(self, cells: list[Cell], base: CellConfig) -> None:
         """Build each distinct timm model once (on the meta device): an unknown name or argument is
         a spec error, not a failed cell. ``model.timm_args`` with no timm cell is one too."""
-        configs = [c.config for c in cells] or [base]
+        configs = configurations(cells, base)
         if not any(c.model.timm for c in configs):
             if ("model", "timm_args") in self.origins:
                 self.add(("model", "timm_args"), "applies to a timm model only, and no cell has one (allowed: "
@@ -642,7 +641,7 @@ class SpecBuilder:
             not_ready.append((self.where(*path), ".".join(path), f"environment variable {variable} is not set "
                               f"(allowed: set it, or write ${{{variable}:-default}})"))
         seen = set()
-        for config in [c.config for c in cells] or [base]:
+        for config in configurations(cells, base):
             data = config.data
             if not data.needs_root or (data.name, data.root) in seen:
                 continue
@@ -670,7 +669,7 @@ class SpecBuilder:
         """``data.loader: cache`` without a current cache for a configuration's image size: found
         here, with the data that is not in place, rather than when its first cell starts."""
         out, seen = [], set()
-        for config in [c.config for c in cells] or [base]:
+        for config in configurations(cells, base):
             data = config.data
             key = (data.root, data.cache_dir, data.cache_size, config.model.image_size)
             if data.loader != "cache" or not data.needs_root or ("data", "root") in unset or key in seen:

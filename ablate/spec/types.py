@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -76,10 +77,23 @@ class Reference:
 @dataclass(frozen=True)
 class Cell:
     """One fully resolved training configuration of a spec, with its stable key."""
-    config: CellConfig
+    shared: CellConfig          # the configuration, as its seeds share it (any train.seed)
     key: str                    # ablate.config.cell_key(config)
     values: dict[str, Any]      # the spec's varied dotted keys -> this cell's value
     seed: int
+
+    @cached_property
+    def config(self) -> CellConfig:
+        """The cell's own configuration, ``shared`` with this cell's seed: made when first asked
+        (a 100,000-cell grid read by ``ablate status`` needs only keys and values)."""
+        if self.shared.train.seed == self.seed:
+            return self.shared
+        return self.shared.model_copy(update={"train": self.shared.train.model_copy(update={"seed": self.seed})})
+
+
+def configurations(cells: list[Cell], base: CellConfig) -> list[CellConfig]:
+    """The distinct configurations of ``cells`` (``Cell.shared``; ``[base]`` where there are none)."""
+    return list({id(c.shared): c.shared for c in cells}.values()) or [base]
 
 
 @dataclass
@@ -126,6 +140,11 @@ class Spec:
         A search has no cells before it samples them (:meth:`resolve`); this returns ``[]`` there.
         """
         return list(self._cells)
+
+    def configurations(self) -> list[CellConfig]:
+        """The grid's distinct configurations as their seeds share them (``base`` for a search):
+        what a check of the models, the batches or the data needs once per configuration."""
+        return configurations(self._cells, self.base)
 
     @property
     def machine_local(self) -> dict[str, Any]:
