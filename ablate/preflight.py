@@ -85,7 +85,7 @@ def check_batches(spec, gpus_per_cell: int) -> None:
     """Before anything runs: every cell's batch divides over ``gpus_per_cell`` processes (and its
     micro-batch), and its training split holds at least one batch (an epoch of no step would train
     nothing and record chance accuracy as a finished result)."""
-    configs = [c.config for c in spec.cells()] if spec.search is None else [spec.base]
+    configs = spec.configurations()  # the seeds of a configuration share its batch
     for cfg in configs:
         t = cfg.train
         micro = t.micro_batch if isinstance(t.micro_batch, int) else 1

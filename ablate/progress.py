@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -240,8 +241,10 @@ def _grid_cells(spec, trials: list[FrozenTrial], runs: dict[str, list[_Run]], go
     cells = []
     for cell in spec.cells():
         mine = sorted(by_key.get(cell.key, []), key=lambda t: t.number)
-        of_state = {s: [t for t in mine if t.state == s] for s in TrialState}
-        c = CellProgress(key=cell.key, state=CellState.NEW, values=dict(cell.values), epochs=cell.config.train.epochs)
+        of_state: dict[TrialState, list[FrozenTrial]] = defaultdict(list)
+        for t in mine:
+            of_state[t.state].append(t)
+        c = CellProgress(key=cell.key, state=CellState.NEW, values=dict(cell.values), epochs=cell.shared.train.epochs)
         own = runs.get(cell.key, [])
         c.macs = next((r.macs for r in reversed(own) if r.macs is not None), None)
         if of_state[TrialState.COMPLETE]:

@@ -47,16 +47,17 @@ def overrides_note(spec) -> str:
     return f" ({spec.origin()})" if spec.origin() else ""
 
 
-def estimated_cost(cell) -> float:
-    """Training MACs of a cell. Workers claim cells in queue order, so queueing the longest first
-    keeps the last cell from starting late on one GPU while the others sit idle."""
-    return model_cost(cell.config.model, num_classes(cell.config.data)).macs * cell.config.train.epochs
+def estimated_cost(config) -> float:
+    """Training MACs of a configuration. Workers claim cells in queue order, so queueing the
+    longest first keeps the last cell from starting late on one GPU while the others sit idle."""
+    return model_cost(config.model, num_classes(config.data)).macs * config.train.epochs
 
 
 def queue_grid(spec, ledger: Ledger) -> tuple[int, int]:
     """Queue every cell of the grid that is not finished, waiting or running, longest first.
     Returns (enqueued, already finished)."""
-    return ledger.enqueue_cells(sorted(spec.cells(), key=estimated_cost, reverse=True))
+    cost = {id(config): estimated_cost(config) for config in spec.configurations()}  # a seed costs the same
+    return ledger.enqueue_cells(sorted(spec.cells(), key=lambda c: cost[id(c.shared)], reverse=True))
 
 
 def _run_under_parent(target: Callable[[Context], None], ctx: Context, workers: int, devices: list[str],
