@@ -95,10 +95,13 @@ def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = 
             run.log_metrics(stats.metrics(), step=step)
         else:
             last_epoch.append(stats.metrics())
-        if prune:
+        if prune and step < cfg.train.epochs:
+            # The last epoch is never shown to the pruner: a trial that has trained all its epochs
+            # has its result, and pruning it then would only throw that result away.
             trial.report(stats.val_top1, step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {step} (top-1 {stats.val_top1:.2f})")
+                raise optuna.TrialPruned(f"pruned after epoch {step} of {cfg.train.epochs} "
+                                         f"(top-1 {stats.val_top1:.2f})")
 
     group = ctx.group or CellGroup()
     try:
@@ -111,6 +114,7 @@ def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = 
                                  progress=ctx.progress)
     except optuna.TrialPruned as e:
         record(run, ledger, trial, "PRUNED", reason=str(e))
+        remove_checkpoints(ckpt_dir, ctx)  # a pruned trial never resumes
         ctx.log(f"cell {key}: {e}")
         return "PRUNED"
     except (KeyboardInterrupt, SystemExit, TakenOver, StoreLost, StoreUnwritable):
@@ -138,6 +142,7 @@ def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = 
         if not isinstance(e, CellFailed) and not is_out_of_memory(e):
             traceback.print_exc()
         record(run, ledger, trial, "FAIL", reason=reason)
+        remove_checkpoints(ckpt_dir, ctx)  # a failed cell is not resumed: its checkpoint would only take space
         ctx.log(f"cell {key}: FAILED: {reason}")
         if group.distributed and not isinstance(e, CellFailed):
             # the other ranks may be waiting in a collective this rank never reaches: end the group
@@ -156,8 +161,14 @@ def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = 
 
 
 def remove_checkpoints(ckpt_dir: Path, ctx: Context) -> None:
-    """A finished cell's checkpoint folder, and the folders above it once empty (the root only
-    where it is the default one in the working directory, which a run creates)."""
+    """A cell's checkpoint folder once its outcome is recorded for good (COMPLETE, PRUNED or FAIL),
+    and the folders above it once empty (the root only where it is the default one in the working
+    directory, which a run creates).
+
+    Only a recorded outcome removes it, and only after :func:`record` succeeded: a cell stopped
+    any other way (Ctrl-C or SIGTERM, taken over, a lost or full store, a checkpoint that cannot be
+    written, a broken group) is resumed from it, and one whose record raised :class:`TakenOver`
+    belongs to its new owner."""
     checkpoint.remove(ckpt_dir, Path(ctx.checkpoints), remove_root=ctx.checkpoints == DEFAULT_ROOT)
 
 

@@ -37,6 +37,17 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 
 
 def make_pruner(search, epochs: int) -> optuna.pruners.BasePruner:
+    """The spec's pruner. A trial reports epochs 1 to ``epochs - 1`` only (see
+    :func:`ablate.execute.execute`): one that reaches its last epoch has its result and always ends
+    COMPLETE with it.
+
+    Hyperband's ``max_resource`` stays ``epochs``: it is the resource a trial that survives every
+    rung trains to, a finish line rather than a rung. Its brackets' rungs at ``epochs`` or beyond
+    are never reached, so the bracket whose first rung is ``epochs`` (where ``epochs`` is a power of
+    the reduction factor) trains its trials unpruned, as Hyperband's most patient bracket does.
+    ``epochs - 1`` would drop that bracket there and put every trial under pruning; Optuna's ``"auto"``
+    would infer ``epochs`` too (the largest step reported plus one), but only once a trial ended.
+    """
     if search.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
     if search.pruner == "hyperband":
