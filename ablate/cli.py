@@ -586,11 +586,12 @@ def data_cache(source, size, out, workers, force):
               help="processes that train one cell together (the batch is split over them)")
 @click.option("--gpu", default=None, metavar="NAME",
               help="the kind of device to price for, matched in the GPU names runs recorded, e.g. H100, A100, or cpu "
-              "(default: this machine's GPU, else H100)")
+              "(default: this machine's GPU, else an H100 the plan says it assumed; with --gpu-memory alone, "
+              "nothing is priced); cpu prices in CPU-hours")
 @click.option("--mfu", default=None, type=click.FloatRange(min=0, min_open=True, max=1),
               help="price cells that no run measured with the FLOP model at this model FLOPs utilisation")
 def plan(spec, as_json, no_data_check, spec_args, gpu_memory, gpus_per_cell, gpu, mfu):
-    """Validate SPEC and show its cells, params, GMACs, memory and GPU-hours priced from measured runs.
+    """Validate SPEC and show its cells, params, GMACs, memory and device-hours priced from measured runs.
 
     Reads no dataset, trains nothing and writes nothing. The data need not be in place yet: a
     dataset root that does not exist, or whose ${VAR} is unset, is named in the plan (ablate

@@ -5,7 +5,9 @@
 - ``latency:<target>``: the median latency per image that ``ablate latency`` measured on that
   target (:mod:`ablate.latency`), from the configuration's latency run, else the mean over its
   cell runs (a search that optimised a latency recorded it there);
-- ``gpu_hours``: the device-hours training took (processes x wall time), as the runs recorded.
+- ``gpu_hours``: the device-hours training took (processes x wall time), as the runs recorded,
+  named by what they trained on: CPU-hours for CPU runs, GPU-hours for GPU runs, and said to be
+  mixed where the configurations' runs trained on both (:meth:`CostAxis.of_devices`).
 
 The top-1 figure and its Pareto front use the chosen axis; every measured latency gets a column
 in the table (median and interquartile range); with a latency axis, a second figure puts the
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 from ablate import latency, names
@@ -32,6 +34,21 @@ CHOICES = ("macs", "params", "gpu_hours", "latency:<target>")
 class CostAxis:
     """One cost: how to read it from a report row, how to label it, which file holds its figure."""
     name: str  # macs | params | gpu_hours | latency:<target>
+    devices: tuple[str, ...] = ()  # gpu_hours: the kinds of device the runs trained on (CPU, GPU; "": not recorded)
+
+    def of_devices(self, kinds) -> "CostAxis":
+        """This axis, knowing the kinds of device (``CPU``, ``GPU``, ``""``) its runs trained on."""
+        return replace(self, devices=tuple(kinds))
+
+    @property
+    def hours_words(self) -> str:
+        """``CPU-hours``, ``GPU-hours``, or device-hours where they are of no one named kind."""
+        if self.devices == ("CPU",):
+            return "CPU-hours"
+        if self.devices == ("GPU",):
+            return "GPU-hours"
+        known = [k for k in self.devices if k]
+        return f"device-hours ({' and '.join(known)} runs mixed)" if len(known) > 1 else "device-hours"
 
     @property
     def target(self) -> Optional[str]:
@@ -59,7 +76,7 @@ class CostAxis:
         """What the axis is, for titles: ``MACs``, ``latency on cpu-amd-epyc-t2``."""
         if self.is_latency:
             return f"latency on {self.target}"
-        return {"macs": "MACs", "params": "parameters", "gpu_hours": "GPU-hours"}[self.name]
+        return {"macs": "MACs", "params": "parameters", "gpu_hours": self.hours_words}[self.name]
 
     def value(self, row) -> float:
         """The row's cost on this axis (NaN where it has none)."""
@@ -80,7 +97,7 @@ class CostAxis:
             prefix, divisor = count_unit(values)
             return f"parameters ({prefix or 'count'}; paper convention; log scale)", divisor
         if self.name == "gpu_hours":
-            return "device-hours of training (processes x wall time; log scale)", 1.0
+            return f"{self.hours_words} of training (processes x wall time; log scale)", 1.0
         return f"latency on {self.target} (ms per image, median; log scale)", 1.0
 
 

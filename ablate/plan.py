@@ -1,13 +1,16 @@
 """``ablate plan``: what a spec will train and roughly what it costs, before anything runs.
 
-One row per cell (its varied values, parameters, GMACs and an estimated GPU-hours figure) and
-the totals. Nothing is trained, no dataset is read (``imagefolder`` sizes are counted by listing
-files, without decoding) and nothing is written.
+One row per cell (its varied values, parameters, GMACs and an estimated device-hours figure:
+GPU-hours on a GPU, CPU-hours on a CPU) and the totals. Nothing is trained, no dataset is read
+(``imagefolder`` sizes are counted by listing files, without decoding) and nothing is written.
 
 Each cell is priced in device-hours from what earlier runs measured (:mod:`ablate.pricing`): the
 throughput of the same configuration on the same kind of device, else the FLOP model at the MFU
 runs on that device achieved, else at an MFU the user states (``--mfu``); otherwise it is not
-priced. Each row says which.
+priced. Each row says which, and the plan's header says which device it prices for and why:
+``--gpu``, this machine's GPU, or (told nothing about the GPU, and seeing none) an assumed H100.
+``--gpu-memory`` alone names a GPU's memory, not its kind: such a plan prices nothing rather than
+price a GPU of one memory as an H100 of another.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from ablate.devices import local_gpu, peak_flops
 from ablate.errors import AblateError
 from ablate.memory import DEFAULT_GPU_MEMORY, plan_memory
 from ablate.models.zoo import activation_bytes, model_cost
-from ablate.pricing import REFERENCE_GPU, Measured, Price, Pricer, measured_runs
+from ablate.pricing import REFERENCE_GPU, Measured, Price, Pricer, is_cpu, measured_runs
 from ablate.spec.reference import matching_row
 from ablate.spec.types import ReferenceRow
 from ablate.units import PaperUnits, macs_in, paper_number, params_in
@@ -55,7 +58,8 @@ def dataset_sizes(data: DataConfig) -> Optional[tuple[int, int]]:
 def assumptions(pricer: Pricer) -> dict[str, Any]:
     mfu, runs = pricer.measured_mfu()
     return {
-        "device": pricer.device,
+        "device": pricer.device or None,
+        "unit": {"CPU-h": "CPU-hours", "GPU-h": "GPU-hours"}.get(pricer.unit),  # what gpu_hours are hours of
         "peak_tflops": pricer.peak / 1e12 if pricer.peak else None,
         "measured_runs_on_device": len(pricer.on_device()),
         "measured_mfu": mfu, "measured_mfu_runs": runs, "stated_mfu": pricer.mfu,
@@ -83,7 +87,7 @@ class PlanRow(PaperUnits):
     epochs: int
     train_images: Optional[int]
     val_images: Optional[int]
-    gpu_hours: Optional[float]         # device-hours (None: not priced)
+    gpu_hours: Optional[float]         # device-hours, of a CPU on a CPU plan (None: not priced)
     reference: Optional[ReferenceRow] = None  # the spec's matching reference row (the paper's numbers)
     priced_by: str = ""                # "measured", "MFU 38%", "MFU 40% (--mfu)", "" (not priced)
     price_detail: str = ""
@@ -152,6 +156,7 @@ class Plan:
     gpu_memory_source: str = "80 GB, an H100/A100 (no GPU here; --gpu-memory to choose)"
     processes: int = 1                     # --gpus-per-cell
     pricer: Optional[Pricer] = None
+    device_source: str = ""                # why the plan prices for pricer.device (the header says it)
 
     @property
     def configurations(self) -> int:
@@ -190,7 +195,8 @@ class Plan:
                 "data_problems": self.data_problems,
                 "rows": [r.to_dict() for r in self.rows],
                 "search": None if self.search is None else {**asdict(self.search), "gpu_hours": self.search.gpu_hours},
-                "totals": self.totals(), "pricing": assumptions(self.pricer)}
+                "totals": self.totals(),
+                "pricing": {**assumptions(self.pricer), "device_source": self.device_source}}
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -219,26 +225,43 @@ def _row(cell_config: CellConfig, key: str, seed: int, values: dict, reference: 
                    micro_batch_checkpointed=micro_ckpt, batch_size=t.batch_size, counted=cost.counted)
 
 
+def priced_device(gpu: Optional[str], here: Optional[tuple], memory_given: bool) -> tuple[str, str]:
+    """(the kind of device a plan prices for, why): ``gpu``, else this machine's GPU, else, when
+    nothing was said about the GPU, the :data:`REFERENCE_GPU` the default 80 GB is of (assumed,
+    and said so); with ``--gpu-memory`` alone, none ("" and nothing priced): a memory is no kind
+    of GPU, and pricing a 24 GB GPU as an H100 would be a figure for a GPU the user does not have."""
+    if gpu:
+        return gpu, f"--gpu {gpu}"
+    if here:
+        return here[0], "this machine's GPU; --gpu NAME for another"
+    if memory_given:
+        return "", ("--gpu-memory gives a GPU's memory, not its kind, and no GPU is here: nothing is priced; "
+                    "--gpu NAME to price, e.g. --gpu A100 or --gpu cpu")
+    return REFERENCE_GPU, "assumed: no GPU here, no --gpu and no --gpu-memory; --gpu NAME for another"
+
+
 def plan(spec, gpu_memory: Optional[int] = None, processes: int = 1, gpu: Optional[str] = None,
          mfu: Optional[float] = None, runs: Optional[list[Measured]] = None) -> Plan:
     """The plan of a loaded :class:`~ablate.spec.Spec`: rows, totals, each cell priced for ``gpu``
-    (default: this machine's GPU, else an H100) from the ``runs`` measured (default: the MLflow
-    store's), and the micro-batch that fits ``gpu_memory`` bytes (default: this machine's GPU, else 80 GB)."""
+    (default: this machine's GPU, else, with no ``gpu_memory`` either, an H100; :func:`priced_device`)
+    from the ``runs`` measured (default: the MLflow store's), and the micro-batch that fits
+    ``gpu_memory`` bytes (default: this machine's GPU, else 80 GB)."""
     here = local_gpu()
+    device, device_source = priced_device(gpu, here, gpu_memory is not None)
     source = "--gpu-memory"
     if gpu_memory is None and here:
         gpu_memory, source = here[1], "this machine's GPU"
     if gpu_memory is None:
         gpu_memory, source = DEFAULT_GPU_MEMORY, "no GPU here: an 80 GB H100/A100; --gpu-memory to choose"
-    device = gpu or (here[0] if here else REFERENCE_GPU)
     pricer = Pricer(device, measured_runs() if runs is None else runs, mfu,
-                    peak_flops(device, "bf16") if device != "cpu" else None)
+                    peak_flops(device, "bf16") if device and not is_cpu(device) else None)
     result = Plan(name=spec.name, path=str(spec.path), kind=spec.kind, varied=list(spec.varied),
                   seeds=list(spec.seeds), data=spec.base.data.name, images=dataset_sizes(spec.base.data),
                   reference_source=spec.reference.source if spec.reference is not None else None,
                   spec_name=spec.spec_name,
                   origin=spec.origin(), overrides=dict(spec.overrides), data_problems=list(spec.data_problems),
-                  gpu_memory=gpu_memory, gpu_memory_source=source, processes=processes, pricer=pricer)
+                  gpu_memory=gpu_memory, gpu_memory_source=source, processes=processes, pricer=pricer,
+                  device_source=device_source)
     for cell in spec.cells():
         result.rows.append(_row(cell.config, cell.key, cell.seed, cell.values,
                                 matching_row(spec.reference, flat_params(cell.config)), pricer, gpu_memory, processes))
@@ -287,10 +310,14 @@ def _search_plan(spec, pricer: Pricer) -> SearchPlan:
 # ---------------------------------------------------------------------------------------------
 
 def _hours(h: Optional[float]) -> str:
+    """Two significant digits below 0.01 h (a CPU cell of the quickstart is a few seconds: "<0.01"
+    told nothing), three up to 10 h, then one decimal."""
     if h is None:
         return "?"
+    if h < 0.0001:
+        return "<0.0001"
     if h < 0.01:
-        return "<0.01"
+        return f"{h:.2g}"
     return f"{h:.3g}" if h < 10 else f"{h:,.1f}"
 
 
@@ -330,12 +357,24 @@ def _memory_note(p: Plan) -> str:
             "only with train.grad_checkpointing: true)")
 
 
-def _pricing_note(p: Plan) -> str:
-    """Where the GPU-hours come from, for the device the plan prices for."""
+def device_line(p: Plan) -> str:
+    """The header's ``priced for:`` line: the device the plan prices for, why, and the unit."""
     pricer = p.pricer
+    if not pricer.device:
+        return f"priced for: no kind of GPU ({p.device_source})"
+    unit = "CPU-hours" if is_cpu(pricer.device) else "GPU-hours"
+    return f"priced for: {pricer.device}, in {unit} ({p.device_source})"
+
+
+def _pricing_note(p: Plan) -> str:
+    """Where the device-hours come from, for the device the plan prices for."""
+    pricer = p.pricer
+    if not pricer.device:
+        return (f"{pricer.unit}: not priced, no kind of device named (see 'priced for' above): measured runs and "
+                "the FLOP model each price one kind of device.")
     mfu, runs = pricer.measured_mfu()
     peak = f"{pricer.peak / 1e12:.0f} TFLOP/s dense bf16 peak" if pricer.peak else "no known peak"
-    lines = [f"GPU-h: device-hours on {pricer.device} ({peak}; --gpu NAME for another), priced by: "
+    lines = [f"{pricer.unit}: device-hours on {pricer.device} ({peak}; --gpu NAME for another), priced by: "
              f"'measured', the median throughput of finished runs of the same configuration on it "
              f"({len(pricer.on_device())} run(s) in the MLflow store); 'MFU m', the FLOP model (6 x MACs per "
              "training image, 2 x MACs per validation image, every epoch) at the MFU its runs achieved"
@@ -350,7 +389,8 @@ def _pricing_note(p: Plan) -> str:
 def format_plan(p: Plan) -> str:
     data = f"{p.data} (" + (f"{p.images[0]:,} train / {p.images[1]:,} val images" if p.images
                             else "image counts unknown") + ")"
-    lines = [f"plan: {p.name} ({p.path})"]
+    unit = p.pricer.unit
+    lines = [f"plan: {p.name} ({p.path})", device_line(p)]
     if p.origin:
         lines += [f"experiment: {p.name} ({p.origin}; --name to choose another)"]
     if p.search is not None:
@@ -363,15 +403,15 @@ def format_plan(p: Plan) -> str:
         hours = s.gpu_hours_per_trial
         lines += ["", f"per trial (over {s.corners} corners of the space): params {_range(s.params_m, '{:.3g}')} M, "
                   f"{_range(s.gmacs, '{:.3g}')} GMACs, "
-                  + (f"{_range(hours, _hours)} GPU-h" if hours else "GPU-h unknown"),
+                  + (f"{_range(hours, _hours)} {unit}" if hours else f"{unit} unknown"),
                   f"total for {s.trials} trials: "
-                  + (f"{_range(s.gpu_hours, _hours)} GPU-h (estimate)" if hours else "GPU-h unknown")]
+                  + (f"{_range(s.gpu_hours, _hours)} {unit} (estimate)" if hours else f"{unit} unknown")]
     else:
         lines += [f"{text.plural(len(p.rows), 'cell')} = {text.plural(p.configurations, 'configuration')} x "
                   f"{text.plural(len(p.seeds), 'seed')}; data: {data}", ""]
         varied = [k for k in p.varied if k != names.SEED] + ([names.SEED] if names.SEED in p.varied else [])
         labels = varied or ["cell"]
-        header = labels + ["params (M)", "GMACs", "epochs", "GPU-h", "priced by", "MB/img", "micro"]
+        header = labels + ["params (M)", "GMACs", "epochs", unit, "priced by", "MB/img", "micro"]
         ref = p.reference_source is not None
         if ref:
             header += ["| paper top-1", "top-5", "params", "GMACs"]
@@ -395,8 +435,9 @@ def format_plan(p: Plan) -> str:
         body.append(total + [""] * (len(header) - len(total)))
         lines += text.aligned(header, body, left=len(labels))
         if p.gpu_hours is not None:
-            lines += ["", "wall time (one worker per GPU): " + ", ".join(
-                f"{g} GPU{'s' if g > 1 else ''} {_hours(p.wall_hours(g))} h" for g in WALL_GPUS)]
+            kind = "CPU" if unit == "CPU-h" else "GPU"
+            lines += ["", f"wall time (one worker per {kind}): " + ", ".join(
+                f"{g} {kind}{'s' if g > 1 else ''} {_hours(p.wall_hours(g))} h" for g in WALL_GPUS)]
         if p.reference_source:
             lines += ["", f"paper: {p.reference_source}"]
         lines += ["", _memory_note(p)]

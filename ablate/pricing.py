@@ -28,8 +28,21 @@ from ablate import names, tracking
 from ablate.locks import sqlite_path
 from ablate.stores import quiet_store_logs
 
-#: the GPU a plan prices for when it is not told and sees none
+#: the GPU a plan prices for when it is told nothing about the GPU and sees none (it says so)
 REFERENCE_GPU = "NVIDIA H100"
+
+
+def is_cpu(device: str) -> bool:
+    """Whether a device name (``--gpu``, or the name a run recorded) is a CPU's."""
+    return device.strip().lower().startswith("cpu")
+
+
+def hours_unit(device: str) -> str:
+    """What a device-hour of ``device`` is called: ``CPU-h`` for a CPU, ``GPU-h`` for a GPU,
+    ``device-h`` where no kind of device is named (nothing is priced then)."""
+    if not device:
+        return "device-h"
+    return "CPU-h" if is_cpu(device) else "GPU-h"
 
 
 @dataclass
@@ -51,12 +64,19 @@ class Price:
 
 @dataclass
 class Pricer:
-    device: str                                       # the kind of device priced for
+    device: str                                       # the kind of device priced for ("": none named)
     runs: list[Measured] = field(default_factory=list)
     mfu: Optional[float] = None                       # --mfu: an MFU the user states
     peak: Optional[float] = None                      # the device's dense peak FLOP/s, if known
 
+    @property
+    def unit(self) -> str:
+        """``CPU-h`` or ``GPU-h``: what the plan's device-hours are hours of."""
+        return hours_unit(self.device)
+
     def on_device(self) -> list[Measured]:
+        if not self.device:  # no kind named: no run is of it
+            return []
         wanted = self.device.lower()
         return [r for r in self.runs if wanted in r.device.lower()]
 
@@ -66,6 +86,8 @@ class Pricer:
 
     def price(self, cfg, macs: int, train_images: int, val_images: int) -> Price:
         """Device-hours of ``cfg`` (a CellConfig) over its epochs (see the module docstring)."""
+        if not self.device:
+            return Price(None, "", "no kind of device named (--gpu NAME)")
         epochs = cfg.train.epochs
         same = [r for r in self.on_device() if r.config == speed_key(cfg)]
         if same:

@@ -259,3 +259,51 @@ def test_plan_prices_configurations_that_ran_from_their_measured_speed(workdir):
     text = CliRunner().invoke(cli, ["plan", str(workdir / "more.yaml"), "--gpu", "cpu"]).output
     assert "measured" in text
     assert "'-': nothing measured on cpu yet, and nothing is assumed" in text
+
+
+def _quickstart_one_seed(tmp_path: Path):
+    spec = tmp_path / "q.yaml"
+    spec.write_text((ROOT / "experiments" / "quickstart.yaml").read_text().replace("seeds: [0, 1, 2]", "seeds: [0]"))
+    return load_spec(spec)
+
+
+def test_a_cpu_plan_is_priced_in_cpu_hours(tmp_path):
+    """`--gpu cpu` priced CPU work as "<0.01" GPU-hours: it is CPU-hours, labelled so, with its digits."""
+    spec = _quickstart_one_seed(tmp_path)
+    p = plan(spec, gpu="cpu", runs=[Measured("cpu", speed_key(c.config), 700.0, 1, None) for c in spec.cells()])
+    text = p.to_text()
+    lines = text.splitlines()
+    assert lines[1] == "priced for: cpu, in CPU-hours (--gpu cpu)"
+    header = next(line for line in lines if line.startswith("model.shift"))
+    assert "CPU-h" in header.split() and "GPU-h" not in text
+    priced = [line for line in lines if "measured" in line.split()]
+    assert priced and all("<0.01" not in line for line in priced)
+    hours = 12 * (1_437 + 360 / 3) / 700 / 3600  # 12 epochs at 700 images a second: 0.0074 h
+    assert f"{hours:.2g}" in priced[0].split()
+    assert "wall time (one worker per CPU): 1 CPU" in text and "CPU-h: device-hours on cpu" in text
+    assert p.to_dict()["pricing"]["unit"] == "CPU-hours"
+
+
+def test_gpu_memory_alone_prices_no_assumed_gpu(tmp_path, monkeypatch):
+    """`--gpu-memory 24GB` alone priced on an H100 (80 GB) without saying so: a memory is no kind of
+    GPU, so nothing is priced and the header says why; told nothing, the assumed H100 is named as such."""
+    monkeypatch.setattr("ablate.plan.local_gpu", lambda: None)  # the same on a machine with a GPU
+    spec = _quickstart_one_seed(tmp_path)
+    cell = spec.cells()[0].config
+    runs = [Measured("NVIDIA H100 80GB HBM3", speed_key(cell), 5000.0, 1, 0.3)]
+    p = plan(spec, gpu_memory=24 * 10**9, runs=runs)
+    assert all(r.gpu_hours is None for r in p.rows) and p.to_dict()["pricing"]["device"] is None
+    text = p.to_text()
+    assert text.splitlines()[1].startswith(
+        "priced for: no kind of GPU (--gpu-memory gives a GPU's memory, not its kind")
+    assert "H100" not in text.replace("an 80 GB H100/A100", "")
+    assert "GPU-h" not in text and "--gpu NAME to price" in text
+    # told nothing about the GPU: the H100 the default 80 GB is of, said to be assumed
+    p = plan(spec, runs=runs)
+    assert p.rows[0].priced_by == "measured"
+    assert p.to_text().splitlines()[1] == ("priced for: NVIDIA H100, in GPU-hours (assumed: no GPU here, no --gpu and "
+                                           "no --gpu-memory; --gpu NAME for another)")
+    # a memory and a kind: priced for that kind
+    p = plan(spec, gpu_memory=24 * 10**9, gpu="H100", runs=runs)
+    assert p.rows[0].priced_by == "measured"
+    assert p.to_text().splitlines()[1] == "priced for: H100, in GPU-hours (--gpu H100)"

@@ -46,8 +46,8 @@ from ablate.report.collect import (CellResult, ConfigRow, Report, apart, group_b
                                    outcome_counts, read_experiment, read_histories, read_spec, search_objectives,
                                    summarize_search, varied_from_runs)
 from ablate.report.compare import attach_reference, compare_with_baseline
-from ablate.report.paths import default_out, shown_command, shown_path, shown_store
-from ablate.report.render import curve_rows, write_atomically
+from ablate.report.paths import default_out, run_in, shown_command, shown_path, shown_store
+from ablate.report.render import curve_rows, hours_kinds, write_atomically
 from ablate.spec import Spec, SpecArgs
 from ablate.stores import existing_tracking_store
 from ablate.tracking import client
@@ -104,6 +104,8 @@ def report_experiment(name: str, *, spec: Optional[Spec] = None, spec_path: Opti
     rows, differing = group_by_config(latest, varied)
     attach_measured(rows, recorded.latency_runs)
     check_axis(axis, rows, name)
+    if axis.name == "gpu_hours":  # its label names what the hours are of: CPU, GPU, or both mixed
+        axis = axis.of_devices(hours_kinds(rows))
     reference = spec.reference if spec is not None else None
     if reference is not None:
         attach_reference(rows, reference)
@@ -124,7 +126,8 @@ def report_experiment(name: str, *, spec: Optional[Spec] = None, spec_path: Opti
     new_folder = not report.out_dir.exists()
     try:
         report.files = write_atomically(report, shown_command(command),
-                                        shown_path(str(spec_path)) if spec_path is not None else None)
+                                        shown_path(str(spec_path)) if spec_path is not None else None,
+                                        run_in(report.out_dir))
     except OSError as e:  # a full disk, a read-only folder: one line, and the previous report (if any) stays whole
         if unwritable(e) is None:
             raise

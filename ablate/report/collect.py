@@ -22,6 +22,7 @@ from ablate.cost_axis import Correlation, CostAxis
 from ablate.errors import AblateError
 from ablate.latency import objective_metric
 from ablate.pareto import pareto_front
+from ablate.pricing import is_cpu
 from ablate.progress import CLOSED_REASON, CellState, other_specs_keys, states_from_runs
 from ablate.report.stats import Difference, mean_interval
 from ablate.spec import SearchSpec, Spec, SpecArgs
@@ -70,6 +71,20 @@ class CellResult:
     def metric(self, name: str) -> float:
         return self.metrics.get(name, math.nan)
 
+    @property
+    def device_kind(self) -> str:
+        """``CPU`` or ``GPU``: what it trained on, by the device it recorded (``ablate.device_name``,
+        else ``ablate.device``); ``""`` where it recorded none (its device-hours are of no known kind)."""
+        return device_kind(self.tags.get(names.DEVICE_NAME) or self.tags.get(names.DEVICE) or "")
+
+
+def device_kind(device: str) -> str:
+    """``CPU`` for ``cpu``, ``GPU`` for any other device a run names (``cuda:0``, ``NVIDIA H100 ...``),
+    ``""`` for none."""
+    if not device:
+        return ""
+    return "CPU" if is_cpu(device) else "GPU"
+
 
 @dataclass
 class ConfigRow:
@@ -104,8 +119,11 @@ class ConfigRow:
         """seed -> metric (a run without a seed param counts by its position)."""
         return {(r.seed if r.seed is not None else -1 - i): r.metric(metric) for i, r in enumerate(self.runs)}
 
-    def mean(self, metric: str) -> float:
-        xs = [r.metric(metric) for r in self.runs if math.isfinite(r.metric(metric))]
+    def mean(self, metric: str, kind: Optional[str] = None) -> float:
+        """The mean over its seeds' runs (with ``kind``, over those that trained on that kind of
+        device, :attr:`CellResult.device_kind`)."""
+        xs = [r.metric(metric) for r in self.runs
+              if math.isfinite(r.metric(metric)) and (kind is None or r.device_kind == kind)]
         return statistics.fmean(xs) if xs else math.nan
 
     def std(self, metric: str) -> float:

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -53,14 +54,53 @@ def _several_baselines(report: Report) -> bool:
     return len({id(r.baseline) for r in report.rows}) > 1
 
 
-#: what training cost, as runs record it (ablate/train.py): (metric, Markdown header, format), shown
-#: where any row has it (runs from before these metrics have none)
-TRAINING_COST = ((names.IMAGES_PER_SECOND, "img/s", ".0f"), (names.MFU, "MFU (%)", ".1f"),
-                 (names.GPU_HOURS, "GPU-h", ".3g"), ("peak_memory_gb", "peak mem (GB)", ".3g"))
+@dataclass(frozen=True)
+class CostColumn:
+    """A column of what training cost: the metric runs logged, its Markdown and CSV headers, its
+    format, and for device-hours the kind of device whose runs it averages."""
+    metric: str
+    label: str
+    csv: str
+    fmt: str
+    kind: Optional[str] = None  # CPU | GPU | "" (not recorded); None: every run
+
+    def value(self, r: ConfigRow) -> float:
+        return r.mean(self.metric, self.kind)
 
 
-def _training_cost(report: Report) -> list[tuple[str, str, str]]:
-    return [c for c in TRAINING_COST if any(math.isfinite(r.mean(c[0])) for r in report.rows)]
+#: what training cost, as runs record it (ablate/train.py), shown where any row has it (runs from
+#: before these metrics have none)
+TRAINING_COST = (CostColumn(names.IMAGES_PER_SECOND, "img/s", names.IMAGES_PER_SECOND, ".0f"),
+                 CostColumn(names.MFU, "MFU (%)", names.MFU, ".1f"),
+                 CostColumn(names.GPU_HOURS, "device-h", names.GPU_HOURS, ".3g"),
+                 CostColumn("peak_memory_gb", "peak mem (GB)", "peak_memory_gb", ".3g"))
+#: the device-hours a run logs (``gpu_hours``, whatever it trained on), one column per kind of
+#: device, named by it: an hour of a CPU is not an hour of a GPU, so a report of CPU runs shows
+#: CPU-h, never GPU-h, and one of runs on both shows each kind's mean in its own column
+DEVICE_HOURS = {"CPU": ("CPU-h", "cpu_hours"), "GPU": ("GPU-h", names.GPU_HOURS),
+                "": ("device-h (device not recorded)", "device_hours")}
+
+
+def hours_kinds(rows) -> list[str]:
+    """The kinds of device (CPU, GPU, "" for runs that recorded none) the runs with device-hours
+    trained on, in :data:`DEVICE_HOURS` order."""
+    found = {run.device_kind for r in rows for run in r.runs if math.isfinite(run.metric(names.GPU_HOURS))}
+    return [k for k in DEVICE_HOURS if k in found]
+
+
+def _training_cost(report: Report) -> list[CostColumn]:
+    out = []
+    for c in TRAINING_COST:
+        if c.metric == names.GPU_HOURS:
+            kinds = hours_kinds(report.rows)
+            for kind in kinds:
+                label, name = DEVICE_HOURS[kind]
+                if kinds == [""]:  # no run says what it trained on: one column, of no named kind
+                    label = "device-h"
+                out.append(CostColumn(c.metric, label, name, c.fmt, kind))
+        elif any(math.isfinite(r.mean(c.metric)) for r in report.rows):
+            out.append(c)
+    return out
 
 
 #: a gap cell of a row whose runs did not measure train_top1 (recorded before it was, or turned off)
@@ -80,9 +120,21 @@ def _has_gap(report: Report) -> bool:
     return any(r.gap is not None for r in report.rows)
 
 
-def _cost_value(r: ConfigRow, metric: str, fmt: str) -> str:
-    value = r.mean(metric)
-    return fixed(100 * value if metric == names.MFU else value, fmt)
+def _hours_legend(report: Report) -> str:
+    """What the device-hours columns are, where there are any."""
+    kinds = hours_kinds(report.rows)
+    if not kinds:
+        return ""
+    named = " / ".join(DEVICE_HOURS[k][0].split(" ")[0] for k in kinds)
+    return (f" {named}: device-hours of training (processes × wall time), mean over the seeds that trained on "
+            "that kind of device (the device each run recorded)"
+            + ("; a configuration whose seeds ran on different kinds has a value in each column" if len(kinds) > 1
+               else "") + ".")
+
+
+def _cost_value(r: ConfigRow, c: CostColumn) -> str:
+    value = c.value(r)
+    return fixed(100 * value if c.metric == names.MFU else value, c.fmt)
 
 
 def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
@@ -105,7 +157,7 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
     header += [f"params ({p_prefix})" if p_prefix else "params", f"{m_prefix}MACs", "train (s)"]
     measured_header, measured_cells = table_columns(report.rows, report.cost)
     cost = _training_cost(report)
-    header += [label for _, label, _ in cost]
+    header += [c.label for c in cost]
     header += measured_header
     body = []
     for r in report.rows:
@@ -125,7 +177,7 @@ def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
             line += [format_interval(r.gap, NO_GAP)]
         counted = COUNTED_MARK if r.counted else ""
         line += [fixed(r.params_m * 1e6 / p_div, ".4g") + counted, fixed(r.gmacs * 1e9 / m_div, ".4g") + counted,
-                 fixed(r.mean("train_seconds"), ".1f"), *[_cost_value(r, m, f) for m, _, f in cost]]
+                 fixed(r.mean("train_seconds"), ".1f"), *[_cost_value(r, c) for c in cost]]
         body.append(line + measured_cells[len(body)])
     return header, body
 
@@ -194,7 +246,9 @@ def figure_files(report: Report) -> list[tuple[str, str]]:
     return out
 
 
-def render_markdown(report: Report, command: str, spec_path: Optional[str], when: datetime) -> str:
+def render_markdown(report: Report, command: str, spec_path: Optional[str], when: datetime,
+                    where: str = "") -> str:
+    """``where``: the working directory ``command`` ran in, relative to the report's folder."""
     c = report.counts
     kind = names.SEARCH if report.search is not None else names.GRID
     not_shown = ", ".join(f"{c[s]} {w}" for s, w in ((CellState.PRUNED, "pruned"), (CellState.FAILED, "failed"),
@@ -213,7 +267,9 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
         f"- {context(report)}",
         f"- {report.baseline_note}",
         f"- date: {when.strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- generated by `{command}`",
+        f"- generated by `{command}`"
+        + (f", run in `{where}` from this report's folder (the working directory it ran in)"
+           if where else ""),
         "",
     ]
     if report.differing:
@@ -227,7 +283,7 @@ def render_markdown(report: Report, command: str, spec_path: Optional[str], when
         "seeds. params: paper convention (classifier and norm parameters excluded) when "
         "logged. MACs: multiply-accumulates per image, the paper's \"FLOPs\" (G = 1e9, "
         "M = 1e6, k = 1e3)" + (COUNTED_LEGEND if any(r.counted for r in report.rows) else "")
-        + ". train: mean training seconds. " + LEGEND + no_interval
+        + ". train: mean training seconds." + _hours_legend(report) + " " + LEGEND + no_interval
         + (" " + GAP_LEGEND if _has_gap(report) else ""),
         "",
         markdown_table(*config_table(report)),
@@ -314,7 +370,7 @@ def render_csv(report: Report) -> str:
     header += ["delta_top1", "delta_low", "delta_high", "delta_method", "delta_excludes_zero", "baseline"]
     measured_header, measured_cells = csv_columns(report.rows, report.cost)
     cost = _training_cost(report)
-    header += ["params_m", "params_all_m", "gmacs", "train_seconds", *[m for m, _, _ in cost], *measured_header,
+    header += ["params_m", "params_all_m", "gmacs", "train_seconds", *[c.csv for c in cost], *measured_header,
                "run_ids"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -337,7 +393,7 @@ def render_csv(report: Report) -> str:
             line += ["", "", "", "", ""]
         line += ["self" if r.is_baseline else (r.baseline.label if r.baseline is not None else "")]
         line += [fixed(r.params_m, ".6g"), fixed(r.mean(names.PARAMS) / 1e6, ".6g"), fixed(r.gmacs, ".6g"),
-                 fixed(r.mean("train_seconds"), ".2f"), *[fixed(r.mean(m), "g") for m, _, _ in cost], *latencies,
+                 fixed(r.mean("train_seconds"), ".2f"), *[fixed(c.value(r), "g") for c in cost], *latencies,
                  ";".join(x.run_id for x in r.runs)]
         w.writerow(line)
     return buf.getvalue()
@@ -359,9 +415,9 @@ def curve_rows(report: Report) -> list[ConfigRow]:
     return rows[:MAX_CURVES]
 
 
-def _render_files(report: Report, folder: Path, command: str, spec_path: Optional[str]) -> list[str]:
+def _render_files(report: Report, folder: Path, command: str, spec_path: Optional[str], where: str = "") -> list[str]:
     (folder / "report.md").write_text(
-        render_markdown(report, command, spec_path, datetime.now(timezone.utc)), encoding="utf-8")
+        render_markdown(report, command, spec_path, datetime.now(timezone.utc), where), encoding="utf-8")
     (folder / "report.csv").write_text(render_csv(report), encoding="utf-8")
     files = ["report.md", "report.csv"]
     enc = _encoding(report)
@@ -403,13 +459,14 @@ def _render_files(report: Report, folder: Path, command: str, spec_path: Optiona
     return files
 
 
-def write_atomically(report: Report, command: str, spec_path: Optional[str]) -> list[Path]:
-    """Render every file in a temporary folder beside the target, then move each into place."""
+def write_atomically(report: Report, command: str, spec_path: Optional[str], where: str = "") -> list[Path]:
+    """Render every file in a temporary folder beside the target, then move each into place
+    (``where``: the working directory, relative to the report's folder, for its command)."""
     out = report.out_dir
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
-        files = _render_files(report, tmp, command, spec_path)
+        files = _render_files(report, tmp, command, spec_path, where)
         for name in files:
             os.replace(tmp / name, out / name)
     finally:
