@@ -186,8 +186,11 @@ def open_existing_storage(url: str) -> RDBStorage:
     try:
         if "studies" not in check_foreign_tables(url):  # an empty database: no ledger yet, not a broken one
             raise NoLedger(f"no ledger at {display_url(url)}")
-        return RDBStorage(url, engine_kwargs=_engine_kwargs(url), skip_table_creation=True, heartbeat_interval=interval,
-                          grace_period=grace, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+        # no pool: a reader (status, its --follow every few seconds) holds no idle connection, which
+        # would otherwise stay open until the garbage collector finds the storage's reference cycles
+        return RDBStorage(url, engine_kwargs={**_engine_kwargs(url), "poolclass": sqlalchemy.pool.NullPool},
+                          skip_table_creation=True, heartbeat_interval=interval, grace_period=grace,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
     except AblateError:
         raise
     except Exception as e:  # bad URL, server down, missing driver, not a ledger

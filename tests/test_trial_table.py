@@ -175,3 +175,18 @@ def test_the_indexes_exist_once(url):
     finally:
         engine.dispose()
     assert "ix_ablate_trials_study_state" in trials and "ix_ablate_trial_user_attributes_value" in attrs
+
+
+def test_readers_hold_no_idle_connection(pg_databases):  # noqa: F811
+    """`ablate status --follow` opens a reader every few seconds: each one's pooled connection
+    stayed open until the garbage collector found it, and a long follow ran PostgreSQL out of
+    connections ("sorry, too many clients already")."""
+    import psycopg
+    url = pg_databases[0]
+    Ledger(url, "readers").enqueue_cells(_cells(3))
+    for _ in range(20):
+        assert Ledger(url, "readers", create=False).counts()["WAITING"] == 3
+    database = url.rsplit("/", 1)[1]
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres") as admin:
+        held = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)).fetchone()[0]
+    assert held <= 1, held  # the writer's own connection at most
