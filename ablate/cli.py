@@ -111,13 +111,13 @@ def _launcher(launcher, slurm, slurm_profile, follow, devices) -> bool:
 
 
 def _launch_slurm(spec, kind, *, workers, storage, device, checkpoints, slurm, slurm_profile, follow, spec_args,
-                  trials=None, gpus_per_cell=1):
+                  trials=None, gpus_per_cell=1, reuse=True):
     from ablate.launch.settings import load_settings  # lazy: per command
     from ablate.launch.slurm import launch  # lazy: per command
     from ablate.urls import display_url, storage_option  # lazy: per command
     settings = load_settings(slurm, slurm_profile)
     done = launch(spec, kind=kind, workers=workers, storage=storage, checkpoints=checkpoints, device=device,
-                  settings=settings, trials=trials, spec_args=spec_args, gpus_per_cell=gpus_per_cell)
+                  settings=settings, trials=trials, spec_args=spec_args, gpus_per_cell=gpus_per_cell, reuse=reuse)
     job, stores = done.launch, done.stores
     status = spec_args.command("status", spec, *storage_option(storage))
     click.echo(f"{done.spec_name}: {done.queued}; ledger {display_url(stores.ledger)}; "
@@ -223,6 +223,8 @@ _worker_options = [
                  "or CPU processes with --device cpu"),
     click.option("--checkpoints", default=None, help="checkpoint folder, shared by all workers of a grid "
                  "(default: $ABLATE_CHECKPOINTS or ./checkpoints)"),
+    click.option("--no-reuse", is_flag=True, help="train a cell even where another spec finished the same "
+                 "configuration in these stores (by default its run is recorded here, not trained again)"),
 ]
 
 
@@ -240,8 +242,8 @@ def _with_worker_options(f):
               "(a terminal is asked, default no)")
 @spec_options
 @_with_launcher_options
-def run(spec, workers, storage, device, devices, gpus_per_cell, checkpoints, close_orphans, spec_args, launcher, slurm,
-        slurm_profile, follow):
+def run(spec, workers, storage, device, devices, gpus_per_cell, checkpoints, no_reuse, close_orphans, spec_args,
+        launcher, slurm, slurm_profile, follow):
     """Train every cell of SPEC's grid once; re-running resumes and skips finished cells.
 
     With --launcher slurm the workers are the tasks of one Slurm job array (--workers N tasks)
@@ -253,7 +255,7 @@ def run(spec, workers, storage, device, devices, gpus_per_cell, checkpoints, clo
     if _launcher(launcher, slurm, slurm_profile, follow, devices):
         _launch_slurm(spec, names.GRID, workers=workers, storage=storage, device=device, checkpoints=checkpoints,
                       slurm=slurm, slurm_profile=slurm_profile, follow=follow, spec_args=spec_args,
-                      gpus_per_cell=gpus_per_cell)
+                      gpus_per_cell=gpus_per_cell, reuse=not no_reuse)
         return
     from ablate.runner import run_grid  # lazy: per command
     from ablate.summary import print_summary  # lazy: per command
@@ -261,7 +263,7 @@ def run(spec, workers, storage, device, devices, gpus_per_cell, checkpoints, clo
         terminal = sys.stdin.isatty() and sys.stdout.isatty()  # elsewhere one line says how, never a question
         outcome = run_grid(spec, workers=workers, storage=storage, device=device, devices=_devices(devices),
                            checkpoints=checkpoints, spec_args=spec_args, gpus_per_cell=gpus_per_cell,
-                           close_orphans=close_orphans,
+                           close_orphans=close_orphans, reuse=not no_reuse,
                            ask=functools.partial(click.confirm, default=False) if terminal else None)
     print_summary(outcome, spec, spec_args)
     sys.exit(0 if outcome.ok else 1)
@@ -273,20 +275,20 @@ def run(spec, workers, storage, device, devices, gpus_per_cell, checkpoints, clo
 @_with_worker_options
 @spec_options
 @_with_launcher_options
-def search(spec, trials, workers, storage, device, devices, gpus_per_cell, checkpoints, spec_args, launcher, slurm,
-           slurm_profile, follow):
+def search(spec, trials, workers, storage, device, devices, gpus_per_cell, checkpoints, no_reuse, spec_args, launcher,
+           slurm, slurm_profile, follow):
     """Run SPEC's Optuna search up to its number of trials; re-running continues the same study."""
     if _launcher(launcher, slurm, slurm_profile, follow, devices):
         _launch_slurm(spec, names.SEARCH, workers=workers, storage=storage, device=device, checkpoints=checkpoints,
                       slurm=slurm, slurm_profile=slurm_profile, follow=follow, trials=trials, spec_args=spec_args,
-                      gpus_per_cell=gpus_per_cell)
+                      gpus_per_cell=gpus_per_cell, reuse=not no_reuse)
         return
     from ablate.runner import run_search  # lazy: per command
     from ablate.summary import print_search_summary  # lazy: per command
     with _resumable(names.SEARCH):
         outcome = run_search(spec, trials=trials, workers=workers, storage=storage, device=device,
                              devices=_devices(devices), checkpoints=checkpoints, spec_args=spec_args,
-                             gpus_per_cell=gpus_per_cell)
+                             gpus_per_cell=gpus_per_cell, reuse=not no_reuse)
     counts = outcome.progress.counts
     click.echo("trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n))
     print_search_summary(outcome, spec, spec_args)

@@ -52,6 +52,9 @@ class Context:
     address: str = ""  # the group's rendezvous, tcp://host:port
     group: Optional[Any] = None  # its ablate.cell_group.CellGroup, joined in the worker process
     spec: Optional[Any] = None  # the command's Spec, in its own process; a spawned worker loads it again
+    #: the cell keys other specs finished in the same stores (read once per invocation; empty with
+    #: --no-reuse): such a cell is recorded from their run, not trained again
+    reusable: frozenset = frozenset()
 
     def log(self, msg: str) -> None:
         print(f"{self.prefix}{msg}", flush=True)

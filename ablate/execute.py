@@ -79,6 +79,20 @@ def _execute(spec, cfg, key: str, trial, ledger, ctx: Context, *, prune: bool = 
         ctx.log(f"cell {key}: already finished in MLflow (top-1 {metrics.get('val_top1', float('nan')):.2f})")
         return "COMPLETE"
 
+    source = tracking.finished_elsewhere(ctx.experiment_id, key) if key in ctx.reusable else None
+    if source is not None:
+        # another spec trained this very configuration in these stores (the paper's tables share
+        # their baseline): its result is this cell's, recorded here as a run that names its source
+        tracking.CellRun.reused(source, ctx.experiment_id, ctx.parent_run_id, cfg, key, varied=spec.varied,
+                                spec_file=ctx.spec_path, trial_number=trial.number,
+                                run_name=run_name(spec, cfg, trial.number), tags=spec_tags(spec))
+        metrics = source.data.metrics
+        record(None, ledger, trial, "COMPLETE", objective_values(spec, metrics))
+        remove_checkpoints(ckpt_dir, ctx)
+        ctx.log(f"cell {key}: reused, finished under another spec (experiment {source.info.experiment_id}, "
+                f"top-1 {metrics.get('val_top1', float('nan')):.2f}); --no-reuse trains it again")
+        return "COMPLETE"
+
     device = resolve_device(ctx.device)
     run = tracking.CellRun.open(ctx.experiment_id, ctx.parent_run_id, cfg, key, varied=spec.varied,
                                 spec_file=ctx.spec_path, device=str(device),

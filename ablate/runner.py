@@ -205,7 +205,7 @@ def _handle_orphans(spec, spec_path: str, spec_args: SpecArgs, ledger: Ledger, e
 def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None, device: str = "auto",
              devices: Optional[list[str]] = None, checkpoints: Optional[str] = None,
              progress: Optional[bool] = None, spec_args: SpecArgs = SpecArgs(), gpus_per_cell: int = 1,
-             close_orphans: bool = False, ask: Optional[Callable[[str], bool]] = None) -> Outcome:
+             close_orphans: bool = False, ask: Optional[Callable[[str], bool]] = None, reuse: bool = True) -> Outcome:
     """``ablate run``: every cell of the spec's grid trained once, recorded in MLflow.
 
     Cells no longer in the spec that were left unfinished are closed (:func:`close_orphaned`) with
@@ -224,6 +224,10 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
         (f", {counts['RUNNING']} running elsewhere" if counts["RUNNING"] else "")
     experiment_id = tracking.ensure_experiment(spec.name, spec)
     _close_gone_parents(experiment_id)
+    reusable = reusable_keys(experiment_id, reuse)
+    waiting = {k for k, states in ledger.states_by_key().items() if TrialState.WAITING in states} & keys
+    if waiting & reusable:
+        queue += f" ({len(waiting & reusable)} of them reused from other specs, not trained: --no-reuse trains them)"
     print(f"{spec.name}{overrides_note(spec)}: {len(cells)} cells, {queue}; "
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
     root = checkpoint_root(checkpoints)
@@ -235,13 +239,19 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     parent = tracking.start_parent(experiment_id, names.GRID, str(spec_path), tags=spec_tags(spec))
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=root, device=device, progress=progress, workers=workers, spec_args=spec_args,
-                  gpus_per_cell=gpus_per_cell, spec=spec)
+                  gpus_per_cell=gpus_per_cell, spec=spec, reusable=reusable)
     _run_under_parent(grid_worker, ctx, workers, devices,
                       outcome=lambda: "FINISHED" if survey(spec, ledger, runs=[]).ok else "FAILED")
     where = survey(spec, ledger)
     if where.done:
         _remove_empty_checkpoints(root, spec, with_root)
     return Outcome(spec, where, ledger)
+
+
+def reusable_keys(experiment_id: str, reuse: bool = True) -> frozenset:
+    """The cell keys other specs finished in these stores, which this invocation's workers record
+    rather than train (none with ``reuse=False``, ``--no-reuse``)."""
+    return frozenset(tracking.keys_finished_elsewhere(experiment_id)) if reuse else frozenset()
 
 
 def _to_resume(ledger: Ledger, keys: set[str]) -> int:
@@ -253,7 +263,7 @@ def _to_resume(ledger: Ledger, keys: set[str]) -> int:
 def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1, storage: Optional[str] = None,
                device: str = "auto", devices: Optional[list[str]] = None, checkpoints: Optional[str] = None,
                progress: Optional[bool] = None, spec_args: SpecArgs = SpecArgs(),
-               gpus_per_cell: int = 1) -> Outcome:
+               gpus_per_cell: int = 1, reuse: bool = True) -> Outcome:
     """``ablate search``: continue the spec's study until it holds ``trials`` finished trials."""
     check_trials(trials)
     spec, devices, workers, url = _prepare(spec_path, spec_args, names.SEARCH, device, devices, workers, storage,
@@ -279,7 +289,8 @@ def run_search(spec_path: str, *, trials: Optional[int] = None, workers: int = 1
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
     ctx = Context(spec_path=str(spec_path), storage=url, experiment_id=experiment_id, parent_run_id=parent,
                   checkpoints=root, device=device, progress=progress, trials=target,
-                  workers=workers, spec_args=spec_args, gpus_per_cell=gpus_per_cell, spec=spec)
+                  workers=workers, spec_args=spec_args, gpus_per_cell=gpus_per_cell, spec=spec,
+                  reusable=reusable_keys(experiment_id, reuse))
     _run_under_parent(search_worker, ctx, workers, devices)
     _, running, waiting = ledger.search_counts()
     if not running and not waiting:

@@ -429,6 +429,24 @@ class CellRun:
         cr.close("COMPLETE")
         return cr
 
+    @classmethod
+    def reused(cls, source, experiment_id: str, parent_id: str, cfg: CellConfig, key: str, *, varied: Iterable[str],
+               spec_file: str, trial_number: int, run_name: str, tags: dict[str, str]) -> "CellRun":
+        """This spec's run of a cell another spec finished in the same stores (``source``): its
+        configuration as this spec describes it, the source's results at its last step, where it
+        trained, and tags naming the source run and experiment (its learning curves are read there)."""
+        trained = {k: v for k, v in source.data.tags.items() if k in (names.DEVICE, names.DEVICE_NAME, names.HOST,
+                                                                    names.GIT_COMMIT)}
+        cr = cls.open(experiment_id, parent_id, cfg, key, varied=varied, spec_file=spec_file,
+                      device=trained.get(names.DEVICE, ""), trial_number=trial_number, run_name=run_name,
+                      tags={**tags, **trained, names.REUSED_FROM: source.info.run_id,
+                            names.REUSED_EXPERIMENT: source.info.experiment_id})
+        cr.set_tags({**trained, names.REUSED_FROM: source.info.run_id, names.REUSED_EXPERIMENT: source.info.experiment_id})
+        epochs = source.data.params.get(names.EPOCHS, "")
+        cr.log_metrics(source.data.metrics, step=int(epochs) if epochs.isdigit() else None)
+        cr.close("COMPLETE")
+        return cr
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         _retry(client().log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
                writing=f"the tags of {self.label}")
@@ -452,6 +470,41 @@ class CellRun:
             tags[names.FAILURE] = reason[:5000]
         self.set_tags(tags)
         finish_run(self.run_id, {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
+
+
+def _other_experiments(experiment_id: str) -> list[str]:
+    """The ids of every active experiment of the store but ``experiment_id``, through MLflow's pages."""
+    ids, token = [], None
+    while True:
+        page = _retry(client().search_experiments, max_results=1000, page_token=token)
+        ids += [e.experiment_id for e in page if e.experiment_id != experiment_id]
+        token = page.token
+        if not token:
+            return ids
+
+
+#: a finished cell run: its MLflow status and the ledger's word, which only a whole training writes
+_FINISHED_CELL = f"tags.`{names.ROLE}` = 'cell' and tags.`{names.STATE}` = 'COMPLETE' and attributes.status = 'FINISHED'"
+
+
+def finished_elsewhere(experiment_id: str, key: str):
+    """The cell ``key``'s finished run under another spec (another experiment of this store), the
+    original where it is itself a copy; None where no other spec finished it."""
+    others = _other_experiments(experiment_id)
+    if not others:
+        return None
+    runs = _retry(client().search_runs, others, filter_string=f"tags.`{names.CELL_KEY}` = '{key}' and {_FINISHED_CELL}",
+                  order_by=["attributes.start_time ASC"], max_results=1)
+    if not runs:
+        return None
+    source = runs[0].data.tags.get(names.REUSED_FROM)
+    return _retry(client().get_run, source) if source else runs[0]
+
+
+def keys_finished_elsewhere(experiment_id: str) -> set[str]:
+    """Every cell key with a finished run under another spec of this store (one paged read)."""
+    others = _other_experiments(experiment_id)
+    return {r.data.tags.get(names.CELL_KEY) for r in all_runs(others, _FINISHED_CELL)} - {None} if others else set()
 
 
 def finished_run(experiment_id: str, key: str):

@@ -43,7 +43,7 @@ from ablate.locks import retry_busy
 from ablate.preflight import check_batches, check_kind, check_trials
 from ablate.processes import run_in_group, run_workers
 from ablate.progress import survey
-from ablate.runner import queue_grid
+from ablate.runner import queue_grid, reusable_keys
 from ablate.spec.builder import SpecArgs
 from ablate.stores import check_stores
 from ablate.urls import display_url
@@ -66,7 +66,8 @@ class Submitted:
 
 def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str] = None,
            checkpoints: Optional[str] = None, device: str = "auto", settings: SlurmSettings,
-           trials: Optional[int] = None, spec_args: Optional[SpecArgs] = None, gpus_per_cell: int = 1) -> Submitted:
+           trials: Optional[int] = None, spec_args: Optional[SpecArgs] = None, gpus_per_cell: int = 1,
+           reuse: bool = True) -> Submitted:
     """Queue the spec's work and submit its workers as one job array; return without waiting.
 
     Everything that can be refused is refused before anything is written or submitted: the
@@ -107,11 +108,12 @@ def launch(spec_path: str, *, kind: str, workers: int = 1, storage: Optional[str
         # tagged as Slurm's from the start: its tasks, not this process, run (and close) it
         parent = tracking.start_parent(experiment_id, kind, str(spec_path), tags={names.LAUNCHER: "slurm"},
                                        local=False)
+        reusable = reusable_keys(experiment_id, reuse)
     gpus = settings.gpus_per_task if gpus_per_cell == 1 else 0  # a cell's group: one process per GPU
     ctx = Context(spec_path=os.path.abspath(spec_path), storage="", experiment_id=experiment_id,
                   parent_run_id=parent, checkpoints=stores.checkpoints, device=device, progress=False,
                   trials=target or 0, workers=workers * max(1, gpus), spec_args=spec_args,
-                  gpus_per_cell=gpus_per_cell)
+                  gpus_per_cell=gpus_per_cell, reusable=reusable)
     try:
         # the store URLs reach the tasks through the environment sbatch passes on, not in a file
         with _environment(ABLATE_STORAGE=stores.ledger, MLFLOW_TRACKING_URI=stores.tracking,
