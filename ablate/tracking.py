@@ -435,13 +435,15 @@ class CellRun:
         """This spec's run of a cell another spec finished in the same stores (``source``): its
         configuration as this spec describes it, the source's results at its last step, where it
         trained, and tags naming the source run and experiment (its learning curves are read there)."""
-        trained = {k: v for k, v in source.data.tags.items() if k in (names.DEVICE, names.DEVICE_NAME, names.HOST,
-                                                                    names.GIT_COMMIT)}
+        # what its training recorded (device, data path, split sizes, threads, ...), not what names
+        # the run's place in its own spec (role, key, state, spec file, trial, varied settings)
+        trained = {k: v for k, v in source.data.tags.items()
+                   if k.startswith("ablate.") and k not in _OWN_TAGS and k not in tags}
+        reused = {**trained, names.REUSED_FROM: source.info.run_id, names.REUSED_EXPERIMENT: source.info.experiment_id}
         cr = cls.open(experiment_id, parent_id, cfg, key, varied=varied, spec_file=spec_file,
                       device=trained.get(names.DEVICE, ""), trial_number=trial_number, run_name=run_name,
-                      tags={**tags, **trained, names.REUSED_FROM: source.info.run_id,
-                            names.REUSED_EXPERIMENT: source.info.experiment_id})
-        cr.set_tags({**trained, names.REUSED_FROM: source.info.run_id, names.REUSED_EXPERIMENT: source.info.experiment_id})
+                      tags={**tags, **reused})
+        cr.set_tags(reused)
         epochs = source.data.params.get(names.EPOCHS, "")
         cr.log_metrics(source.data.metrics, step=int(epochs) if epochs.isdigit() else None)
         cr.close("COMPLETE")
@@ -482,6 +484,10 @@ def _other_experiments(experiment_id: str) -> list[str]:
         if not token:
             return ids
 
+
+#: the tags that place a cell run in its own spec and invocation: a reused run sets its own
+_OWN_TAGS = {names.ROLE, names.CELL_KEY, names.STATE, names.VARIED, names.SPEC_FILE, names.TRIAL_NUMBER,
+             names.INCOMPLETE, names.FAILURE, names.REUSED_FROM, names.REUSED_EXPERIMENT}
 
 #: a finished cell run: its MLflow status and the ledger's word, which only a whole training writes
 _FINISHED_CELL = f"tags.`{names.ROLE}` = 'cell' and tags.`{names.STATE}` = 'COMPLETE' and attributes.status = 'FINISHED'"

@@ -100,6 +100,16 @@ def test_every_paper_spec_trains_end_to_end(imagenet100, tmp_path, loader, monke
             assert patches == [16, 32]
         else:
             assert sizes == [224] and patches == [16]
+    # the tables share their baseline row (and more): each configuration trained once across them,
+    # the others recorded from that run
+    cells = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`ablate.role` = 'cell'")
+    trained = [r.data.tags["ablate.cell_key"] for r in cells if "ablate.reused_from" not in r.data.tags]
+    assert len(trained) == len(set(trained)) < len(cells)
+    for run in cells:
+        if "ablate.reused_from" in run.data.tags:
+            source = client.get_run(run.data.tags["ablate.reused_from"])
+            assert source.data.tags["ablate.cell_key"] == run.data.tags["ablate.cell_key"]
+            assert source.data.metrics["val_top1"] == run.data.metrics["val_top1"]
 
 
 def test_the_imagenet1k_table_rehearses_on_a_generated_1000_class_tree(tmp_path, monkeypatch):
