@@ -8,6 +8,7 @@ started by :mod:`ablate.processes` (or by a Slurm task).
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def grid_worker(ctx: Context) -> None:
     spec = ctx.load_spec()
     ledger = Ledger.for_spec(spec, ctx.storage)
     cells = {c.key: c for c in spec.cells()}
-    started, trained, waited, said, cost = time.time(), 0, False, 0.0, 0.0
+    durations, waited, said, cost = [], False, 0.0, 0.0  # this worker's seconds per cell
     while True:
         trial = ledger.claim(cells.keys())  # only this spec's cells: another spec of the same name keeps its own
         if trial is None:
@@ -92,13 +93,16 @@ def grid_worker(ctx: Context) -> None:
             continue
         waited = False
         key = trial.user_attrs[names.CELL_KEY]
+        began = time.time()
         execute(spec, cells[key].config, key, trial, ledger, ctx)
-        trained += 1
+        durations.append(time.time() - began)
         # counting every cell's state is the one read that grows with the grid: at most every
         # PROGRESS_SECONDS, and rarely enough that it takes under 5% of a worker's time
         if time.time() - said >= max(PROGRESS_SECONDS, 20 * cost):
             said = time.time()
-            _say_progress(ctx, ledger, cells, (said - started) / trained)
+            # the median cell: the first one also pays for starting (imports, data, a compiled
+            # model), which would make the elapsed time per cell overstate the rest by far
+            _say_progress(ctx, ledger, cells, statistics.median(durations))
             cost = time.time() - said
 
 
