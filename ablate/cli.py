@@ -312,10 +312,17 @@ def report(target, out, cost, spec_args):
     correlation."""
     from ablate.report import write_report  # lazy: per command
     from ablate.stores import existing_tracking_store  # lazy: per command
-    existing_tracking_store()  # a folder with no runs: say so, without creating an empty mlflow.db
     options = (("--out", out) if out else ()) + (("--cost", cost) if cost != "macs" else ())
     command = spec_args.command("report", target, *options)
-    rep = write_report(target, out, command=command, spec_args=spec_args, cost=cost)
+    try:
+        existing_tracking_store()  # a folder with no runs: say so, without creating an empty mlflow.db
+        rep = write_report(target, out, command=command, spec_args=spec_args, cost=cost)
+    except AblateError as e:
+        first = _run_first(target, spec_args, e)
+        if first is None:
+            raise
+        head, allowed, rest = str(e).partition(" (allowed: ")
+        raise AblateError(f"{head}; run it first: {first}{allowed}{rest}") from None
     runs = rep.counts["finished"]
     click.echo(f"{rep.experiment}: {runs} runs in {len(rep.rows)} configuration{'s' * (len(rep.rows) != 1)} -> "
                + ", ".join(str(p) for p in rep.files))
@@ -323,6 +330,27 @@ def report(target, out, cost, spec_args):
         click.echo(rep.correlation.text())
     if rep.parent_run_id:
         click.echo(f"logged under report/ of MLflow run {rep.parent_run_id} ({rep.store})")
+
+
+def _run_first(target: str, spec_args, error: AblateError):
+    """The command that records what ``ablate report SPEC`` found nothing of (``ablate run SPEC``,
+    or ``ablate search SPEC``, with the same ``--set``/``--name``), or ``None``: where ``error``
+    is no store here, or a store without the experiment of that spec with those options. A
+    report of an experiment name, a spec with a problem, or an experiment whose runs have not
+    finished get the error as it is."""
+    from pathlib import Path  # lazy: per command
+    from ablate.errors import SpecError  # lazy: per command
+    from ablate.stores import NothingRecorded  # lazy: per command
+    from ablate.tracking import existing_experiment  # lazy: per command
+    if isinstance(error, SpecError) or not Path(target).is_file():
+        return None
+    try:
+        spec = spec_args.load(target, check_paths=False)
+        if not isinstance(error, NothingRecorded) and existing_experiment(spec.name) is not None:
+            return None
+    except AblateError:
+        return None
+    return spec_args.command("search" if spec.search is not None else "run", target)
 
 
 # ---- models ----------------------------------------------------------------------------------

@@ -34,6 +34,11 @@ NOTHING_HERE = ("allowed: the folder where `ablate run` or `ablate search` ran, 
                 "--storage set to the stores they used")
 
 
+class NothingRecorded(AblateError):
+    """A command that reads found no store where runs are recorded: nothing has been run here
+    yet (or not with this store), which a command given a spec can follow with the one to run."""
+
+
 def quiet_store_logs() -> None:
     """Keep MLflow's schema-creation INFO lines ("Creating initial MLflow database tables...")
     out of every first run: they say nothing a user can act on. Its warnings still show."""
@@ -141,7 +146,7 @@ def _check_sqlite(database: Optional[str], query, what: str, shown: str, *, crea
         raise AblateError(f"{what} {shown}: {path} is a folder (allowed: sqlite:///FILE)")
     if not path.exists():
         if not create:
-            raise AblateError(f"no {what} at {shown}: nothing has been recorded here ({NOTHING_HERE})")
+            raise NothingRecorded(f"no {what} at {shown}: nothing has been recorded here ({NOTHING_HERE})")
         folder = path.parent
         if not folder.is_dir():
             raise AblateError(f"{what} {shown}: folder {folder} does not exist")
@@ -204,7 +209,7 @@ def check_tracking_store(uri: str, *, log: Callable[[str], None] = _stderr, crea
     if scheme in SQL_SCHEMES:
         tables = check_database(uri, "MLflow store", create=create)
         if not create and tables is not None and "experiments" not in tables:  # MLflow would create them
-            raise AblateError(f"no MLflow store at {display_url(uri)}: nothing has been recorded there ({NOTHING_HERE})")
+            raise NothingRecorded(f"no MLflow store at {display_url(uri)}: nothing has been recorded there ({NOTHING_HERE})")
     elif scheme in ("http", "https"):
         _wait_for_server(uri, log, _server_wait() if wait is None else wait)
     else:
@@ -268,7 +273,7 @@ def _check_other_store(uri: str, *, create: bool) -> None:
     if not create and _scheme(uri) in ("", "file"):
         path = Path(urlsplit(uri).path if uri.startswith("file:") else uri)
         if not path.exists():
-            raise AblateError(f"no MLflow store at {shown}: nothing has been recorded here ({NOTHING_HERE})")
+            raise NothingRecorded(f"no MLflow store at {shown}: nothing has been recorded here ({NOTHING_HERE})")
     from mlflow.tracking import MlflowClient  # lazy: as mlflow in _tracking_uri
     try:
         MlflowClient(uri)  # resolves the store: an unknown scheme or a refused file store raises here

@@ -130,6 +130,27 @@ def test_a_spec_that_is_not_a_regular_file_is_named_for_what_it_is(target, tmp_p
         load_spec(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("given, meant", [
+    ("specs/quickstart.yml", "specs/quickstart.yaml"),     # the other YAML suffix
+    ("specs/quickstar.yaml", "specs/quickstart.yaml"),     # a typo
+    ("specs/quickstart", "specs/quickstart.yaml"),         # no suffix
+    ("specs/run3.yaml", "specs/run1.yaml or specs/run2.yaml"),  # as near as each other
+    ("specs/other.yaml", None),                            # nothing near: no guess
+    ("nowhere/quickstart.yaml", None)])                    # no such folder
+def test_a_missing_spec_path_suggests_the_nearest_spec_files(given, meant, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "specs").mkdir()
+    for name in ("quickstart.yaml", "run1.yaml", "run2.yaml", "notes.txt"):
+        (tmp_path / "specs" / name).write_text(HEAD)
+    hint = f"; did you mean {meant}?" if meant else ""
+    for command in ("plan", "run"):
+        result = CliRunner().invoke(cli, [command, given])
+        assert result.exit_code == 2 and result.stderr == \
+            f"error: {given}: no such spec file{hint} (allowed: a path to a YAML spec)\n", result.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.txt", "quickstart.yaml", "run1.yaml", "run2.yaml",
+                                                             "specs"]
+
+
 def test_a_control_character_in_the_name_option_says_allowed_once(tmp_path):
     spec = write_spec(tmp_path / "s.yaml")
     line = refused(spec, "--name", "two\tparts")

@@ -153,6 +153,25 @@ def test_existing_tracking_store_creates_nothing(workdir):
     assert existing_tracking_store() == os.environ["MLFLOW_TRACKING_URI"]
 
 
+def test_a_report_before_any_run_says_which_command_to_run(spec, workdir):
+    """No store here, or a store without this spec's experiment (another --set): the one line
+    names the command that records it, with the same options; nothing is created."""
+    line = _refused(_run("report", "s.yaml"), "nothing has been recorded here; run it first: ablate run s.yaml (")
+    assert line.endswith("--storage set to the stores they used)") and _files(workdir) == ["s.yaml"]
+    _refused(_run("report", "s.yaml", "--set", "train.epochs=2", "--name", "my try"),
+             "run it first: ablate run s.yaml --set train.epochs=2 --name 'my try' (allowed:")
+    write_spec(workdir / "search.yaml", name="searched", extra=SEARCH)
+    _refused(_run("report", "search.yaml"), "run it first: ablate search search.yaml (allowed:")
+    from mlflow.tracking import MlflowClient
+    MlflowClient().create_experiment("tiny")
+    line = _refused(_run("report", "s.yaml", "--set", "train.epochs=2"), "no MLflow experiment named 'tiny+")
+    assert line.endswith("tiny); run it first: ablate run s.yaml --set train.epochs=2"), line
+    # an experiment name, or a spec with a problem, is not followed by a command to run
+    assert "run it first" not in _refused(_run("report", "no-such-experiment"), "no MLflow experiment named")
+    (workdir / "bad.yaml").write_text("name: bad\nmodel: {widht: 64}\n")
+    assert "run it first" not in _refused(_run("report", "bad.yaml"), "model.widht: unknown setting")
+
+
 def test_a_new_store_is_created_without_mlflow_info_lines(workdir):
     """MLflow announces its schema migration at INFO on every first run: nothing to act on."""
     code = ("from ablate.stores import check_stores; from ablate import tracking; "

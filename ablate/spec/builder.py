@@ -112,6 +112,9 @@ class SpecBuilder:
         self.origins = self.files.origins       # path in the merged spec -> where it was written
         self.zip_paths: dict[str, tuple] = {}   # zip key -> its path in the spec, for line numbers
         self.bad_keys: set[str] = set()         # settings whose grid/zip/search entry is invalid
+        self.invalid_values: dict[str, list[tuple[Any, Where]]] = {}  # setting -> (value, where) of a listed value invalid on its own
+        self.valid_values: dict[str, list] = {}  # setting -> the listed values valid on their own
+        self.inherited: set[tuple] = set()      # zip paths of values a section axis takes from the base
         self.fixed: dict[str, Override] = {}    # settings fixed by --set
         self.spec_values: dict[str, Any] = {}   # what the spec itself said for each of them (or the default)
         self.varied_by_spec: set[str] = set()   # of them, those the spec's grid, zip or search varied
@@ -179,6 +182,9 @@ class SpecBuilder:
                      "(allowed: remove grid/zip, or search)")
         varied = self._varied(grid, zips, search)
         self._varied_keys = set(varied)
+        fits = search is not None or self._count_fits(grid, zips, seeds)
+        if fits:
+            self._check_values(base, grid, zips)
         exclude = self._exclude(raw.get("exclude"), varied)
         reference = read_reference(raw.get("reference"), self)
         reference = rows_for_overrides(reference, {k: o.value for k, o in self.fixed.items()})
@@ -186,7 +192,7 @@ class SpecBuilder:
 
         cells = []
         base_config = self._base_config(base, set(varied) | self.bad_keys)
-        if not self.problems and search is None and self._count_fits(grid, zips, seeds):
+        if not self.problems and search is None and fits:
             combos = self._combinations(grid, zips, exclude)
             cells = self._cells(base, combos, seeds, varied)
         if not self.problems and search is None:
@@ -281,10 +287,13 @@ class SpecBuilder:
         return base
 
     def _base_config(self, base: dict, varied: set[str]) -> CellConfig:
-        """The base alone; its problems on settings the grid or search sets are left to the cells."""
+        """The base alone. A value invalid on its own is refused at its line even where the grid
+        or search replaces it in every cell (a typo there is still a typo, and would come back
+        with the first spec that extends this one); a combination of settings (image size and
+        patch size) that involves a varied setting is left to the cells, which hold other values."""
         config, errors = validate_cell(base, {})
         for dotted, involved, message in errors:
-            if not varied.intersection(involved):
+            if len(involved) == 1 or not varied.intersection(involved):
                 self.problems.add(self._setting_where(involved), dotted, message)
         if config is not None:
             return config
@@ -378,6 +387,8 @@ class SpecBuilder:
                 for i in range(len(entries)):
                     self.origins[("zip", index, f"{section}.{n}", i)] = self.where(*path, i, n) \
                         if n in entries[i] else self.where(*path, i)
+                    if n not in entries[i]:
+                        self.inherited.add(("zip", index, f"{section}.{n}", i))
                 self.origins[("zip", index, f"{section}.{n}")] = self.where(*path)
             self.origins.setdefault(("zip", index), self.where(*path))
             groups.append(group)
@@ -454,6 +465,46 @@ class SpecBuilder:
                     self.zip_paths.setdefault(k, path + (k,))
         return out
 
+    def _check_values(self, base: dict, grid: dict, zips: list[dict]) -> None:
+        """Every value the grid and zip list, on its own, at its own line: before anything that
+        refers to the values (``exclude``, ``reference`` rows, ``report.baseline``) is read, so that
+        a typo is reported where it was written rather than where something names its correct
+        spelling, and whatever the other settings of its cells are. A value a section axis takes
+        from the base is the base's, refused at the base's line."""
+        lists = [(k, v, ("grid", k)) for k, v in grid.items()]
+        lists += [(k, v, self.zip_paths[k]) for group in zips for k, v in group.items()]
+        for key, values, path in lists:
+            for i, value in enumerate(values):
+                if path + (i,) in self.inherited:
+                    continue
+                _, errors = validate_cell(base, {key: value})
+                messages = [message for _, involved, message in errors if involved == (key,)]
+                for message in messages:
+                    self.add(path + (i,), f"cell {format_values({key: value})}: {message}", ".".join(map(str, path)))
+                self.listed(key, value, path + (i,), valid=not messages)
+
+    def listed(self, key: str, value: Any, path: tuple, valid: bool) -> None:
+        """Note a value that the grid, a zip group or a search choice lists for ``key``, and
+        whether it is valid on its own, for what refers to it (:meth:`invalid_reference`)."""
+        if valid:
+            self.valid_values.setdefault(key, []).append(value)
+        else:
+            self.invalid_values.setdefault(key, []).append((value, self.where(*path)))
+
+    def invalid_reference(self, path: tuple, key: str, value: Any) -> Optional[str]:
+        """``eigth is not a valid model.shift, see line 7`` where something written at ``path``
+        (an ``exclude`` rule, a ``reference`` row, ``report.baseline``) names a value listed for
+        ``key`` that is itself invalid, else ``None``: the line named says why."""
+        for bad, where in self.invalid_values.get(key, ()):
+            if same_value(bad, value):
+                line = f"line {where[1]}" if where[0] == self.where(*path)[0] or not where[1] else location(where)
+                return f"{format_value(value)} is not a valid {key}, see {line}"
+        return None
+
+    def valid_listed(self, key: str) -> str:
+        """The values listed for ``key`` that are valid, as the ``allowed`` of a reference to another."""
+        return ", ".join(format_value(v) for v in self.valid_values.get(key, ())) or "none listed is valid"
+
     def _search(self, search: Any, base: dict) -> Optional[SearchSpec]:
         if isinstance(search, dict) and isinstance(search.get("space"), dict) and self.fixed:
             space = search["space"]
@@ -516,6 +567,11 @@ class SpecBuilder:
             for k in bad:
                 self.add(path + (k,), f"not a varied setting (allowed: {', '.join(varied) or 'grid or zip keys'})",
                          f"exclude[{i}].{k}")
+            for k in (k for k in rule if k in varied):
+                problem = self.invalid_reference(path + (k,), k, rule[k])
+                if problem:
+                    self.add(path + (k,), f"{problem} (allowed: {self.valid_listed(k)})", f"exclude[{i}].{k}")
+                    bad.append(k)
             if not bad:
                 out.append((i, rule))
         self._exclude_index = [i for i, _ in out]

@@ -6,6 +6,7 @@ spec that sets one of ``grid``/``zip``/``search`` replaces all of the design key
 """
 from __future__ import annotations
 
+import difflib
 import os
 import stat
 from pathlib import Path
@@ -63,7 +64,8 @@ class SpecFiles:
                                       f"(allowed: at most {MAX_EXTENDS} specs, each extending the next)")
                 elif not parent.exists():
                     self.problems.add(where, "extends", f"no such file {extends} (looked for "
-                                      f"{parent}) (allowed: an existing spec, relative to this file)")
+                                      f"{parent}){did_you_mean_file(path.parent / extends, extends)} "
+                                      "(allowed: an existing spec, relative to this file)")
                 elif unsafe_file(parent):
                     self.problems.add(where, "extends", f"{extends} ({parent}) {unsafe_file(parent)}")
                 else:
@@ -108,7 +110,7 @@ def spec_file_problem(path: Path) -> str | None:
     try:
         st = path.stat()
     except (FileNotFoundError, NotADirectoryError):
-        return "no such spec file (allowed: a path to a YAML spec)"
+        return f"no such spec file{did_you_mean_file(path, str(path))} (allowed: a path to a YAML spec)"
     except OSError as e:
         return f"cannot be read ({e.strerror}) (allowed: a spec file you can read)"
     if stat.S_ISDIR(st.st_mode):
@@ -116,6 +118,35 @@ def spec_file_problem(path: Path) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return f"is not a regular file but {file_kind(st.st_mode)} (allowed: a path to a YAML spec file)"
     return None
+
+
+#: what a spec file's name ends with
+SPEC_SUFFIXES = (".yaml", ".yml")
+
+
+def did_you_mean_file(path: Path, shown: str) -> str:
+    """``; did you mean experiments/quickstart.yaml?`` for a spec path that does not exist: the
+    same name with the other YAML suffix (``.yml`` for ``.yaml``), else the spec files in its
+    folder nearest it by name (a typo, a missing suffix), written as the user wrote the path.
+    Empty where the folder cannot be listed or nothing there is near."""
+    try:
+        names = sorted(e.name for e in os.scandir(path.parent)
+                       if e.name.endswith(SPEC_SUFFIXES) and e.is_file())
+    except OSError:
+        return ""
+    stem, suffix = os.path.splitext(path.name)
+    other = {".yml": ".yaml", ".yaml": ".yml"}.get(suffix)
+    if other and stem + other in names:
+        close = [stem + other]
+    else:  # the nearest by stem (every name shares .yaml), and any about as near (run1, run2 for run3)
+        ratio = {n: difflib.SequenceMatcher(None, stem.lower(), os.path.splitext(n)[0].lower()).ratio()
+                 for n in names}
+        best = max(ratio.values(), default=0.0)
+        close = [n for n in sorted(names, key=ratio.get, reverse=True) if ratio[n] >= max(0.6, best - 0.05)][:3]
+    if not close:
+        return ""
+    folder = os.path.dirname(shown)
+    return "; did you mean " + " or ".join(os.path.join(folder, name) for name in close) + "?"
 
 
 def file_kind(mode: int) -> str:

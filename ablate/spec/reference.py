@@ -91,7 +91,14 @@ def _read_row(row: Any, path: tuple, shown: str, check: Checker) -> Optional[Ref
         valid = False
     else:
         for key in when:
-            valid = check.setting_key(key, path + ("when", key)) and valid
+            if not check.setting_key(key, path + ("when", key)):
+                valid = False
+                continue
+            problem = check.invalid_reference(path + ("when", key), key, when[key])
+            if problem:
+                check.add(path + ("when", key), f"{problem} (allowed: {check.valid_listed(key)})",
+                          f"{shown}.when.{key}")
+                valid = False
     for key in ("top1", "top5", "params_m", "gmacs"):
         if key in row and (not isinstance(row[key], (int, float)) or isinstance(row[key], bool)):
             check.add(path + (key,), f"expected a number, got {format_value(row[key])} "

@@ -53,13 +53,22 @@ def read_report(report: Any, varied: list[str], choices: Mapping[str, list],
         if key in fixed:
             continue
         shown = f"report.baseline.{key}"
+        problem = check.invalid_reference(path + (key,), key, value)
+        if problem:  # a value the grid, zip or search lists, itself invalid: refused at its own line
+            check.add(path + (key,), f"{problem} (allowed: {check.valid_listed(key)})", shown)
+            continue
         if key not in varied:
             check.add(path + (key,), f"not a varied setting{did_you_mean(key, varied)} (allowed: {allowed})", shown)
             continue
         values = choices.get(key)
         if values is not None and not any(same_value(value, v) for v in values):
-            check.add(path + (key,), f"{format_value(value)} is not one of its values "
-                      f"(allowed: {', '.join(format_value(v) for v in values)})", shown)
+            # a value listed that is itself invalid (a typo, eigth) is no value to choose: named
+            # with the line that refuses it, not offered as allowed
+            invalid = [p for p in (check.invalid_reference(path + (key,), key, v) for v in values) if p]
+            note = "".join(f"; {p}" for p in invalid)
+            allowed = check.valid_listed(key) if invalid else ", ".join(format_value(v) for v in values)
+            check.add(path + (key,), f"{format_value(value)} is not one of its values{note} "
+                      f"(allowed: {allowed})", shown)
             continue
         if key in ranges and not _in_range(value, *ranges[key]):
             low, high = ranges[key]

@@ -187,9 +187,11 @@ def _param_values_valid(key: str, param: Param, base: dict, path: tuple, check: 
     ok = True
     for i, value in enumerate(values):
         _, errors = validate_cell(base, {key: value})
-        for dotted, involved, message in errors:
-            if involved == (key,):
-                where = path + (("choice", i) if param.kind == "choice" else (param.kind,))
-                check.add(where, f"{format_value(value)}: {message}", f"search.space.{key}")
-                ok = False
+        where = path + (("choice", i) if param.kind == "choice" else (param.kind,))
+        messages = [message for _, involved, message in errors if involved == (key,)]
+        for message in messages:
+            check.add(where, f"{format_value(value)}: {message}", f"search.space.{key}")
+        if param.kind == "choice":
+            check.listed(key, value, where, valid=not messages)
+        ok = ok and not messages
     return ok
