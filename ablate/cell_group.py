@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Optional
@@ -37,6 +38,9 @@ class StoppedByLeader(Exception):
 def dist_timeout() -> float:
     timeout = positive_number("ABLATE_DIST_TIMEOUT", "seconds, a positive number")
     return DEFAULT_TIMEOUT if timeout is None else timeout
+
+
+_LEFT = "ablate/ranks_left"  # the rendezvous store's count of ranks that have left after a normal end
 
 
 def free_port() -> int:
@@ -70,10 +74,31 @@ class CellGroup:
                                     device_id=device if device.type == "cuda" else None)
         return cls(rank, size)
 
-    def leave(self) -> None:
+    def leave(self, done: bool = False) -> None:
+        """Leave the group; ``done``: every rank ended its work normally and leaves now.
+
+        Rank 0 holds the rendezvous store: its process ending while another rank still tears its
+        side down makes torch abort that rank ("terminate called without an active exception"),
+        and a Slurm task that finished its work ends FAILED. So on a normal end the ranks meet
+        once more, the others leave first, and rank 0 waits (up to a minute) until they have."""
         import torch.distributed as dist  # lazy: torch; ablate status imports this module
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        if not (self.distributed and dist.is_initialized()):
+            return
+        if done:
+            try:
+                _collective(dist.barrier)
+            except GroupBroken:  # a rank died at the very end: nobody to wait for
+                dist.destroy_process_group()
+                return
+            store = dist.distributed_c10d._get_default_store()  # private torch: the group's rendezvous store
+            if not self.leader:
+                store.add(_LEFT, 1)
+            else:
+                deadline = time.monotonic() + 60
+                while store.add(_LEFT, 0) < self.size - 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                time.sleep(0.5)  # their last store call answered: let them close their connection
+        dist.destroy_process_group()
 
     # ---- collectives (no-ops for one process) ----------------------------------------------
 

@@ -130,15 +130,17 @@ def run_in_group(target: Callable[[Context], None], ctx: Context, size: int, add
     once its worker loop ends; a process of the group that dies ends this one with
     ``GROUP_BROKEN_EXIT``, and its cell resumes at the next run."""
     ctx.group = CellGroup.join(ctx.rank, size, address, resolve_device(ctx.device))
+    done = False
     try:
         target(ctx)
         if ctx.group.leader:
             ctx.group.send({"stop": True})
+        done = True
     except GroupBroken as e:
         ctx.log(f"stopped: {e}; its cell resumes from its last checkpoint")
         raise SystemExit(GROUP_BROKEN_EXIT) from None
     finally:
-        ctx.group.leave()
+        ctx.group.leave(done)
 
 
 def _leave(signum: int) -> SystemExit:
