@@ -11,12 +11,46 @@ import math
 import time
 from typing import Any, Optional, Sequence
 
-from ablate.models.shift_patterns import shift_label
+from ablate.models.shift_patterns import SHIFT_PATTERNS, resolve_offsets
+
+#: offsets an offset list shows before the rest is elided: a legend entry or a table column
+#: stays short, however many channel groups a custom pattern has
+SHOWN_OFFSETS = 4
+
+
+def offsets(v: Any) -> Optional[str]:
+    """A shift pattern as every table, legend and run name shows it, or None where ``v`` is
+    not one: a named pattern by its name (also where it is written out as that pattern's
+    offsets, in that order), any other list as ``[+0+1 +0-1 +1+0 -1+0]`` (dy then dx, signed),
+    and past :data:`SHOWN_OFFSETS` offsets its first ones, the last and their number,
+    ``[+0+1 +0-1 +1+0 … -1+1] (9 offsets)``: as long as the list's ends and length tell
+    apart, and the same list always reads the same. ``v`` is the list itself or its MLflow
+    param (the JSON text)."""
+    if isinstance(v, str):
+        if not v.startswith("["):
+            return None
+        try:
+            v = json.loads(v)
+        except ValueError:
+            return None
+    if not isinstance(v, (list, tuple)):
+        return None
+    try:
+        pairs = resolve_offsets(v)
+    except (ValueError, TypeError):  # not a list of offsets
+        return None
+    for name, (_, named) in SHIFT_PATTERNS.items():
+        if pairs == named:
+            return name
+    written = [f"{dy:+d}{dx:+d}" for dy, dx in pairs]
+    if len(written) <= SHOWN_OFFSETS:
+        return "[" + " ".join(written) + "]"
+    return "[" + " ".join(written[:SHOWN_OFFSETS - 1]) + f" … {written[-1]}] ({len(written)} offsets)"
 
 
 def value(v: Any) -> str:
     """A setting's value, short, for a table or a run name: floats to 3 significant digits,
-    offset lists by their pattern's name where they have one, nothing for None."""
+    offset lists as :func:`offsets` writes them, nothing for None."""
     if v is None:
         return ""
     if isinstance(v, bool):
@@ -24,10 +58,7 @@ def value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     if isinstance(v, list):
-        try:
-            return shift_label(v)
-        except ValueError:  # not a list of offsets
-            return compact_json(v)
+        return offsets(v) or compact_json(v)
     if isinstance(v, dict):
         return compact_json(v)
     return str(v)
@@ -44,9 +75,12 @@ def exact(v: Any) -> str:
 
 
 def number(v: Any) -> str:
-    """A number in a plan or a search space: ``768``, ``0.001``, ``3e-05`` (Python's ``g``)."""
+    """A number in a plan or a search space: ``768``, ``0.001``, ``3e-05`` (Python's ``g``);
+    offset lists as :func:`offsets` writes them."""
     if isinstance(v, float):
         return f"{v:g}"
+    if isinstance(v, list) and offsets(v) is not None:
+        return offsets(v)
     if isinstance(v, (list, dict)):
         return compact_json(v)
     return str(v)
@@ -56,8 +90,13 @@ def compact_json(v: Any) -> str:
     return json.dumps(v, separators=(",", ":"))
 
 
-def param(text: str) -> str:
-    """A param as MLflow stored it (a string), shortened for tables: floats to 4 significant digits."""
+def param(text: str, whole_offsets: bool = False) -> str:
+    """A param as MLflow stored it (a string), shortened for tables and legends: floats to 4
+    significant digits, offset lists as :func:`offsets` writes them (as stored with
+    ``whole_offsets``: a CSV for other programs keeps every offset)."""
+    shown = None if whole_offsets else offsets(text)
+    if shown is not None:
+        return shown
     try:
         n = float(text)
     except (TypeError, ValueError):

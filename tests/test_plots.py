@@ -95,7 +95,8 @@ def test_top1_vs_macs_has_no_overlapping_text_and_ticks_at_the_data():
     lo, hi = ax.get_xlim()
     assert lo < 1.58 and hi > 6.941  # the paper's points are inside
     assert "MMACs per image" in ax.get_xlabel()  # the unit the ticks are in
-    assert "digits" in ax.get_title() and "12 epochs" in ax.get_title() and "validation" in ax.get_title()
+    title = " ".join(fig.get_suptitle().split())  # the figure's title, wrapped to the width beside the legend
+    assert "digits" in title and "12 epochs" in title and "validation" in title
     # one legend, outside the axes, and no text on the points
     assert len(fig.legends) == 1 and ax.get_legend() is None and len(ax.texts) == 0
 
@@ -285,3 +286,112 @@ def test_trials_equal_in_both_objectives_are_spread_apart_and_others_stay():
     xs = [line.get_xdata()[0] for line in fig.axes[0].lines if line.get_linestyle() == "None"]
     assert xs[0] != xs[1] and abs(math.log10(xs[0] / xs[1])) < 0.1  # apart, both near 25.7
     assert xs[2] == xs[3] == pytest.approx(13.7)  # equal cost, different top-1: left where they are
+
+
+# ---------------------------------------------------------------- a long custom shift pattern
+
+#: a custom pattern of twelve offsets, as a report reads it from MLflow (the param's JSON)
+LONG = [[0, 1], [0, -1], [1, 0], [-1, 0], [1, 1], [-1, -1], [1, -1], [-1, 1], [0, 2], [2, 0], [0, -2], [-2, 0]]
+LONG_TITLE = "a-grid-with-a-custom-shift-pattern-and-a-long-name: top-1 against MACs"
+LONG_SUBTITLE = "digits, 8 epochs, top-1 on the validation split, mean ± std over 3 seeds; not encoded: width"
+
+
+def _long_pattern_figures() -> dict[str, Figure]:
+    """Each figure of a report whose grid has two named and two long custom shift patterns
+    (the settings as the report has them: MLflow's param strings)."""
+    from ablate.plots import macs_vs_latency_figure
+    from ablate.plots.curves import Curves
+    from ablate.plots.latency import LatencyPoint
+    from ablate.tracking import param_text
+    shifts = ["four", "eight", param_text(LONG), param_text(LONG[::-1])]
+    settings = [{SHIFT: s, PATCH: p} for s in shifts for p in ("2", "4")]
+    enc = Encoding.choose(settings, KEYS)
+    points = [ConfigPoint(s, (0.784e6 if s[PATCH] == "2" else 1.68e6), 90.0 + i, 0.5) for i, s in enumerate(settings)]
+    latency = [LatencyPoint(s, p.macs, 0.784 + 0.9 * i, 0.7 + 0.9 * i, 0.9 + 0.9 * i)
+               for i, (s, p) in enumerate(zip(settings, points))]
+    by_latency = [ConfigPoint(s, q.latency_ms, p.top1) for s, p, q in zip(settings, points, latency)]
+    curves = [Curves(s, {"val_top1": [{1: 50.0 + i, 2: 60.0, 3: 70.0}], "train_loss": [{1: 2.0, 2: 1.0, 3: 0.5}]})
+              for i, s in enumerate(settings)]
+    values = [[90.0 + (i * 7) % 5, 1e6 * (1 + i / 8)] for i in range(len(settings))]
+    objectives = [("val_top1", "maximize"), ("macs", "minimize")]
+    kw = dict(title=LONG_TITLE, subtitle=LONG_SUBTITLE)
+    return {
+        "top1 vs MACs": top1_vs_macs_figure(points, enc, **kw),
+        "top1 vs latency": top1_vs_macs_figure(by_latency, enc, **kw, x_label=lambda v: (
+            "latency on cpu, ms per image (median; log scale)", 1.0)),
+        "latency vs MACs": macs_vs_latency_figure(latency, enc, target="cpu", **kw),
+        "learning curves": learning_curves_figure(curves, enc, **kw),
+        "search history": history_figure(values, list(range(len(values))), settings, objectives, enc, **kw),
+        "search Pareto": pareto_figure(values, settings, [0, 1], objectives, enc, **kw),
+    }
+
+
+def _shown_tick_labels(axis, limits) -> list[Text]:
+    lo, hi = sorted(limits)
+    return [t.label1 for t in axis.get_major_ticks()
+            if lo <= t.get_loc() <= hi and t.label1.get_visible() and t.label1.get_text().strip()]
+
+
+@pytest.mark.parametrize("name", ["top1 vs MACs", "top1 vs latency", "latency vs MACs", "learning curves",
+                                  "search history", "search Pareto"])
+def test_figures_of_a_long_custom_shift_pattern_stay_readable(name):
+    fig = _long_pattern_figures()[name]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    plot = fig.axes[0].bbox.union([ax.bbox for ax in fig.axes])
+    assert plot.width >= 0.6 * page.width, f"{name}: the axes keep {plot.width / page.width:.0%} of the width"
+    [legend] = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert not any(box.overlaps(ax.bbox) for ax in fig.axes), f"{name}: the legend lies on the axes"
+    assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1 and page.y0 - 1 <= box.y0
+    # the offsets are shown in their short notation, never as the stored JSON
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "shift = [+0+1 +0-1 +1+0 … -2+0] (12 offsets)" in labels and not any("[[" in s for s in labels)
+    title = fig._suptitle if fig._suptitle is not None else fig.axes[0].title
+    assert not title.get_window_extent(renderer).overlaps(box), f"{name}: the title runs into the legend"
+    for ax in fig.axes:
+        for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            shown = _shown_tick_labels(axis, limits)
+            boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in shown]
+            touching = [(a, b) for (a, ba), (b, bb) in itertools.combinations(boxes, 2) if ba.overlaps(bb)]
+            assert touching == [], f"{name}: tick labels run together: {touching}"
+            label = axis.label
+            if label.get_text() and label.get_visible():
+                lb = label.get_window_extent(renderer)
+                assert page.x0 - 1 <= lb.x0 and lb.x1 <= page.x1 + 1 and page.y0 - 1 <= lb.y0 and lb.y1 <= page.y1 + 1, \
+                    f"{name}: the axis label {label.get_text()!r} is cut"
+            if label.get_text() in ("epoch", "trial number"):
+                ticks = [t.get_loc() for t in axis.get_major_ticks() if min(limits) <= t.get_loc() <= max(limits)]
+                assert ticks and all(float(t).is_integer() for t in ticks), f"{name}: {label.get_text()} at {ticks}"
+
+
+def test_status_plan_and_the_report_table_write_an_offset_list_alike(workdir):
+    """One notation for a custom pattern wherever a cell is shown: a named pattern by its name,
+    a list of more offsets than fit shortened the same way (and the report's CSV keeps it whole)."""
+    from click.testing import CliRunner
+    from conftest import write_spec
+
+    from ablate.cli import cli
+    from ablate.report import CellResult, Report, group_by_config
+    from ablate.report.render import config_table, render_csv
+    from ablate.tracking import param_text
+    eight = LONG[:8]  # "eight"'s offsets in another order: a custom pattern, not the named one
+    spec = write_spec(workdir / "p.yaml", name="offsets", extra=f"grid:\n  model.shift: [four, {eight}]\n")
+    shown = "[+0+1 +0-1 +1+0 … -1+1] (8 offsets)"
+
+    def cells(output: str) -> list[str]:
+        return [line for line in output.splitlines() if "+0+1" in line or "[[" in line]
+    plan = CliRunner().invoke(cli, ["plan", str(spec), "--gpu", "cpu"])
+    status = CliRunner().invoke(cli, ["status", str(spec)])
+    assert plan.exit_code == 0 and status.exit_code == 0, plan.output + status.output
+    for output in (plan.output, status.output):
+        [line] = cells(output)
+        assert shown in line and "[[" not in line, line
+    runs = [CellResult(f"r{i}", {SHIFT: param_text(s), "train.seed": "0"}, {"val_top1": 90.0}, {}, i)
+            for i, s in enumerate(["four", eight])]
+    rows, _ = group_by_config(runs, [SHIFT])
+    report = Report("offsets", "sqlite:///mlflow.db", [SHIFT], rows, {}, workdir)
+    header, body = config_table(report)
+    assert sorted(line[0] for line in body) == sorted(["four", shown])
+    assert param_text(eight) in render_csv(report)  # the CSV is for programs: every offset

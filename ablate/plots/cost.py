@@ -11,7 +11,7 @@ from matplotlib.lines import Line2D
 
 from ablate.pareto import pareto_front
 from ablate.plots.style import (FRONT_COLOR, Encoding, figure, finite, legend_outside, log_axis_at, macs_label,
-                                save)
+                                save, titled)
 from ablate.units import count_unit
 
 
@@ -114,6 +114,6 @@ def top1_vs_macs_figure(points: Sequence[ConfigPoint], encoding: Encoding, *, ti
     legend_outside(fig, handles)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 (%), validation")
-    ax.set_title(f"{title}\n{subtitle}", fontsize=9)
+    titled(fig, title, subtitle)
     ax.grid(True, which="major", alpha=0.3)
     return fig

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ablate import names
-from ablate.plots.style import Encoding, figure, finite, legend_outside, save
+from ablate.plots.style import Encoding, figure, finite, legend_outside, save, titled, whole_numbers
 
 #: the panels, left to right: (metric, axis label)
 PANELS = ((names.VAL_TOP1, "top-1 (%), validation"), (names.TRAIN_LOSS, "training loss"))
@@ -72,6 +72,7 @@ def learning_curves_figure(curves: Sequence[Curves], encoding: Encoding, *, titl
                     ax.plot(train_epochs, train_mean, color=colour, **TRAIN_STYLE)
                     train_drawn = True
         ax.set_xlabel("epoch")
+        whole_numbers(ax.xaxis)
         ax.set_ylabel(BOTH_TOP1 if metric == names.VAL_TOP1 and train_drawn else label)
         ax.grid(True, alpha=0.3)
     if curves and not any(c.history.get(m) for c in curves for m, _ in PANELS):
@@ -82,5 +83,5 @@ def learning_curves_figure(curves: Sequence[Curves], encoding: Encoding, *, titl
         handles += [Line2D([], [], color="0.3", lw=1.4, label="top-1, validation"),
                     Line2D([], [], color="0.3", **TRAIN_STYLE, label="top-1, training subset (eval mode)")]
     legend_outside(fig, handles)
-    fig.suptitle(f"{title}\n{subtitle}", fontsize=9)
+    titled(fig, title, subtitle)
     return fig

@@ -8,7 +8,7 @@ from typing import Sequence
 from matplotlib.figure import Figure
 
 from ablate.plots.cost import dodge
-from ablate.plots.style import Encoding, figure, finite, legend_outside, log_axis_at, macs_label, save
+from ablate.plots.style import Encoding, figure, finite, legend_outside, log_axis_at, macs_label, save, titled
 from ablate.units import count_unit
 
 
@@ -58,6 +58,6 @@ def macs_vs_latency_figure(points: Sequence[LatencyPoint], encoding: Encoding, *
     legend_outside(fig, encoding.handles())
     ax.set_xlabel(macs_label(prefix))
     ax.set_ylabel("latency, ms per image (median, IQR; log scale)")
-    ax.set_title(f"{title}\n{subtitle}", fontsize=9)
+    titled(fig, title, subtitle)
     ax.grid(True, which="major", alpha=0.3)
     return fig

@@ -9,7 +9,7 @@ from matplotlib.lines import Line2D
 
 from ablate.plots.cost import dodge
 from ablate.plots.style import (FRONT_COLOR, Encoding, figure, finite, legend_outside, log_axis_at, metric_axis,
-                                save)
+                                save, titled, whole_numbers)
 
 
 def _better(direction: str, horizontal: bool) -> str:
@@ -63,7 +63,7 @@ def pareto_figure(values: Sequence[Sequence[float]], settings: Sequence[Mapping[
     ax.set_xlabel(f"{l2} per image (log scale), {_better(d2, True)}" if m2 in ("macs", "flops")
                   else f"{l2}, {_better(d2, True)}")
     ax.set_ylabel(f"{l1}, {_better(d1, False)}")
-    ax.set_title(f"{title}\n{subtitle}", fontsize=9)
+    titled(fig, title, subtitle)
     ax.grid(True, which="major", alpha=0.3)
     return fig
 
@@ -103,5 +103,6 @@ def history_figure(values: Sequence[Sequence[float]], trial_numbers: Sequence[in
     handles = encoding.handles() + [Line2D([], [], color=FRONT_COLOR, lw=1.4, label="best so far")]
     legend_outside(fig, handles)
     axes[-1].set_xlabel("trial number")
-    axes[0].set_title(f"{title}\n{subtitle}", fontsize=9)
+    whole_numbers(axes[-1].xaxis)
+    titled(fig, title, subtitle)
     return fig

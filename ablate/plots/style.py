@@ -7,16 +7,20 @@ display and leaves no global figure state behind in the calling process.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from matplotlib import rcParams
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from matplotlib.font_manager import FontProperties
+from matplotlib.ticker import FuncFormatter, Locator, MaxNLocator, NullLocator
 
+from ablate.text import param
 from ablate.units import count_unit
 
 FRONT_COLOR = "0.35"
@@ -28,8 +32,11 @@ COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:
            "#9edae5", "#c7c7c7")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
-#: the widest gap between two ticks of a log axis, as a share of its width, that keeps their labels apart
-TICK_GAP = 0.09
+#: the space between two tick labels of a log axis, in multiples of the label font's size
+TICK_GAP = 0.8
+#: the widest share of the figure's width a legend beside the axes may take; a wider one goes below them
+LEGEND_SHARE = 0.3
+TITLE_SIZE = 9
 
 
 def figure(width: float = 7.5, height: float = 4.6) -> Figure:
@@ -111,13 +118,13 @@ class Encoding:
         line style, for curves) per value of the marker setting."""
         out = []
         if self.colour_key:
-            out += [Patch(facecolor=c, edgecolor=c, label=f"{short_name(self.colour_key)} = {v}")
+            out += [Patch(facecolor=c, edgecolor=c, label=f"{short_name(self.colour_key)} = {param(v)}")
                     for v, c in self.colours.items()]
         if self.marker_key:
             for i, (v, m) in enumerate(self.markers.items()):
                 out.append(Line2D([], [], color="0.3", marker=m, markersize=6,
                                   linestyle=LINESTYLES[i % len(LINESTYLES)] if lines else "none",
-                                  label=f"{short_name(self.marker_key)} = {v}"))
+                                  label=f"{short_name(self.marker_key)} = {param(v)}"))
         return out
 
     def note(self) -> str:
@@ -141,24 +148,63 @@ def log_axis_at(ax, values: Sequence[float], axis: str = "x", also: Sequence[flo
     span = math.log10(hi / lo) if hi > lo else 0.0
     pad = max(span * 0.12, 0.08)  # decades of room either side, for markers and error bars
     getattr(ax, f"set_{axis}lim")(lo / 10 ** pad, hi * 10 ** pad)
-    width = span + 2 * pad
-    def apart(a: float, b: float) -> bool:
-        return math.log10(b / a) >= TICK_GAP * width
-
-    ticks = [xs[0]]
-    for v in xs[1:]:
-        if apart(ticks[-1], v):
-            ticks.append(v)
-    if ticks[-1] != xs[-1] and len(ticks) > 1 and apart(ticks[-2], xs[-1]):
-        ticks[-1] = xs[-1]  # end on the largest value rather than next to it
-    # the paper's points beyond our range (a shrunk rehearsal of a paper spec) get an end tick
-    # each, else the axis would read one value across decades
-    for v in sorted({v for v in also if finite(v) and v > 0 and not xs[0] <= v <= xs[-1]}):
-        if all(apart(*sorted((t, v))) for t in ticks):
-            ticks = sorted(ticks + [v])
-    target.set_major_locator(FixedLocator(ticks))
+    beyond = sorted({v for v in also if finite(v) and v > 0 and not xs[0] <= v <= xs[-1]})
+    target.set_major_locator(DataLocator(xs, beyond))
     target.set_major_formatter(FuncFormatter(lambda v, _: tick_text(v)))
     target.set_minor_locator(NullLocator())
+
+
+class DataLocator(Locator):
+    """Ticks of a log axis at the data's values, chosen when the axis is drawn: which labels fit
+    apart depends on the axis's length in pixels, known only once the layout has placed it
+    (a legend beside a narrow figure leaves less room than a share of the span suggests)."""
+
+    def __init__(self, values: Sequence[float], beyond: Sequence[float] = ()):
+        self.values, self.beyond = list(values), list(beyond)
+
+    def __call__(self):
+        lo, hi = self.axis.get_view_interval()
+        return self.tick_values(lo, hi)
+
+    def tick_values(self, vmin, vmax):
+        lo, hi = sorted((vmin, vmax))
+        if not (lo > 0 and hi > lo):
+            return self.values[:1]
+        is_x = self.axis.axis_name == "x"
+        box = self.axis.axes.bbox
+        length = max(box.width if is_x else box.height, 1.0)
+        size = FontProperties(size=rcParams[f"{self.axis.axis_name}tick.labelsize"]).get_size_in_points()
+        points_per_pixel = 72.0 / self.axis.figure.dpi
+
+        def at(v: float) -> float:  # where a value lies along the axis, in points
+            return math.log10(v / lo) / math.log10(hi / lo) * length * points_per_pixel
+
+        def room(v: float) -> float:  # half a label's extent along the axis, in points
+            return (0.62 * size * len(tick_text(v)) if is_x else size) / 2
+
+        def apart(a: float, b: float) -> bool:
+            a, b = sorted((a, b))
+            return at(b) - at(a) >= room(a) + room(b) + TICK_GAP * size
+
+        xs = self.values
+        ticks = [xs[0]]
+        for v in xs[1:]:
+            if apart(ticks[-1], v):
+                ticks.append(v)
+        if ticks[-1] != xs[-1] and len(ticks) > 1 and apart(ticks[-2], xs[-1]):
+            ticks[-1] = xs[-1]  # end on the largest value rather than next to it
+        # the paper's points beyond our range (a shrunk rehearsal of a paper spec) get an end tick
+        # each, else the axis would read one value across decades
+        for v in self.beyond:
+            if all(apart(t, v) for t in ticks):
+                ticks = sorted(ticks + [v])
+        return ticks
+
+
+def whole_numbers(axis) -> None:
+    """Ticks at whole numbers only: an axis of epochs or trial numbers has no epoch 2.5."""
+    axis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_minor_locator(NullLocator())
 
 
 def tick_text(v: float) -> str:
@@ -168,10 +214,35 @@ def tick_text(v: float) -> str:
 
 
 def legend_outside(fig, handles: list, title: Optional[str] = None) -> None:
-    """One legend for the figure, to the right of the axes, where it cannot cover a point."""
-    if handles:
-        fig.legend(handles=handles, loc="outside right upper", fontsize=8, title=title,
-                   title_fontsize=8, frameon=False)
+    """One legend for the figure, to the right of the axes, where it cannot cover a point; one
+    wider than :data:`LEGEND_SHARE` of the figure (long setting values) goes below the axes
+    instead, in as many columns as fit, and the figure grows by its height, so that the plot
+    keeps its size either way."""
+    if not handles:
+        return
+    style = dict(handles=handles, fontsize=8, title=title, title_fontsize=8, frameon=False)
+    legend = fig.legend(loc="outside right upper", **style)
+    renderer = fig.canvas.get_renderer()
+    width = legend.get_window_extent(renderer).width
+    if width <= LEGEND_SHARE * fig.bbox.width:
+        return
+    legend.remove()
+    columns = max(1, min(len(handles), int(0.95 * fig.bbox.width // width)))
+    legend = fig.legend(loc="outside lower center", ncols=columns, **style)
+    fig.set_figheight(fig.get_figheight() + legend.get_window_extent(renderer).height / fig.dpi)
+
+
+def titled(fig, title: str, subtitle: str) -> None:
+    """The figure's title and subtitle at its top, over the plot beside a legend to the right
+    (which starts at the figure's top too, so a title across the whole width would run into
+    it), each wrapped to the width it has. Call after :func:`legend_outside`."""
+    renderer = fig.canvas.get_renderer()
+    beside = sum(leg.get_window_extent(renderer).width + TITLE_SIZE * fig.dpi / 72
+                 for leg in fig.legends if getattr(leg, "_outside_loc", None) == "right")
+    room = max(fig.bbox.width - beside, fig.bbox.width / 3)  # pixels
+    chars = max(20, int(room * 72 / fig.dpi / (0.6 * TITLE_SIZE)))
+    lines = [line for part in (title, subtitle) for line in textwrap.wrap(part, chars) or [""]]
+    fig.suptitle("\n".join(lines), x=room / 2 / fig.bbox.width, fontsize=TITLE_SIZE)
 
 
 def save(fig: Figure, folder: Path, stem: str) -> list[str]:

@@ -376,7 +376,7 @@ def render_csv(report: Report) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for r, latencies in zip(report.rows, measured_cells):
-        line = [param(r.values[k]) for k in report.columns] + [
+        line = [param(r.values[k], whole_offsets=True) for k in report.columns] + [
             r.seeds, fixed(r.mean(names.VAL_TOP1), ".4f"), fixed(r.std(names.VAL_TOP1), ".4f"),
             fixed(r.mean(names.VAL_TOP5), ".4f"), fixed(r.std(names.VAL_TOP5), ".4f")]
         if _has_reference(report):
