@@ -6,7 +6,8 @@ marks the parent MLflow run KILLED and leaves every unfinished cell to resume. A
 process also dies with its parent, even when the parent is killed with SIGKILL and can do
 nothing. Nothing here imports torch, MLflow or Optuna.
 
-A stop signal is taken between database statements, never inside one (:func:`when_interruptible`):
+A stop signal is taken between database statements, never inside one, nor while a worker process
+is being started (:func:`when_interruptible`):
 an exit exception raised in the middle of SQLAlchemy's execution of a query makes it close the
 database connection under the open cursor (then log ``Error closing cursor`` ... ``Cannot
 operate on a closed database`` with their tracebacks), and one raised in MLflow's schema
@@ -45,6 +46,9 @@ def exit_status(e: KeyboardInterrupt) -> int:
 _NOT_HALFWAY = tuple(f"{os.sep}{part}{os.sep}" for part in (
     "sqlalchemy", "sqlite3", "psycopg", "psycopg2", "pymysql", "alembic", os.path.join("optuna", "storages"),
     os.path.join("mlflow", "store"), "logging"))
+#: ... and starting a spawned worker: the parent writes the child's preparation data into a pipe,
+#: and a stop halfway leaves a child that fails unpickling it ("EOFError: Ran out of input")
+_NOT_HALFWAY_FILES = (os.path.join("multiprocessing", "popen_spawn_posix.py"),)
 RECHECK_SECONDS = 0.02  # how soon a deferred stop looks again whether the process has left that code
 
 _pending: Optional[int] = None  # the stop signal deferred, delivered when the process can take it
@@ -55,7 +59,8 @@ def interruptible(frame) -> bool:
     """Whether an exception raised at ``frame`` (where a signal interrupted the main thread) leaves no
     database library halfway through a statement: none of them anywhere on its stack."""
     while frame is not None:
-        if any(part in frame.f_code.co_filename for part in _NOT_HALFWAY):
+        name = frame.f_code.co_filename
+        if any(part in name for part in _NOT_HALFWAY) or name.endswith(_NOT_HALFWAY_FILES):
             return False
         frame = frame.f_back
     return True

@@ -142,7 +142,8 @@ def test_sigterm_during_store_reads_says_one_line_and_exits_143(workdir, workers
     site = workdir / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SLOW_READS)
-    spec = write_spec(workdir / "reads.yaml", name="reads", epochs=1,
+    # three epochs a cell: the run must still be going when the stop comes 1.2 s after its header
+    spec = write_spec(workdir / "reads.yaml", name="reads", epochs=3,
                       extra="grid:\n  model.shift: [none, four, up, down, left, right]\nseeds: [0, 1, 2, 3]\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
@@ -163,12 +164,17 @@ def test_sigterm_during_store_reads_says_one_line_and_exits_143(workdir, workers
         assert err.strip() == STOPPED, f"after {delay} s:\n{err}"
 
 
-def test_sigterm_inside_a_database_library_is_taken_once_it_returns():
-    # a function of "sqlalchemy" (by its file name, which is what is looked at) that is signalled midway
+@pytest.mark.parametrize("where", [("site-packages", "sqlalchemy", "engine", "fake.py"),
+                                   ("lib", "python3", "multiprocessing", "popen_spawn_posix.py")],
+                         ids=["a database statement", "a worker process being started"])
+def test_sigterm_inside_a_database_library_is_taken_once_it_returns(where):
+    # a function of "sqlalchemy" (by its file name, which is what is looked at) that is signalled
+    # midway; or of the code that starts a spawned worker, whose child fails unpickling what a stop
+    # halfway leaves it ("EOFError: Ran out of input")
     source = "import os, signal, time\ndef query(done):\n    os.kill(os.getpid(), signal.SIGTERM)\n" \
              "    time.sleep(0.3)\n    done.append('statement finished')\n"
     library = {}
-    exec(compile(source, os.path.join(os.sep, "site-packages", "sqlalchemy", "engine", "fake.py"), "exec"), library)
+    exec(compile(source, os.path.join(os.sep, *where), "exec"), library)
     done = []
     started = time.monotonic()
     with pytest.raises(Stopped):
