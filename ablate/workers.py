@@ -88,6 +88,11 @@ def grid_worker(ctx: Context) -> None:
             if not running:
                 if ledger.waiting_keys(cells.keys()):
                     continue  # handed back since the claim looked
+                # a dead worker's cell is failed, then queued again, in two transactions: another
+                # worker's recovery may be between them now, so look once more before leaving
+                time.sleep(POLL_SECONDS)
+                if ledger.waiting_keys(cells.keys()) or ledger.running_keys() & cells.keys():
+                    continue
                 return
             waited = _wait_for_others(ctx, f"{len(running)} cell(s)", waited)
             continue
