@@ -65,6 +65,20 @@ def run_ablate(*args: str, cwd: Path, timeout: float = 300, env: dict | None = N
 
 
 @contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A real file system of ``size`` (tmpfs) mounted at ``path``, unmounted afterwards; skips
+    the test where mounting is not allowed (it needs root)."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and a mount permission")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@contextlib.contextmanager
 def pg_role_stores(password: str, written: str | None = None):
     """A PostgreSQL role with ``password`` and two databases it owns (ledger, MLflow), dropped
     afterwards. Yields their URLs, the password written in them as ``written`` (default: as is).

@@ -23,7 +23,7 @@ from ablate.context import CHECKPOINT_STOP_EXIT
 from ablate.runner import run_grid
 from ablate.spec import load_spec
 from ablate.train import train_cell
-from conftest import run_ablate, write_spec
+from conftest import run_ablate, tmpfs, write_spec
 from test_train import CPU, Interrupt, _cfg
 
 
@@ -296,14 +296,8 @@ def test_removing_a_cell_folder_keeps_what_others_use(tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 16 KiB file system (tmpfs), too small for a checkpoint; skipped where mounting is not allowed."""
-    import subprocess
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root and a mount permission")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=True)
+    with tmpfs(tmp_path / "disk", "16k") as disk:
+        yield disk
 
 
 def test_a_real_full_disk_stops_in_one_line_and_the_cell_finishes_once_there_is_room(workdir, small_disk):

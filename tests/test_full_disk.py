@@ -28,7 +28,7 @@ from ablate.cli import cli
 from ablate.ledger import Ledger
 from ablate.runner import run_grid
 from ablate.spec import load_spec
-from conftest import ablate_cmd, run_ablate, write_spec
+from conftest import ablate_cmd, run_ablate, tmpfs, write_spec
 
 GRID = "grid:\n  model.shift: [none, four]\n"
 EPOCHS = 3
@@ -60,13 +60,8 @@ class SmallDisk:
 
 @pytest.fixture
 def disk(tmp_path):
-    path = tmp_path / "disk"
-    path.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root and a mount permission")
-    yield SmallDisk(path)
-    subprocess.run(["umount", "-l", str(path)], check=True)
+    with tmpfs(tmp_path / "disk", "8m") as path:
+        yield SmallDisk(path)
 
 
 def _stores(workdir: Path, disk: SmallDisk, where: str) -> tuple[Path, dict[str, str]]:
