@@ -507,9 +507,8 @@ class Ledger:
     def stale(self) -> set[int]:
         """Numbers of the RUNNING trials whose heartbeat is older than the grace period: their worker
         is gone, wherever it ran. Only reads (:meth:`recover_dead` is what fails and requeues them)."""
-        study_id = self._retry(self.storage.get_study_id_from_name, self.study.study_name)
         # private Optuna: the query fail_stale_trials makes before it fails what it finds
-        ids = set(self._retry(self.storage._get_stale_trial_ids, study_id))
+        ids = set(self._retry(self.storage._get_stale_trial_ids, self._study_id))
         return {t.number for t in self.trials(states=(TrialState.RUNNING,)) if _trial_id(t) in ids}
 
     def release_gone(self, gone: Callable[[optuna.trial.FrozenTrial], bool]) -> list[int]:

@@ -225,9 +225,10 @@ def run_grid(spec_path: str, *, workers: int = 1, storage: Optional[str] = None,
     experiment_id = tracking.ensure_experiment(spec.name, spec)
     _close_gone_parents(experiment_id)
     reusable = reusable_keys(experiment_id, reuse)
-    waiting = {k for k, states in ledger.states_by_key().items() if TrialState.WAITING in states} & keys
-    if waiting & reusable:
-        queue += f" ({len(waiting & reusable)} of them reused from other specs, not trained: --no-reuse trains them)"
+    # read again only where another spec finished some of these cells (a second read of every cell's state)
+    reused = reusable and {k for k, s in ledger.states_by_key().items() if TrialState.WAITING in s} & keys & reusable
+    if reused:
+        queue += f" ({len(reused)} of them reused from other specs, not trained: --no-reuse trains them)"
     print(f"{spec.name}{overrides_note(spec)}: {len(cells)} cells, {queue}; "
           f"ledger {display_url(url)}; MLflow {display_url(tracking.tracking_uri())}", flush=True)
     root = checkpoint_root(checkpoints)
